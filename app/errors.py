@@ -1,0 +1,47 @@
+"""Every error leaves the API as ``{"error": {"code", "message", "field"}}`` with a 4xx/5xx status."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from tasks.errors import DependencyUnavailable, FleetError, PayloadTooLarge
+
+log = logging.getLogger(__name__)
+
+
+def error_response(exc: FleetError):
+    response = jsonify(exc.to_dict())
+    response.status_code = exc.status
+    if isinstance(exc, DependencyUnavailable):
+        response.headers["Retry-After"] = "5"
+    return response
+
+
+def register(app: Flask) -> None:
+    @app.errorhandler(FleetError)
+    def _fleet_error(exc: FleetError):
+        if exc.status >= 500:
+            log.warning("%s: %s", exc.code, exc.message)
+        return error_response(exc)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge):
+        limit = app.config.get("MAX_CONTENT_LENGTH")
+        return error_response(PayloadTooLarge(f"the request body is over {limit} bytes", field=None))
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        response = jsonify({"error": {"code": code, "message": exc.description, "field": None}})
+        response.status_code = exc.code or 500
+        if exc.code == 405 and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error")
+        return error_response(FleetError("internal server error"))

@@ -1,0 +1,49 @@
+"""Probes: ``/healthz`` says the process is alive; ``/readyz`` that its dependencies answer."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from app.services import services
+from tasks.celery import ping_broker
+from tasks.errors import DependencyUnavailable
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():
+    svc = services()
+    checks = {
+        "broker": lambda: ping_broker(svc.celery, svc.settings.publish_timeout_s),
+        "job_store": svc.store.ping,
+        "storage": svc.storage.ping,
+    }
+    results: dict[str, str] = {}
+    failing: list[str] = []
+    for name, check in checks.items():
+        try:
+            check()
+            results[name] = "ok"
+        except DependencyUnavailable as exc:
+            results[name] = exc.message
+            failing.append(name)
+    if failing:
+        body = {
+            "error": {
+                "code": "unavailable",
+                "message": f"not ready: {', '.join(failing)} unavailable",
+                "field": None,
+            },
+            "checks": results,
+        }
+        response = jsonify(body)
+        response.status_code = 503
+        response.headers["Retry-After"] = "5"
+        return response
+    return jsonify({"status": "ready", "checks": results})

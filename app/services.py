@@ -1,0 +1,38 @@
+"""The clients a request handler needs, built once per process by ``create_app``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from celery import Celery
+from flask import current_app
+
+from tasks.celery import make_celery
+from tasks.settings import Settings
+from tasks.storage import ObjectStorage, make_storage
+from tasks.store import JobStore
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: JobStore
+    storage: ObjectStorage
+    celery: Celery
+
+
+def make_services(settings: Settings) -> Services:
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=settings.publish_timeout_s, socket_timeout=5
+    )
+    return Services(
+        settings=settings,
+        store=JobStore(client, ttl_s=settings.job_ttl_s),
+        storage=make_storage(settings),
+        celery=make_celery(settings),
+    )
+
+
+def services() -> Services:
+    return current_app.extensions["fleet"]

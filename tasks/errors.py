@@ -1,0 +1,80 @@
+"""The fleet's one error tree.
+
+::
+
+    FleetError
+     ├── RequestError            -> HTTP 4xx, names the offending field
+     │    ├── MalformedBody      (400: not a JSON object)
+     │    ├── ValidationFailed   (422: wrong type, unknown field, out of bounds)
+     │    ├── PayloadTooLarge    (413)
+     │    ├── UnsupportedMediaType (415)
+     │    └── NotFound           (404)
+     ├── DependencyUnavailable   -> HTTP 503: broker, job store or storage unreachable
+     └── JobError                a job cannot run; it ends FAILED with this reason
+          └── PipelineError      the model call raised
+
+Every API error renders as ``{"error": {"code", "message", "field"}}``.
+"""
+
+from __future__ import annotations
+
+
+class FleetError(Exception):
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_dict(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+
+
+class RequestError(FleetError):
+    status = 400
+    code = "bad_request"
+
+
+class ValidationFailed(RequestError):
+    status = 422
+    code = "invalid"
+
+
+class MalformedBody(RequestError):
+    status = 400
+    code = "malformed_json"
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    code = "too_large"
+
+
+class UnsupportedMediaType(RequestError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class NotFound(RequestError):
+    status = 404
+    code = "not_found"
+
+
+class DependencyUnavailable(FleetError):
+    status = 503
+    code = "unavailable"
+
+    def __init__(self, dependency: str, detail: str = ""):
+        message = f"{dependency} is unavailable" + (f": {detail}" if detail else "")
+        super().__init__(message, field=None)
+        self.dependency = dependency
+
+
+class JobError(FleetError):
+    code = "job_failed"
+
+
+class PipelineError(JobError):
+    code = "pipeline_failed"

@@ -1,0 +1,224 @@
+"""The job: what a client asks for, the states it moves through, and its record.
+
+A job is created ``QUEUED`` by the API, moved to ``RUNNING`` by the worker that takes
+it, and ends ``SUCCEEDED``, ``FAILED`` or ``CANCELED``. Terminal states never change,
+so a message delivered twice can never move a job backwards.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from tasks.errors import ValidationFailed
+from tasks.settings import Settings
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELED = "CANCELED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
+
+#: state -> the states it may move to. RUNNING -> RUNNING is a redelivery after a worker
+#: died mid-job: allowed, and it counts an attempt.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELED}),
+    JobState.RUNNING: frozenset({JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELED: frozenset(),
+}
+
+
+def can_move(current: JobState, target: JobState) -> bool:
+    return target in TRANSITIONS[current]
+
+
+class JobRequest(BaseModel):
+    """The body of ``POST /v1/jobs``. Types are strict: ``"64"`` is not a width."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: StrictStr
+    negative_prompt: StrictStr | None = None
+    width: StrictInt | None = None
+    height: StrictInt | None = None
+    steps: StrictInt | None = None
+    guidance_scale: StrictFloat | StrictInt | None = None
+    seed: StrictInt | None = None
+    num_images: StrictInt = 1
+
+
+class GenerationSpec(BaseModel):
+    """A validated request with every default filled in: what the worker runs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+
+    def image_seed(self, index: int) -> int:
+        """The seed of image ``index``: its noise never depends on its batch neighbours."""
+        return (self.seed + index) % 2**63
+
+
+MAX_SEED = 2**63 - 1
+
+
+def parse_request(body: Any, settings: Settings) -> GenerationSpec:
+    """Validate a request body against the schema and the configured bounds.
+
+    Raises ``ValidationFailed`` naming the first offending field.
+    """
+    if not isinstance(body, dict):
+        raise ValidationFailed("the body must be a JSON object", field=None)
+    try:
+        request = JobRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field_name = ".".join(str(p) for p in first["loc"]) or None
+        if first["type"] == "extra_forbidden":
+            message = f"unknown field '{field_name}'"
+        elif first["type"] == "missing":
+            message = f"'{field_name}' is required"
+        else:
+            message = f"'{field_name}': {first['msg']}"
+        raise ValidationFailed(message, field=field_name) from None
+
+    spec = GenerationSpec(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        width=settings.default_width if request.width is None else request.width,
+        height=settings.default_height if request.height is None else request.height,
+        steps=settings.default_steps if request.steps is None else request.steps,
+        guidance_scale=float(
+            settings.default_guidance_scale if request.guidance_scale is None else request.guidance_scale
+        ),
+        seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
+        num_images=request.num_images,
+    )
+    _check_bounds(spec, settings)
+    return spec
+
+
+def _check_bounds(spec: GenerationSpec, settings: Settings) -> None:
+    if not spec.prompt.strip():
+        raise ValidationFailed("'prompt' must not be empty", field="prompt")
+    for name, text in (("prompt", spec.prompt), ("negative_prompt", spec.negative_prompt or "")):
+        if len(text) > settings.max_prompt_chars:
+            raise ValidationFailed(f"'{name}' is longer than {settings.max_prompt_chars} characters", field=name)
+    for name in ("width", "height"):
+        side = getattr(spec, name)
+        if side < 8 or side > settings.max_side or side % 8:
+            raise ValidationFailed(
+                f"'{name}' must be a multiple of 8 between 8 and {settings.max_side}, got {side}", field=name
+            )
+    if spec.width * spec.height > settings.max_pixels:
+        raise ValidationFailed(
+            f"width x height = {spec.width * spec.height} pixels is over the budget of {settings.max_pixels}",
+            field="width",
+        )
+    if not 1 <= spec.steps <= settings.max_steps:
+        raise ValidationFailed(f"'steps' must be between 1 and {settings.max_steps}", field="steps")
+    if not 1 <= spec.num_images <= settings.max_images_per_job:
+        raise ValidationFailed(
+            f"'num_images' must be between 1 and {settings.max_images_per_job}", field="num_images"
+        )
+    if not math.isfinite(spec.guidance_scale) or not 0 <= spec.guidance_scale <= 50:
+        raise ValidationFailed("'guidance_scale' must be between 0 and 50", field="guidance_scale")
+    if not 0 <= spec.seed <= MAX_SEED:
+        raise ValidationFailed(f"'seed' must be between 0 and {MAX_SEED}", field="seed")
+
+
+def new_job_id() -> str:
+    """128 random bits: image keys derived from it cannot be guessed."""
+    return secrets.token_hex(16)
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each phase of a finished job."""
+
+    queue_wait_s: float | None = None
+    batch_wait_s: float | None = None
+    inference_s: float | None = None
+    upload_s: float | None = None
+    total_s: float | None = None
+
+
+@dataclass
+class Job:
+    """A job record as stored and as returned by ``GET /v1/jobs/<id>``."""
+
+    id: str
+    state: JobState
+    spec: GenerationSpec
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    error: str | None = None
+    worker: str | None = None
+    image_keys: list[str] = field(default_factory=list)
+    timings: Timings = field(default_factory=Timings)
+    batch: dict[str, Any] = field(default_factory=dict)
+
+    def to_redis(self) -> dict[str, str]:
+        raw = {
+            "id": self.id,
+            "state": self.state.value,
+            "spec": self.spec.model_dump_json(),
+            "created_at": repr(self.created_at),
+            "attempts": str(self.attempts),
+            "image_keys": json.dumps(self.image_keys),
+            "timings": json.dumps(asdict(self.timings)),
+            "batch": json.dumps(self.batch),
+        }
+        for name in ("started_at", "finished_at"):
+            if getattr(self, name) is not None:
+                raw[name] = repr(getattr(self, name))
+        for name in ("error", "worker"):
+            if getattr(self, name) is not None:
+                raw[name] = getattr(self, name)
+        return raw
+
+    @classmethod
+    def from_redis(cls, raw: dict[str, str]) -> "Job":
+        def opt_float(name: str) -> float | None:
+            return float(raw[name]) if raw.get(name) else None
+
+        return cls(
+            id=raw["id"],
+            state=JobState(raw["state"]),
+            spec=GenerationSpec.model_validate_json(raw["spec"]),
+            created_at=float(raw["created_at"]),
+            started_at=opt_float("started_at"),
+            finished_at=opt_float("finished_at"),
+            attempts=int(raw.get("attempts", 0)),
+            error=raw.get("error"),
+            worker=raw.get("worker"),
+            image_keys=json.loads(raw.get("image_keys", "[]")),
+            timings=Timings(**json.loads(raw.get("timings", "{}"))),
+            batch=json.loads(raw.get("batch", "{}")),
+        )
