@@ -67,6 +67,7 @@ def job_view(job: Job) -> dict:
         "timings": job.timings.__dict__,
         "batch": job.batch or None,
         "worker": job.worker,
+        "task_id": job.task_id,
         "error": job.error,
         "images": [],
     }

@@ -21,7 +21,17 @@ from urllib.parse import urlparse
 
 from tasks.settings import get_settings
 
+#: embedded server -> the setting that, when given, means "use that server instead"
 EMBEDDED = {"redis": "FLEET_REDIS_URL", "s3": "FLEET_S3_ENDPOINT_URL"}
+
+
+def select_processes(processes: dict[str, str], embedded: str, environ: dict[str, str]) -> dict[str, str]:
+    """The Procfile entries to run: the fleet, plus the embedded servers it needs."""
+    if embedded == "auto":
+        wanted = {name for name, variable in EMBEDDED.items() if variable not in environ}
+    else:
+        wanted = {name.strip() for name in embedded.split(",") if name.strip()}
+    return {name: cmd for name, cmd in processes.items() if name not in EMBEDDED or name in wanted}
 
 
 def redis_server_binary() -> str:
@@ -176,10 +186,7 @@ def run_local_fleet(procfile: Path) -> int:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     ensure_tiny_model()
 
-    processes = read_procfile(procfile)
-    for name, variable in EMBEDDED.items():
-        if variable in os.environ:
-            processes.pop(name, None)  # configured: use that server, start none
+    processes = select_processes(read_procfile(procfile), settings.embedded, dict(os.environ))
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     bin_dir = str(Path(sys.executable).parent)

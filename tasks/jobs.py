@@ -97,7 +97,7 @@ def parse_request(body: Any, settings: Settings) -> GenerationSpec:
         request = JobRequest.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field_name = ".".join(str(p) for p in first["loc"]) or None
+        field_name = str(first["loc"][0]) if first["loc"] else None
         if first["type"] == "extra_forbidden":
             message = f"unknown field '{field_name}'"
         elif first["type"] == "missing":
@@ -180,6 +180,7 @@ class Job:
     attempts: int = 0
     error: str | None = None
     worker: str | None = None
+    task_id: str | None = None  # the Celery task that last ran it (Flower's id)
     image_keys: list[str] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
     batch: dict[str, Any] = field(default_factory=dict)
@@ -198,7 +199,7 @@ class Job:
         for name in ("started_at", "finished_at"):
             if getattr(self, name) is not None:
                 raw[name] = repr(getattr(self, name))
-        for name in ("error", "worker"):
+        for name in ("error", "worker", "task_id"):
             if getattr(self, name) is not None:
                 raw[name] = getattr(self, name)
         return raw
@@ -218,6 +219,7 @@ class Job:
             attempts=int(raw.get("attempts", 0)),
             error=raw.get("error"),
             worker=raw.get("worker"),
+            task_id=raw.get("task_id"),
             image_keys=json.loads(raw.get("image_keys", "[]")),
             timings=Timings(**json.loads(raw.get("timings", "{}"))),
             batch=json.loads(raw.get("batch", "{}")),

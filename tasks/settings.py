@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     api_port: int = 8000
     flower_port: int = 5555
     flower_basic_auth: str = "admin:fleet"  # user:password; never empty outside local use
+    # Which servers `fleet up` starts itself: "auto" starts Redis unless FLEET_REDIS_URL is
+    # set and the S3 server unless FLEET_S3_ENDPOINT_URL is set; or a list like "redis,s3".
+    embedded: str = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

@@ -62,4 +62,4 @@ def _stop_model(**_) -> None:
 @app.task(name=GENERATE_TASK, bind=True)
 def generate(self, job_id: str) -> str:
     assert _context is not None, "the worker_init signal did not run"
-    return run_job(_context, job_id, worker=self.request.hostname or "")
+    return run_job(_context, job_id, worker=self.request.hostname or "", task_id=self.request.id or "")

@@ -35,7 +35,7 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def run_job(ctx: WorkerContext, job_id: str, worker: str) -> str:
+def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "") -> str:
     """Run a job to a terminal state; returns the state it ended in (or found it in)."""
     job = ctx.store.get(job_id)
     if job is None:
@@ -45,7 +45,9 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str) -> str:
         return job.state.value  # a duplicate delivery of a finished job
 
     started_at = now()
-    claimed = ctx.store.transition(job_id, JobState.RUNNING, started_at=repr(started_at), worker=worker)
+    claimed = ctx.store.transition(
+        job_id, JobState.RUNNING, started_at=repr(started_at), worker=worker, task_id=task_id
+    )
     if not claimed.applied:
         return claimed.state.value if claimed.state else "MISSING"
 

@@ -65,7 +65,7 @@ def load_pipeline(model_ref: str, device: str, dtype: torch.dtype) -> DiffusionP
             f"no diffusers model at '{model_ref}': run `fleet model init {model_ref}` to write the "
             "tiny local model, or set FLEET_MODEL to a model directory or hub id"
         )
-    pipe = DiffusionPipeline.from_pretrained(model_ref, torch_dtype=dtype, local_files_only=is_local)
+    pipe = DiffusionPipeline.from_pretrained(model_ref, dtype=dtype, local_files_only=is_local)
     if hasattr(pipe, "safety_checker"):
         pipe.safety_checker = None
     pipe.set_progress_bar_config(disable=True)

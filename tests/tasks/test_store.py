@@ -1,0 +1,55 @@
+"""Job records in real Redis: atomic, idempotent transitions and a TTL on every record."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.jobs import Job, JobState, new_job_id, parse_request
+from tasks.settings import Settings
+
+
+@pytest.fixture
+def job(store):
+    job = Job(
+        id=new_job_id(),
+        state=JobState.QUEUED,
+        spec=parse_request({"prompt": "a", "seed": 1}, Settings()),
+        created_at=1.0,
+    )
+    store.create(job)
+    return job
+
+
+def test_create_and_get(store, job):
+    assert store.get(job.id) == job
+    assert store.get(new_job_id()) is None
+
+
+def test_records_expire_after_the_ttl(store, job, settings):
+    assert 0 < store.ttl(job.id) <= settings.job_ttl_s
+
+
+def test_running_counts_attempts_and_a_redelivery_is_a_second_attempt(store, job):
+    assert store.transition(job.id, JobState.RUNNING, worker="a").applied
+    assert store.transition(job.id, JobState.RUNNING, worker="b").applied
+    record = store.get(job.id)
+    assert (record.state, record.attempts, record.worker) == (JobState.RUNNING, 2, "b")
+
+
+def test_a_finished_job_never_moves_again(store, job):
+    store.transition(job.id, JobState.RUNNING)
+    assert store.transition(job.id, JobState.SUCCEEDED, error="").applied
+    for target in (JobState.RUNNING, JobState.FAILED, JobState.SUCCEEDED, JobState.QUEUED):
+        result = store.transition(job.id, target, error="late")
+        assert not result.applied and result.state is JobState.SUCCEEDED
+    assert store.get(job.id).error == ""
+
+
+def test_queued_cannot_jump_to_succeeded(store, job):
+    result = store.transition(job.id, JobState.SUCCEEDED)
+    assert not result.applied and result.state is JobState.QUEUED
+
+
+def test_transition_of_a_missing_job_applies_nothing(store):
+    result = store.transition(new_job_id(), JobState.RUNNING)
+    assert not result.applied and result.state is None

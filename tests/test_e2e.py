@@ -1,0 +1,74 @@
+"""The whole path over HTTP against real processes: submit, generate, store in S3,
+download through presigned URLs with a plain HTTP client."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+import requests
+from PIL import Image
+
+pytestmark = pytest.mark.e2e
+
+
+def submit(api_url: str, **body) -> str:
+    response = requests.post(f"{api_url}/v1/jobs", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    assert response.headers["Location"].endswith(response.json()["id"])
+    return response.json()["id"]
+
+
+def wait_done(api_url: str, job_id: str, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = requests.get(f"{api_url}/v1/jobs/{job_id}", timeout=10).json()
+        if job["state"] in ("SUCCEEDED", "FAILED", "CANCELED"):
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} still {job['state']} after {timeout_s}s")
+
+
+def download(job: dict) -> list[bytes]:
+    blobs = []
+    for image in job["images"]:
+        response = requests.get(image["url"], timeout=10)
+        assert response.status_code == 200
+        blobs.append(response.content)
+    return blobs
+
+
+def test_jobs_of_several_shapes_succeed_and_download_as_pngs_of_their_size(api_url):
+    shapes = [(64, 64, 1), (128, 64, 2), (64, 96, 1)]
+    ids = [submit(api_url, prompt=f"test {i}", width=w, height=h, num_images=n, seed=i, steps=6) for i, (w, h, n) in enumerate(shapes)]
+    for job_id, (width, height, count) in zip(ids, shapes):
+        job = wait_done(api_url, job_id)
+        assert job["state"] == "SUCCEEDED", job["error"]
+        assert len(job["images"]) == count
+        for blob in download(job):
+            image = Image.open(io.BytesIO(blob))
+            assert (image.format, image.size) == ("PNG", (width, height))
+        timings = job["timings"]
+        assert timings["queue_wait_s"] >= 0 and timings["inference_s"] > 0 and timings["upload_s"] >= 0
+        assert job["started_at"] and job["finished_at"] and job["worker"].startswith("test-worker@")
+        assert all(0 < image["expires_in_s"] <= 7 * 24 * 3600 for image in job["images"])
+
+
+def test_the_same_seed_gives_the_same_bytes(api_url):
+    body = {"prompt": "a lighthouse at dusk", "seed": 1234, "steps": 6}
+    first, second = (wait_done(api_url, submit(api_url, **body)) for _ in range(2))
+    other = wait_done(api_url, submit(api_url, **{**body, "seed": 4321}))
+    assert download(first) == download(second)
+    assert download(first) != download(other)
+
+
+def test_the_record_shows_the_request_with_defaults_filled_in(api_url, settings):
+    job = wait_done(api_url, submit(api_url, prompt="defaults"))
+    request = job["request"]
+    assert (request["width"], request["height"], request["steps"]) == (
+        settings.default_width,
+        settings.default_height,
+        settings.default_steps,
+    )
+    assert isinstance(request["seed"], int)

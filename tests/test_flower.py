@@ -1,0 +1,46 @@
+"""Flower, with basic auth, sees the worker online and every job as its own task."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from tests.servers import BIN, Server, wait_for
+from tests.test_e2e import submit, wait_done
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def flower(fleet_env, work_dir, worker):
+    server = Server("flower", [str(BIN / "fleet"), "flower"], env=fleet_env, log_dir=work_dir).start()
+    url = f"http://127.0.0.1:{fleet_env['FLEET_FLOWER_PORT']}"
+    user, _, password = fleet_env["FLEET_FLOWER_BASIC_AUTH"].partition(":")
+    auth = (user, password)
+    wait_for(lambda: requests.get(f"{url}/healthcheck", timeout=2).ok, 60, "flower", server.proc)
+    yield url, auth
+    server.stop()
+
+
+def test_flower_requires_authentication(flower):
+    url, _ = flower
+    assert requests.get(f"{url}/api/workers", timeout=10).status_code == 401
+    assert requests.get(f"{url}/api/workers", auth=("tester", "wrong"), timeout=10).status_code == 401
+
+
+def test_flower_sees_the_worker_and_a_finished_job(flower, api_url):
+    url, auth = flower
+    workers = requests.get(f"{url}/api/workers", params={"refresh": "1"}, auth=auth, timeout=30).json()
+    assert any(name.startswith("test-worker@") for name in workers)
+
+    job = wait_done(api_url, submit(api_url, prompt="watched", seed=3, steps=4))
+    assert job["state"] == "SUCCEEDED" and job["task_id"]
+
+    def task_succeeded() -> bool:
+        info = requests.get(f"{url}/api/task/info/{job['task_id']}", auth=auth, timeout=10)
+        return info.ok and info.json()["state"] == "SUCCESS"
+
+    wait_for(task_succeeded, 30, "flower task event")
+    info = requests.get(f"{url}/api/task/info/{job['task_id']}", auth=auth, timeout=10).json()
+    assert info["name"] == "fleet.generate" and job["id"] in info["args"]
+    assert info["worker"].startswith("test-worker@")

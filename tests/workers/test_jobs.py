@@ -1,0 +1,64 @@
+"""Running a job on the worker side against real Redis and S3: records finish with timings
+and stored PNGs, failures carry a reason, and a duplicate delivery does nothing twice."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from tasks.jobs import Job, JobState, new_job_id, parse_request
+from tasks.settings import Settings
+from tasks.store import now
+from tests.workers.test_runner import FakeModel
+from workers.jobs import WorkerContext, run_job
+from workers.runner import ModelRunner
+
+
+@pytest.fixture(scope="module")
+def context(store, storage):
+    runner = ModelRunner(lambda: FakeModel(fail_on="poison"), (8, 8))
+    runner.start(timeout_s=5)
+    yield WorkerContext(store=store, storage=storage, runner=runner, model_name="fake")
+    runner.stop()
+
+
+def submit(store, **body) -> Job:
+    spec = parse_request({"seed": 1, "width": 16, "height": 24, **body}, Settings())
+    job = Job(id=new_job_id(), state=JobState.QUEUED, spec=spec, created_at=now())
+    store.create(job)
+    return job
+
+
+def test_a_job_succeeds_with_its_pngs_stored_and_timings_recorded(context, store, storage):
+    job = submit(store, prompt="a", num_images=2)
+    assert run_job(context, job.id, worker="w1", task_id="t1") == "SUCCEEDED"
+    record = store.get(job.id)
+    assert record.state is JobState.SUCCEEDED and record.attempts == 1
+    assert record.image_keys == [f"jobs/{job.id}/0.png", f"jobs/{job.id}/1.png"]
+    assert (record.worker, record.task_id) == ("w1", "t1")
+    timings = record.timings
+    assert all(v is not None and v >= 0 for v in vars(timings).values())
+    assert timings.total_s >= timings.inference_s
+    image = Image.open(io.BytesIO(storage.get(record.image_keys[1])))
+    assert image.format == "PNG" and image.size == (16, 24)
+
+
+def test_a_pipeline_failure_fails_the_job_with_a_reason(context, store):
+    job = submit(store, prompt="poison")
+    assert run_job(context, job.id, worker="w1") == "FAILED"
+    record = store.get(job.id)
+    assert record.state is JobState.FAILED and "bad prompt" in record.error and record.finished_at
+
+
+def test_a_duplicate_delivery_of_a_finished_job_does_nothing(context, store):
+    job = submit(store, prompt="a")
+    run_job(context, job.id, worker="w1")
+    first = store.get(job.id)
+    assert run_job(context, job.id, worker="w2") == "SUCCEEDED"
+    assert store.get(job.id) == first
+
+
+def test_a_message_for_an_expired_job_is_dropped(context):
+    assert run_job(context, new_job_id(), worker="w1") == "MISSING"

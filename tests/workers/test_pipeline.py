@@ -1,0 +1,57 @@
+"""The real tiny diffusers pipeline, on CPU: sizes, per-image seeds and determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from workers.jobs import encode_png
+from workers.pipeline import CompatKey, DiffusersModel, ImageWork, load_pipeline
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model) -> DiffusersModel:
+    return DiffusersModel.load(str(tiny_model), "cpu")
+
+
+def key(model, width=64, height=64) -> CompatKey:
+    return CompatKey(model.name, width, height, steps=4, guidance_scale=7.5)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_images_have_the_requested_size(model):
+    images = model.run(key(model, 64, 96), [ImageWork("a", None, 1), ImageWork("b", "blurry", 2)])
+    assert [im.size for im in images] == [(64, 96), (64, 96)]
+
+
+def test_the_same_seed_gives_the_same_bytes(model):
+    first = model.run(key(model), [ImageWork("a cat", None, 42)])[0]
+    again = model.run(key(model), [ImageWork("a cat", None, 42)])[0]
+    assert encode_png(first) == encode_png(again)
+
+
+def test_different_seeds_give_different_images(model):
+    a, b = model.run(key(model), [ImageWork("a cat", None, 1), ImageWork("a cat", None, 2)])
+    assert not np.array_equal(pixels(a), pixels(b))
+
+
+def test_an_image_does_not_depend_on_its_neighbours_at_the_same_batch_size(model):
+    target = ImageWork("a cat", None, 7)
+    one = model.run(key(model), [target, ImageWork("a dog", None, 1)])[0]
+    two = model.run(key(model), [ImageWork("a boat", "dark", 99), target])[1]
+    assert encode_png(one) == encode_png(two)
+
+
+def test_alone_versus_in_a_batch_differs_by_at_most_one_level(model):
+    target = ImageWork("a cat", None, 7)
+    alone = model.run(key(model), [target])[0]
+    batched = model.run(key(model), [ImageWork(f"n{i}", None, i) for i in range(3)] + [target])[-1]
+    assert np.abs(pixels(alone) - pixels(batched)).max() <= 1
+
+
+def test_a_missing_model_directory_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="fleet model init"):
+        load_pipeline(str(tmp_path / "nothing"), "cpu", None)
