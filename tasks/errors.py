@@ -11,7 +11,8 @@
      │    └── NotFound           (404)
      ├── DependencyUnavailable   -> HTTP 503: broker, job store or storage unreachable
      └── JobError                a job cannot run; it ends FAILED with this reason
-          └── PipelineError      the model call raised
+          ├── PipelineError      the model call raised
+          └── ModelOutOfMemory   the model call ran out of device memory (batch is halved)
 
 Every API error renders as ``{"error": {"code", "message", "field"}}``.
 """
@@ -78,3 +79,7 @@ class JobError(FleetError):
 
 class PipelineError(JobError):
     code = "pipeline_failed"
+
+
+class ModelOutOfMemory(JobError):
+    code = "out_of_memory"

@@ -62,6 +62,7 @@ class JobRequest(BaseModel):
     guidance_scale: StrictFloat | StrictInt | None = None
     seed: StrictInt | None = None
     num_images: StrictInt = 1
+    deadline_ms: StrictInt | None = None
 
 
 class GenerationSpec(BaseModel):
@@ -77,6 +78,7 @@ class GenerationSpec(BaseModel):
     guidance_scale: float
     seed: int
     num_images: int
+    deadline_ms: int | None = None  # best effort: the batcher flushes early rather than miss it
 
     def image_seed(self, index: int) -> int:
         """The seed of image ``index``: its noise never depends on its batch neighbours."""
@@ -84,6 +86,7 @@ class GenerationSpec(BaseModel):
 
 
 MAX_SEED = 2**63 - 1
+MAX_DEADLINE_MS = 3_600_000
 
 
 def parse_request(body: Any, settings: Settings) -> GenerationSpec:
@@ -117,6 +120,7 @@ def parse_request(body: Any, settings: Settings) -> GenerationSpec:
         ),
         seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
         num_images=request.num_images,
+        deadline_ms=request.deadline_ms,
     )
     _check_bounds(spec, settings)
     return spec
@@ -147,6 +151,8 @@ def _check_bounds(spec: GenerationSpec, settings: Settings) -> None:
         )
     if not math.isfinite(spec.guidance_scale) or not 0 <= spec.guidance_scale <= 50:
         raise ValidationFailed("'guidance_scale' must be between 0 and 50", field="guidance_scale")
+    if spec.deadline_ms is not None and not 1 <= spec.deadline_ms <= MAX_DEADLINE_MS:
+        raise ValidationFailed(f"'deadline_ms' must be between 1 and {MAX_DEADLINE_MS}", field="deadline_ms")
     if not 0 <= spec.seed <= MAX_SEED:
         raise ValidationFailed(f"'seed' must be between 0 and {MAX_SEED}", field="seed")
 

@@ -12,12 +12,22 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6390/0"
 DEFAULT_S3_ENDPOINT_URL = "http://127.0.0.1:9010"
 WEEK_S = 7 * 24 * 3600
+
+
+class QueuePolicy(BaseModel):
+    """Batching settings of one queue; unset fields take the worker-wide ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_images: int | None = Field(None, gt=0)
+    max_wait_ms: float | None = Field(None, ge=0)
+    batch_policy: Literal["fixed", "adaptive"] | None = None
 
 
 class Settings(BaseSettings):
@@ -54,10 +64,17 @@ class Settings(BaseSettings):
     # -- job records ---------------------------------------------------------------------
     job_ttl_s: int = Field(WEEK_S, gt=0)
 
-    # -- queues and workers --------------------------------------------------------------
+    # -- queues, workers and batching -----------------------------------------------------
     queue: str = "fleet.default"
-    worker_threads: int = Field(2, gt=0)
     publish_timeout_s: float = Field(3.0, gt=0)
+    max_batch_images: int = Field(8, gt=0)
+    max_wait_ms: float = Field(100.0, ge=0)
+    batch_policy: Literal["fixed", "adaptive"] = "adaptive"
+    # Per-queue overrides of the three above, as JSON:
+    # {"fleet.interactive": {"max_batch_images": 2, "max_wait_ms": 0, "batch_policy": "fixed"}}
+    queue_policies: dict[str, QueuePolicy] = {}
+    worker_threads: int = Field(0, ge=0)  # 0: twice the largest max_batch_images
+    worker_metrics_port: int = Field(9808, ge=0)  # 0: no Prometheus endpoint
 
     # -- local fleet and monitoring ------------------------------------------------------
     api_host: str = "127.0.0.1"
@@ -79,6 +96,23 @@ class Settings(BaseSettings):
     @property
     def effective_broker_url(self) -> str:
         return self.broker_url or self.redis_url
+
+    def policy_for(self, queue: str) -> QueuePolicy:
+        """The batching settings of ``queue``, every field filled in."""
+        override = self.queue_policies.get(queue, QueuePolicy())
+        return QueuePolicy(
+            max_batch_images=override.max_batch_images or self.max_batch_images,
+            max_wait_ms=self.max_wait_ms if override.max_wait_ms is None else override.max_wait_ms,
+            batch_policy=override.batch_policy or self.batch_policy,
+        )
+
+    @property
+    def task_threads(self) -> int:
+        """Task threads per worker: enough to gather the next batch while one runs."""
+        if self.worker_threads:
+            return self.worker_threads
+        largest = max([self.max_batch_images] + [p.max_batch_images or 0 for p in self.queue_policies.values()])
+        return 2 * largest
 
     @property
     def model_ref(self) -> str:

@@ -73,6 +73,7 @@ def fleet_env(redis_server, s3_server, s3_env, tiny_model) -> dict[str, str]:
         "FLEET_API_PORT": str(free_port()),
         "FLEET_FLOWER_PORT": str(free_port()),
         "FLEET_FLOWER_BASIC_AUTH": "tester:secret-pass",
+        "FLEET_WORKER_METRICS_PORT": "0",
     }
 
 
@@ -112,8 +113,14 @@ def start_worker(env: dict[str, str], work_dir: Path, name: str, extra_args: tup
 
 
 @pytest.fixture(scope="session")
-def worker(fleet_env, work_dir):
-    server = start_worker(fleet_env, work_dir, "test-worker")
+def worker_metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def worker(fleet_env, work_dir, worker_metrics_port):
+    env = {**fleet_env, "FLEET_WORKER_METRICS_PORT": str(worker_metrics_port), "FLEET_MAX_WAIT_MS": "200"}
+    server = start_worker(env, work_dir, "test-worker")
     yield server
     server.stop()
 

@@ -1,21 +1,26 @@
 """The worker's Celery app: the shared app plus the task body and lifecycle signals.
 
 Run it with ``celery -A workers worker``. The threads pool is the default here: task
-threads wait on the model thread, and no fork ever happens after torch is loaded.
+threads hand their job to the batcher and wait on the model thread, and no fork ever
+happens after torch is loaded. Task threads and prefetch are sized from
+``max_batch_images`` so the next batch is already reserved while one runs.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import redis
 from celery.signals import worker_init, worker_shutdown
 
 from tasks.celery import GENERATE_TASK, app
-from tasks.settings import get_settings
+from tasks.settings import Settings, get_settings
 from tasks.storage import make_storage
 from tasks.store import JobStore
+from workers.batcher import Batcher, BatchPolicy
 from workers.jobs import WorkerContext, run_job
+from workers.metrics import WorkerMetrics
 from workers.pipeline import DiffusersModel
 from workers.runner import ModelRunner
 
@@ -24,32 +29,50 @@ log = logging.getLogger(__name__)
 _settings = get_settings()
 app.conf.update(
     worker_pool="threads",
-    worker_concurrency=_settings.worker_threads,
+    worker_concurrency=_settings.task_threads,
+    # threads pool: the worker reserves concurrency x multiplier messages.
     worker_prefetch_multiplier=1,
 )
 
 _context: WorkerContext | None = None
 
 
-def make_context() -> WorkerContext:
-    settings = get_settings()
+def batch_policy(settings: Settings, queue: str) -> BatchPolicy:
+    policy = settings.policy_for(queue)
+    return BatchPolicy(
+        max_batch_images=policy.max_batch_images,
+        max_wait_s=policy.max_wait_ms / 1000,
+        kind=policy.batch_policy,
+    )
+
+
+def make_context(settings: Settings) -> WorkerContext:
+    metrics = WorkerMetrics()
+    # Batch keys are (queue, compat key): each queue batches under its own policy.
+    policy_of = functools.lru_cache(maxsize=None)(lambda queue: batch_policy(settings, queue))
+    batcher = Batcher(batch_policy(settings, settings.queue), policy_of=lambda key: policy_of(key[0]))
     runner = ModelRunner(
         lambda: DiffusersModel.load(settings.model_ref, settings.device, settings.dtype),
         warm_size=(settings.default_width, settings.default_height),
+        batcher=batcher,
+        observer=metrics,
     )
     runner.start()
+    if settings.worker_metrics_port:
+        metrics.serve(settings.worker_metrics_port)
     return WorkerContext(
         store=JobStore(redis.Redis.from_url(settings.redis_url), ttl_s=settings.job_ttl_s),
         storage=make_storage(settings),
         runner=runner,
         model_name=runner.model_name,
+        metrics=metrics,
     )
 
 
 @worker_init.connect
 def _start_model(**_) -> None:
     global _context
-    _context = make_context()
+    _context = make_context(get_settings())
     log.info("model %s ready", _context.model_name)
 
 
@@ -62,4 +85,5 @@ def _stop_model(**_) -> None:
 @app.task(name=GENERATE_TASK, bind=True)
 def generate(self, job_id: str) -> str:
     assert _context is not None, "the worker_init signal did not run"
-    return run_job(_context, job_id, worker=self.request.hostname or "", task_id=self.request.id or "")
+    queue = (self.request.delivery_info or {}).get("routing_key") or ""
+    return run_job(_context, job_id, worker=self.request.hostname or "", task_id=self.request.id or "", queue=queue)

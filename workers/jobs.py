@@ -16,6 +16,7 @@ from tasks.jobs import JobState, Timings
 from tasks.storage import ObjectStorage, image_key
 from tasks.store import JobStore, now
 from workers.pipeline import CompatKey, ImageWork
+from workers.metrics import WorkerMetrics
 from workers.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class WorkerContext:
     storage: ObjectStorage
     runner: ModelRunner
     model_name: str
+    metrics: WorkerMetrics | None = None
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -35,7 +37,7 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "") -> str:
+def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", queue: str = "") -> str:
     """Run a job to a terminal state; returns the state it ended in (or found it in)."""
     job = ctx.store.get(job_id)
     if job is None:
@@ -54,8 +56,11 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "") -> 
     spec = job.spec
     key = CompatKey(ctx.model_name, spec.width, spec.height, spec.steps, spec.guidance_scale)
     work = [ImageWork(spec.prompt, spec.negative_prompt, spec.image_seed(i)) for i in range(spec.num_images)]
+    deadline = None
+    if spec.deadline_ms is not None:  # wall clock -> the runner's monotonic clock
+        deadline = time.monotonic() + job.created_at + spec.deadline_ms / 1000 - time.time()
     try:
-        result = ctx.runner.submit(key, work).result()
+        result = ctx.runner.submit(key, work, queue=queue, deadline=deadline).result()
     except FleetError as exc:
         return _fail(ctx, job_id, exc.message)
     except Exception as exc:
@@ -68,6 +73,8 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "") -> 
         keys.append(image_key(job_id, index))
         ctx.storage.put_png(keys[-1], encode_png(image))
     upload_s = time.monotonic() - upload_started
+    if ctx.metrics:
+        ctx.metrics.upload.observe(upload_s)
 
     finished_at = now()
     timings = Timings(
@@ -86,9 +93,16 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "") -> 
         timings=json.dumps(asdict(timings)),
         batch=json.dumps(batch),
     )
-    return done.state.value if done.state else "MISSING"
+    return _finished(ctx, done)
+
+
+def _finished(ctx: WorkerContext, done) -> str:
+    state = done.state.value if done.state else "MISSING"
+    if ctx.metrics and done.applied:
+        ctx.metrics.jobs.labels(state).inc()
+    return state
 
 
 def _fail(ctx: WorkerContext, job_id: str, reason: str) -> str:
     done = ctx.store.transition(job_id, JobState.FAILED, finished_at=repr(now()), error=reason)
-    return done.state.value if done.state else "MISSING"
+    return _finished(ctx, done)

@@ -14,7 +14,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from tasks.errors import PipelineError
+from tasks.errors import ModelOutOfMemory, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ def generate(pipe: DiffusionPipeline, key: CompatKey, images: list[ImageWork], d
                 generator=generators,
                 output_type="pil",
             )
-    except torch.cuda.OutOfMemoryError:
-        raise
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ModelOutOfMemory(f"out of device memory at {len(images)} images: {exc}") from exc
     except Exception as exc:
         raise PipelineError(f"the pipeline failed: {type(exc).__name__}: {exc}") from exc
     return list(out.images)

@@ -13,12 +13,13 @@ from tasks.settings import Settings
 from tasks.store import now
 from tests.workers.test_runner import FakeModel
 from workers.jobs import WorkerContext, run_job
+from workers.batcher import Batcher, BatchPolicy
 from workers.runner import ModelRunner
 
 
 @pytest.fixture(scope="module")
 def context(store, storage):
-    runner = ModelRunner(lambda: FakeModel(fail_on="poison"), (8, 8))
+    runner = ModelRunner(lambda: FakeModel(fail_on="poison"), (8, 8), Batcher(BatchPolicy(8, 0)))
     runner.start(timeout_s=5)
     yield WorkerContext(store=store, storage=storage, runner=runner, model_name="fake")
     runner.stop()

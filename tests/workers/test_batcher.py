@@ -1,0 +1,203 @@
+"""The pure batcher, on a fake clock: when batches flush, what they hold, and who goes first."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.batcher import Batcher, BatchPolicy, CostModel, Request
+
+A, B = "key-a", "key-b"
+
+
+def batcher(max_images=4, wait_s=0.1, kind="fixed") -> Batcher:
+    return Batcher(BatchPolicy(max_batch_images=max_images, max_wait_s=wait_s, kind=kind))
+
+
+def add(b: Batcher, key=A, images=1, at=0.0, deadline=None) -> Request:
+    request = Request(key=key, images=images, arrival=at, deadline=deadline)
+    b.add(request)
+    return request
+
+
+def requests_of(decision) -> list[Request]:
+    return [s.request for s in decision.batch.slices]
+
+
+def test_nothing_waiting_means_sleep_until_the_next_add():
+    decision = batcher().next_batch(0.0)
+    assert decision.batch is None and decision.wake_at is None
+
+
+def test_a_full_batch_flushes_at_once():
+    b = batcher(max_images=4)
+    jobs = [add(b, at=i * 0.001) for i in range(4)]
+    decision = b.next_batch(0.004)
+    assert requests_of(decision) == jobs and decision.batch.images == 4
+    assert len(b) == 0
+
+
+def test_a_partial_batch_waits_until_max_wait_after_its_oldest():
+    b = batcher(max_images=4, wait_s=0.1)
+    first = add(b, at=1.0)
+    second = add(b, at=1.05)
+    waiting = b.next_batch(1.06)
+    assert waiting.batch is None and waiting.wake_at == pytest.approx(1.1)
+    assert requests_of(b.next_batch(1.1)) == [first, second]
+
+
+def test_max_wait_zero_never_waits():
+    b = batcher(wait_s=0)
+    only = add(b, at=5.0)
+    assert requests_of(b.next_batch(5.0)) == [only]
+
+
+def test_keys_never_mix_and_the_oldest_key_goes_first():
+    b = batcher(max_images=4, wait_s=0)
+    a1 = add(b, A, at=0.0)
+    b1 = add(b, B, at=0.1)
+    a2 = add(b, A, at=0.2)
+    b2 = add(b, B, at=0.3)
+    first, second = b.next_batch(1.0), b.next_batch(1.0)
+    assert (first.batch.key, requests_of(first)) == (A, [a1, a2])
+    assert (second.batch.key, requests_of(second)) == (B, [b1, b2])
+
+
+def test_a_busy_key_does_not_starve_an_older_one():
+    b = batcher(max_images=2, wait_s=0)
+    lonely = add(b, B, at=0.0)
+    for i in range(6):
+        add(b, A, at=0.1 + i * 0.01)
+    assert requests_of(b.next_batch(1.0)) == [lonely]
+
+
+def test_multi_image_jobs_count_their_images_and_smaller_ones_fill_the_gap():
+    b = batcher(max_images=4, wait_s=0.1)
+    three = add(b, images=3, at=0.0)
+    two = add(b, images=2, at=0.01)
+    one = add(b, images=1, at=0.02)
+    decision = b.next_batch(0.03)
+    assert requests_of(decision) == [three, one] and decision.batch.images == 4
+    assert requests_of(b.next_batch(0.2)) == [two]
+
+
+def test_a_batch_that_nothing_waiting_can_join_is_full():
+    b = batcher(max_images=4, wait_s=10)
+    three = add(b, images=3, at=0.0)
+    add(b, images=2, at=0.01)
+    assert requests_of(b.next_batch(0.02)) == [three]
+
+
+def test_a_job_larger_than_the_limit_is_cut_into_slices():
+    b = batcher(max_images=4, wait_s=0)
+    big = add(b, images=10, at=0.0)
+    small = add(b, images=1, at=0.1)
+    layout = [[(s.request, s.start, s.count) for s in b.next_batch(1.0).batch.slices] for _ in range(3)]
+    assert layout == [[(big, 0, 4)], [(big, 4, 4)], [(big, 8, 2), (small, 0, 1)]]
+    assert b.next_batch(1.0).batch is None
+
+
+def test_a_deadline_flushes_early_enough_for_the_predicted_batch_time():
+    b = batcher(max_images=8, wait_s=1.0)
+    b.cost_model.observe(A, 1, 0.2)
+    add(b, at=0.0, deadline=0.5)
+    waiting = b.next_batch(0.0)
+    assert waiting.batch is None and waiting.wake_at == pytest.approx(0.3)
+    assert b.next_batch(0.3).batch is not None
+
+
+def test_without_a_deadline_the_same_batch_waits_the_full_max_wait():
+    b = batcher(max_images=8, wait_s=1.0)
+    b.cost_model.observe(A, 1, 0.2)
+    add(b, at=0.0)
+    assert b.next_batch(0.0).wake_at == pytest.approx(1.0)
+
+
+def test_batch_of_one_path():
+    b = batcher(max_images=1, wait_s=1.0)
+    first, second = add(b, at=0.0), add(b, at=0.0)
+    assert requests_of(b.next_batch(0.0)) == [first]
+    assert requests_of(b.next_batch(0.0)) == [second]
+
+
+def test_a_failed_batch_can_be_requeued_in_its_original_order():
+    b = batcher(max_images=2, wait_s=0)
+    first, second, third = (add(b, at=i * 0.1) for i in range(3))
+    batch = b.next_batch(1.0).batch
+    b.requeue(list(batch.slices))
+    assert requests_of(b.next_batch(1.0)) == [first, second]
+    assert requests_of(b.next_batch(1.0)) == [third]
+
+
+def test_a_lowered_limit_applies_to_the_next_batches_of_that_key():
+    b = batcher(max_images=4, wait_s=0)
+    b.lower_limit(A, 2)
+    for i in range(4):
+        add(b, at=i * 0.01)
+    assert b.next_batch(1.0).batch.images == 2
+
+
+# -- the cost model and the adaptive policy ---------------------------------------------
+
+
+def test_the_cost_model_fits_a_line_through_batch_times():
+    model = CostModel()
+    for n in (1, 2, 4, 8):
+        model.observe(A, n, 0.1 * n + 0.25)
+    a, b = model.coefficients(A)
+    assert a == pytest.approx(0.1) and b == pytest.approx(0.25)
+    assert model.predict(A, 6) == pytest.approx(0.85)
+    assert model.predict(B, 1) is None
+
+
+def adaptive(max_images=8, wait_s=1.0) -> Batcher:
+    b = batcher(max_images=max_images, wait_s=wait_s, kind="adaptive")
+    for n in (1, 8):  # the reference workload: 340 ms at batch 1, 1.1 s at batch 8
+        b.cost_model.observe(A, n, {1: 0.34, 8: 1.1}[n])
+    return b
+
+
+def test_adaptive_starts_a_lone_request_at_once_on_an_idle_model():
+    b = adaptive()
+    only = add(b, at=100.0)
+    assert requests_of(b.next_batch(100.0)) == [only]
+
+
+def test_adaptive_runs_at_once_when_the_batch_keeps_up_with_arrivals():
+    b = adaptive()
+    add(b, at=0.0)  # one image a second: a batch of 1 (2.9 images/s) keeps up
+    b.next_batch(0.0)
+    only = add(b, at=1.0)
+    assert requests_of(b.next_batch(1.0)) == [only]
+
+
+def busy_history(b: Batcher, until: float) -> None:
+    """Ten images a second up to ``until``, all already served."""
+    for i in range(int(until * 10)):
+        add(b, at=i * 0.1)
+    while b.next_batch(until + b.policy.max_wait_s).batch is not None:
+        pass
+    assert len(b) == 0
+
+
+def test_adaptive_waits_for_a_batch_that_keeps_up_with_a_high_arrival_rate():
+    b = adaptive(wait_s=1.0)
+    busy_history(b, until=2.0)
+    head = add(b, at=2.0)
+    waiting = b.next_batch(2.0)
+    assert waiting.batch is None and 2.0 < waiting.wake_at < 3.0
+    joined = [add(b, at=2.0 + 0.1 * i) for i in range(1, 8)]
+    assert requests_of(b.next_batch(2.7)) == [head, *joined]
+
+
+def test_adaptive_never_waits_past_max_wait():
+    b = adaptive(wait_s=0.05)
+    busy_history(b, until=2.0)
+    add(b, at=2.0)
+    assert b.next_batch(2.0).wake_at <= 2.05
+
+
+def test_policies_validate_their_limits():
+    with pytest.raises(ValueError):
+        BatchPolicy(max_batch_images=0)
+    with pytest.raises(ValueError):
+        BatchPolicy(max_wait_s=-1)

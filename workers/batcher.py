@@ -1,0 +1,264 @@
+"""The micro-batcher: which waiting requests share the next model call, and when.
+
+Pure logic, no threads, no Celery, no torch: requests go in with ``add``; the model
+thread asks ``next_batch(now)`` whenever it is free and gets either a batch to run or
+how long it may sleep before asking again. A fake clock tests it in milliseconds.
+
+Forming a batch
+    Requests are served oldest first: the oldest waiting request picks the compat key
+    (model, size, steps, guidance, scheduler; see ``workers.pipeline.CompatKey``), and
+    the batch takes that key's requests in arrival order while they fit in
+    ``max_batch_images`` (a job with ``num_images=3`` counts 3). Keys never mix, and a
+    key that arrived first is served first, so no key starves. A job larger than
+    ``max_batch_images`` is cut into slices of at most that many images; its full slices
+    run as batches of their own, its last one may share a call with other jobs.
+
+When a batch runs (``fixed`` policy)
+    - at once if it is full (no waiting request of its key fits any more);
+    - when ``max_wait_ms`` has passed since its oldest request arrived
+      (``max_wait_ms=0`` never waits);
+    - earlier if waiting longer would make one of its requests miss its deadline, given
+      the batch time the cost model predicts.
+
+When a batch runs (``adaptive`` policy)
+    The cost model fits the time of one call online, per key: ``t(n) = a*n + b`` over
+    recent batches. The batcher also tracks the rate ``r`` at which images of the key
+    arrive. A batch of ``n`` images serves ``n / t(n)`` images per second; if that keeps
+    up with ``r`` (with 10% headroom), waiting would only add latency, so it runs at once
+    -- in particular a lone request to an idle model starts immediately. Otherwise it
+    waits for the smallest batch ``n*`` that does keep up (or ``max_batch_images``), but
+    only as long as those images are expected to take to arrive (``(n* - n) / r`` after
+    the newest request), and
+    never past ``max_wait_ms`` or a deadline. Under load the model is busy while
+    requests queue, so batches fill without any waiting.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Literal
+
+HEADROOM = 1.1
+RATE_WINDOW_S = 10.0
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_images: int = 8
+    max_wait_s: float = 0.05
+    kind: Literal["fixed", "adaptive"] = "fixed"
+
+    def __post_init__(self):
+        if self.max_batch_images < 1:
+            raise ValueError("max_batch_images must be at least 1")
+        if self.max_wait_s < 0:
+            raise ValueError("max_wait must not be negative")
+
+
+@dataclass(eq=False)
+class Request:
+    """One job's images waiting for the model. ``payload`` is the caller's."""
+
+    key: Hashable
+    images: int
+    arrival: float
+    deadline: float | None = None
+    payload: Any = None
+
+
+@dataclass(frozen=True, eq=False)
+class Slice:
+    """Images ``start .. start+count`` of a request: the unit a batch is made of."""
+
+    request: Request
+    start: int
+    count: int
+    seq: int  # arrival order among slices
+
+    @property
+    def arrival(self) -> float:
+        return self.request.arrival
+
+
+@dataclass(frozen=True)
+class Batch:
+    key: Hashable
+    slices: tuple[Slice, ...]
+
+    @property
+    def images(self) -> int:
+        return sum(s.count for s in self.slices)
+
+    @property
+    def oldest_arrival(self) -> float:
+        return min(s.arrival for s in self.slices)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Run ``batch`` now, or (``batch is None``) ask again at ``wake_at`` (None: on the next add)."""
+
+    batch: Batch | None = None
+    wake_at: float | None = None
+
+
+class CostModel:
+    """Per key, ``t(n) = a*n + b`` fitted by least squares over the last batches."""
+
+    def __init__(self, window: int = 32):
+        self._window = window
+        self._samples: dict[Hashable, deque[tuple[int, float]]] = defaultdict(lambda: deque(maxlen=window))
+
+    def observe(self, key: Hashable, images: int, seconds: float) -> None:
+        self._samples[key].append((images, seconds))
+
+    def coefficients(self, key: Hashable) -> tuple[float, float] | None:
+        samples = self._samples.get(key)
+        if not samples:
+            return None
+        n = len(samples)
+        mean_x = sum(x for x, _ in samples) / n
+        mean_y = sum(y for _, y in samples) / n
+        var_x = sum((x - mean_x) ** 2 for x, _ in samples)
+        if var_x == 0:
+            # One batch size seen so far: a neutral prior (at batch 1, half the call is
+            # fixed overhead) until a second size is seen.
+            per_call = mean_y / (mean_x + 1)
+            return per_call, per_call
+        a = sum((x - mean_x) * (y - mean_y) for x, y in samples) / var_x
+        b = mean_y - a * mean_x
+        return max(a, 0.0), max(b, 0.0)
+
+    def predict(self, key: Hashable, images: int) -> float | None:
+        fit = self.coefficients(key)
+        return None if fit is None else fit[0] * images + fit[1]
+
+
+class ArrivalRate:
+    """Images per second arriving for each key over the last ``RATE_WINDOW_S`` seconds."""
+
+    def __init__(self, window_s: float = RATE_WINDOW_S):
+        self._window_s = window_s
+        self._arrivals: dict[Hashable, deque[tuple[float, int]]] = defaultdict(deque)
+
+    def add(self, key: Hashable, at: float, images: int) -> None:
+        self._arrivals[key].append((at, images))
+
+    def rate(self, key: Hashable, now: float) -> float:
+        arrivals = self._arrivals[key]
+        while arrivals and arrivals[0][0] < now - self._window_s:
+            arrivals.popleft()
+        if len(arrivals) < 2:
+            return 0.0
+        span = max(now - arrivals[0][0], 1e-3)
+        return sum(images for _, images in arrivals) / span
+
+
+class Batcher:
+    def __init__(
+        self,
+        policy: BatchPolicy,
+        cost_model: CostModel | None = None,
+        policy_of: Callable[[Hashable], BatchPolicy] | None = None,
+    ):
+        """``policy`` applies to every key unless ``policy_of(key)`` gives another."""
+        self.policy = policy
+        self.cost_model = cost_model or CostModel()
+        self.arrivals = ArrivalRate()
+        self._policy_of = policy_of
+        self._limits: dict[Hashable, int] = {}  # lowered after out-of-memory
+        self._waiting: list[Slice] = []
+        self._seq = itertools.count()
+
+    # -- input -------------------------------------------------------------------------
+    def policy_of(self, key: Hashable) -> BatchPolicy:
+        return self._policy_of(key) if self._policy_of else self.policy
+
+    def limit(self, key: Hashable) -> int:
+        return self._limits.get(key, self.policy_of(key).max_batch_images)
+
+    def lower_limit(self, key: Hashable, images: int) -> None:
+        """Cap the batch size of ``key`` (after an out-of-memory error)."""
+        self._limits[key] = max(1, images)
+
+    def add(self, request: Request) -> list[Slice]:
+        limit = self.limit(request.key)
+        slices = [
+            Slice(request, start, min(limit, request.images - start), next(self._seq))
+            for start in range(0, request.images, limit)
+        ]
+        self._waiting.extend(slices)
+        self.arrivals.add(request.key, request.arrival, request.images)
+        return slices
+
+    def requeue(self, slices: list[Slice]) -> None:
+        """Put slices of a failed batch back, in their original order, ahead of later ones."""
+        self._waiting.extend(slices)
+        self._waiting.sort(key=lambda s: s.seq)
+
+    @property
+    def waiting_images(self) -> int:
+        return sum(s.count for s in self._waiting)
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    # -- decision ----------------------------------------------------------------------
+    def next_batch(self, now: float) -> Decision:
+        if not self._waiting:
+            return Decision()
+        key = self._waiting[0].request.key  # the oldest request picks the key
+        policy = self.policy_of(key)
+        limit = self.limit(key)
+        chosen: list[Slice] = []
+        room = limit
+        candidates = [s for s in self._waiting if s.request.key == key]
+        for candidate in candidates:
+            if candidate.count <= room:
+                chosen.append(candidate)
+                room -= candidate.count
+        images = limit - room
+        left_out = [s for s in candidates if s not in chosen]
+        full = room == 0 or bool(left_out)
+
+        wake_at = self._wake_at(key, chosen, images, policy, now)
+        if full or wake_at <= now:
+            return self._take(key, chosen)
+        return Decision(wake_at=wake_at)
+
+    def _wake_at(self, key: Hashable, chosen: list[Slice], images: int, policy: BatchPolicy, now: float) -> float:
+        oldest = min(s.arrival for s in chosen)
+        wake_at = oldest + policy.max_wait_s
+        predicted = self.cost_model.predict(key, images)
+        deadlines = [s.request.deadline for s in chosen if s.request.deadline is not None]
+        if deadlines:
+            # Start early enough that the batch is predicted to finish before the deadline.
+            wake_at = min(wake_at, min(deadlines) - (predicted or 0.0))
+        if policy.kind == "adaptive":
+            newest = max(s.arrival for s in chosen)
+            wake_at = min(wake_at, self._adaptive_wake_at(key, images, newest, now))
+        return wake_at
+
+    def _adaptive_wake_at(self, key: Hashable, images: int, newest: float, now: float) -> float:
+        fit = self.cost_model.coefficients(key)
+        rate = self.arrivals.rate(key, now)
+        if fit is None or rate <= 0:
+            return now  # nothing to go on, or nothing else coming: start at once
+        a, b = fit
+        limit = self.limit(key)
+
+        def keeps_up(n: int) -> bool:
+            return n / max(a * n + b, 1e-9) >= rate * HEADROOM
+
+        if keeps_up(images):
+            return now
+        target = next((n for n in range(images + 1, limit + 1) if keeps_up(n)), limit)
+        # The missing images are expected one every 1/rate seconds after the newest one.
+        return newest + (target - images) / rate
+
+    def _take(self, key: Hashable, chosen: list[Slice]) -> Decision:
+        taken = set(map(id, chosen))
+        self._waiting = [s for s in self._waiting if id(s) not in taken]
+        return Decision(batch=Batch(key=key, slices=tuple(chosen)))
