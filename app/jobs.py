@@ -76,7 +76,11 @@ def job_view(job: Job) -> dict:
         for key in job.image_keys:
             signed = storage.presign(key)
             view["images"].append(
-                {"url": signed.url, "expires_in_s": signed.expires_in_s, "expires_at": _iso(now() + signed.expires_in_s)}
+                {
+                    "url": signed.url,
+                    "expires_in_s": signed.expires_in_s,
+                    "expires_at": _iso(now() + signed.expires_in_s),
+                }
             )
     return view
 

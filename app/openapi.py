@@ -56,7 +56,10 @@ _JOB = {
 
 
 def _error(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
 
 
 def spec() -> dict:
@@ -106,9 +109,7 @@ def spec() -> dict:
                 }
             },
         },
-        "components": {
-            "schemas": {"JobRequest": JobRequest.model_json_schema(), "Job": _JOB, "Error": _ERROR}
-        },
+        "components": {"schemas": {"JobRequest": JobRequest.model_json_schema(), "Job": _JOB, "Error": _ERROR}},
     }
 
 

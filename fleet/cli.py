@@ -1,9 +1,9 @@
 """``fleet``: the command line of diffusion-fleet.
 
-    fleet up                 set up and run a local fleet (Procfile, via honcho)
-    fleet model init [DIR]   write the tiny local model (default: FLEET_STATE_DIR/models/tiny)
-    fleet redis | s3         the embedded servers ``fleet up`` starts when none is configured
-    fleet web | flower       the API (gunicorn) and Flower, configured from FLEET_* settings
+fleet up                 set up and run a local fleet (Procfile, via honcho)
+fleet model init [DIR]   write the tiny local model (default: FLEET_STATE_DIR/models/tiny)
+fleet redis | s3         the embedded servers ``fleet up`` starts when none is configured
+fleet web | flower       the API (gunicorn) and Flower, configured from FLEET_* settings
 """
 
 from __future__ import annotations

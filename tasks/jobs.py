@@ -14,7 +14,7 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from tasks.errors import ValidationFailed
 from tasks.settings import Settings
@@ -146,9 +146,7 @@ def _check_bounds(spec: GenerationSpec, settings: Settings) -> None:
     if not 1 <= spec.steps <= settings.max_steps:
         raise ValidationFailed(f"'steps' must be between 1 and {settings.max_steps}", field="steps")
     if not 1 <= spec.num_images <= settings.max_images_per_job:
-        raise ValidationFailed(
-            f"'num_images' must be between 1 and {settings.max_images_per_job}", field="num_images"
-        )
+        raise ValidationFailed(f"'num_images' must be between 1 and {settings.max_images_per_job}", field="num_images")
     if not math.isfinite(spec.guidance_scale) or not 0 <= spec.guidance_scale <= 50:
         raise ValidationFailed("'guidance_scale' must be between 0 and 50", field="guidance_scale")
     if spec.deadline_ms is not None and not 1 <= spec.deadline_ms <= MAX_DEADLINE_MS:
@@ -211,7 +209,7 @@ class Job:
         return raw
 
     @classmethod
-    def from_redis(cls, raw: dict[str, str]) -> "Job":
+    def from_redis(cls, raw: dict[str, str]) -> Job:
         def opt_float(name: str) -> float | None:
             return float(raw[name]) if raw.get(name) else None
 

@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     embedded: str = "auto"
 
     @model_validator(mode="after")
-    def _check(self) -> "Settings":
+    def _check(self) -> Settings:
         if self.default_width % 8 or self.default_height % 8:
             raise ValueError("FLEET_DEFAULT_WIDTH/HEIGHT must be multiples of 8")
         if ":" not in self.flower_basic_auth:

@@ -8,17 +8,13 @@ from pathlib import Path
 
 import pytest
 import redis
-import requests
 
+from fleet import stack
+from fleet.processes import BIN, free_port
+from fleet.stack import settings_from_env, start_api, start_redis, start_s3, start_worker
 from tasks.settings import Settings
 from tasks.storage import make_storage
 from tasks.store import JobStore
-from tests.servers import BIN, Server, free_port, port_open, wait_for
-
-
-
-def settings_from_env(env: dict[str, str]) -> Settings:
-    return Settings(**{key.removeprefix("FLEET_").lower(): value for key, value in env.items()})
 
 
 @pytest.fixture(scope="session")
@@ -28,30 +24,19 @@ def work_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_server(work_dir):
-    from fleet.local import redis_args
-
-    port = free_port()
-    data = work_dir / "redis"
-    data.mkdir()
-    server = Server("redis", redis_args(port, data, appendonly=False), log_dir=work_dir).start()
-    wait_for(lambda: port_open(port), 10, "redis", server.proc)
-    yield f"redis://127.0.0.1:{port}/0"
+    server, url = start_redis(work_dir)
+    yield url
     server.stop()
 
 
 @pytest.fixture(scope="session")
 def s3_env(work_dir) -> dict[str, str]:
-    return {
-        "FLEET_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-        "FLEET_S3_BUCKET": "test-images",
-        "FLEET_STATE_DIR": str(work_dir / "state"),
-    }
+    return stack.s3_env(work_dir)
 
 
 @pytest.fixture(scope="session")
 def s3_server(work_dir, s3_env):
-    server = Server("s3", [str(BIN / "fleet"), "s3"], env=s3_env, log_dir=work_dir).start()
-    wait_for(lambda: "private bucket" in server.log(), 30, "s3", server.proc)
+    server = start_s3(work_dir, s3_env)
     yield s3_env["FLEET_S3_ENDPOINT_URL"]
     server.stop()
 
@@ -97,21 +82,6 @@ def storage(settings):
     return make_storage(settings)
 
 
-def start_worker(env: dict[str, str], work_dir: Path, name: str, extra_args: tuple[str, ...] = ()) -> Server:
-    from tasks.celery import make_celery
-
-    args = [str(BIN / "celery"), "-A", "workers", "worker", "--loglevel", "INFO", "--hostname", f"{name}@%h", *extra_args]
-    server = Server(name, args, env=env, log_dir=work_dir).start()
-    app = make_celery(settings_from_env(env))
-    wait_for(
-        lambda: any(name in reply_host for reply in app.control.ping(timeout=0.5) for reply_host in reply),
-        120,
-        name,
-        server.proc,
-    )
-    return server
-
-
 @pytest.fixture(scope="session")
 def worker_metrics_port() -> int:
     return free_port()
@@ -127,8 +97,6 @@ def worker(fleet_env, work_dir, worker_metrics_port):
 
 @pytest.fixture(scope="session")
 def api_url(fleet_env, work_dir, worker) -> str:
-    server = Server("api", [str(BIN / "fleet"), "web", "--workers", "1"], env=fleet_env, log_dir=work_dir).start()
-    url = f"http://127.0.0.1:{fleet_env['FLEET_API_PORT']}"
-    wait_for(lambda: requests.get(f"{url}/readyz", timeout=2).status_code == 200, 60, "api", server.proc)
+    server, url = start_api(fleet_env, work_dir)
     yield url
     server.stop()

@@ -48,6 +48,12 @@ def test_multi_image_jobs_share_a_batch_and_count_their_images(api_url):
 def test_the_worker_exports_batch_metrics_for_prometheus(api_url, worker_metrics_port):
     wait_done(api_url, submit(api_url, prompt="metered", seed=1, steps=4))
     text = requests.get(f"http://127.0.0.1:{worker_metrics_port}/metrics", timeout=10).text
-    for name in ("fleet_batch_images_count", "fleet_batch_wait_seconds_sum", "fleet_inference_seconds_sum",
-                 "fleet_batcher_waiting_images", 'fleet_jobs_total{state="SUCCEEDED"}', "fleet_upload_seconds_count"):
+    for name in (
+        "fleet_batch_images_count",
+        "fleet_batch_wait_seconds_sum",
+        "fleet_inference_seconds_sum",
+        "fleet_batcher_waiting_images",
+        'fleet_jobs_total{state="SUCCEEDED"}',
+        "fleet_upload_seconds_count",
+    ):
         assert name in text

@@ -41,8 +41,11 @@ def download(job: dict) -> list[bytes]:
 
 def test_jobs_of_several_shapes_succeed_and_download_as_pngs_of_their_size(api_url):
     shapes = [(64, 64, 1), (128, 64, 2), (64, 96, 1)]
-    ids = [submit(api_url, prompt=f"test {i}", width=w, height=h, num_images=n, seed=i, steps=6) for i, (w, h, n) in enumerate(shapes)]
-    for job_id, (width, height, count) in zip(ids, shapes):
+    ids = [
+        submit(api_url, prompt=f"test {i}", width=w, height=h, num_images=n, seed=i, steps=6)
+        for i, (w, h, n) in enumerate(shapes)
+    ]
+    for job_id, (width, height, count) in zip(ids, shapes, strict=True):
         job = wait_done(api_url, job_id)
         assert job["state"] == "SUCCEEDED", job["error"]
         assert len(job["images"]) == count

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.servers import BIN, Server, wait_for
+from fleet.processes import BIN, Server, wait_for
 from tests.test_e2e import submit, wait_done
 
 pytestmark = pytest.mark.e2e

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Literal
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 HEADROOM = 1.1
 RATE_WINDOW_S = 10.0

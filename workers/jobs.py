@@ -15,8 +15,8 @@ from tasks.errors import FleetError
 from tasks.jobs import JobState, Timings
 from tasks.storage import ObjectStorage, image_key
 from tasks.store import JobStore, now
-from workers.pipeline import CompatKey, ImageWork
 from workers.metrics import WorkerMetrics
+from workers.pipeline import CompatKey, ImageWork
 from workers.runner import ModelRunner
 
 log = logging.getLogger(__name__)

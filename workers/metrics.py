@@ -15,10 +15,17 @@ class WorkerMetrics:
             "fleet_batch_images", "Images per model call", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r
         )
         self.batch_wait = Histogram(
-            "fleet_batch_wait_seconds", "From a job reaching the batcher to its model call starting", buckets=_SECONDS, registry=r
+            "fleet_batch_wait_seconds",
+            "From a job reaching the batcher to its model call starting",
+            buckets=_SECONDS,
+            registry=r,
         )
-        self.inference = Histogram("fleet_inference_seconds", "Duration of one model call", buckets=_SECONDS, registry=r)
-        self.upload = Histogram("fleet_upload_seconds", "Encoding and uploading one job's PNGs", buckets=_SECONDS, registry=r)
+        self.inference = Histogram(
+            "fleet_inference_seconds", "Duration of one model call", buckets=_SECONDS, registry=r
+        )
+        self.upload = Histogram(
+            "fleet_upload_seconds", "Encoding and uploading one job's PNGs", buckets=_SECONDS, registry=r
+        )
         self.batch_failures = Counter("fleet_batch_failures_total", "Model calls that raised", registry=r)
         self.queue_depth = Gauge("fleet_batcher_waiting_images", "Images waiting in the batcher", registry=r)
         self.jobs = Counter("fleet_jobs_total", "Jobs finished by this worker", ["state"], registry=r)

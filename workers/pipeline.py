@@ -81,7 +81,7 @@ class DiffusersModel:
         self.name = name
 
     @classmethod
-    def load(cls, model_ref: str, device_preference: str = "auto", dtype_preference: str = "auto") -> "DiffusersModel":
+    def load(cls, model_ref: str, device_preference: str = "auto", dtype_preference: str = "auto") -> DiffusersModel:
         device = select_device(device_preference)
         pipe = load_pipeline(model_ref, device, select_dtype(device, dtype_preference))
         log.info("loaded %s on %s", model_ref, device)

@@ -21,9 +21,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Protocol
+from typing import Protocol
 
 from PIL import Image
 
@@ -106,9 +107,7 @@ class ModelRunner:
         if self._load_error is not None:
             raise RuntimeError(f"the model failed to load: {self._load_error}") from self._load_error
 
-    def submit(
-        self, key: CompatKey, images: list[ImageWork], queue: str = "", deadline: float | None = None
-    ) -> Future:
+    def submit(self, key: CompatKey, images: list[ImageWork], queue: str = "", deadline: float | None = None) -> Future:
         """Queue one job's images; the future resolves to a ``JobResult``."""
         now = self._clock()
         pending = _Pending(key, list(images), now)
@@ -135,7 +134,9 @@ class ModelRunner:
             model.warm(*self._warm_size)
             self._model = model
             self.model_name = model.name
-            log.info("model %s loaded and warm on thread %s (pid %s)", model.name, threading.get_native_id(), os.getpid())
+            log.info(
+                "model %s loaded and warm on thread %s (pid %s)", model.name, threading.get_native_id(), os.getpid()
+            )
         except BaseException as exc:  # surfaced by start()
             self._load_error = exc
             self._ready.set()

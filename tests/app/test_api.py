@@ -8,9 +8,9 @@ import json
 import pytest
 
 from app import create_app
+from fleet.processes import free_port
 from tasks.jobs import JobState
 from tasks.store import KEY_PREFIX
-from tests.servers import free_port
 
 
 @pytest.fixture
@@ -116,7 +116,9 @@ def test_openapi_is_served_and_describes_the_request(client):
 
 def test_broker_down_at_submit_is_a_503_and_leaves_no_job(settings, redis_client):
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    client = create_app({"SETTINGS": settings.model_copy(update={"broker_url": dead, "publish_timeout_s": 0.5})}).test_client()
+    client = create_app(
+        {"SETTINGS": settings.model_copy(update={"broker_url": dead, "publish_timeout_s": 0.5})}
+    ).test_client()
     before = job_count(redis_client)
     response = client.post("/v1/jobs", json={"prompt": "a"})
     assert_error(response, 503, None)
@@ -127,7 +129,9 @@ def test_broker_down_at_submit_is_a_503_and_leaves_no_job(settings, redis_client
 
 def test_job_store_down_at_submit_is_a_503(settings):
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    client = create_app({"SETTINGS": settings.model_copy(update={"redis_url": dead, "broker_url": settings.redis_url})}).test_client()
+    client = create_app(
+        {"SETTINGS": settings.model_copy(update={"redis_url": dead, "broker_url": settings.redis_url})}
+    ).test_client()
     response = client.post("/v1/jobs", json={"prompt": "a"})
     assert_error(response, 503, None)
     assert "job store" in response.get_json()["error"]["message"]

@@ -12,7 +12,7 @@ import requests
 from PIL import Image
 
 from fleet.local import read_procfile, select_processes
-from tests.servers import BIN, Server, free_port, port_open, wait_for
+from fleet.processes import BIN, Server, free_port, port_open, wait_for
 
 PROCS = {"redis": "r", "s3": "s", "web": "w", "worker": "k", "flower": "f"}
 
@@ -49,7 +49,9 @@ def test_fleet_up_runs_the_printed_curl_example_and_stops_cleanly_on_ctrl_c(tmp_
     try:
         wait_for(lambda: "diffusion-fleet is up" in up.log(), 240, "fleet up", up.proc)
         assert (tmp_path / "state" / "models" / "tiny" / "model_index.json").exists()
-        assert (tmp_path / "state" / "redis" / "appendonlydir").exists() or list((tmp_path / "state" / "redis").glob("*.aof"))
+        assert (tmp_path / "state" / "redis" / "appendonlydir").exists() or list(
+            (tmp_path / "state" / "redis").glob("*.aof")
+        )
 
         example = re.search(r"image URL:\n(.*?)\n\n", up.log(), re.S).group(1)
         result = subprocess.run(["bash", "-c", example], capture_output=True, text=True, timeout=120)

@@ -12,8 +12,8 @@ from tasks.jobs import Job, JobState, new_job_id, parse_request
 from tasks.settings import Settings
 from tasks.store import now
 from tests.workers.test_runner import FakeModel
-from workers.jobs import WorkerContext, run_job
 from workers.batcher import Batcher, BatchPolicy
+from workers.jobs import WorkerContext, run_job
 from workers.runner import ModelRunner
 
 

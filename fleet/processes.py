@@ -1,4 +1,5 @@
-"""Real server processes for the tests: start on a free port, wait until they answer, stop."""
+"""Child processes of the fleet (tests, benchmarks): start on a free port, wait until they
+answer, stop them."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 BIN = Path(sys.executable).parent
 
@@ -51,7 +52,7 @@ class Server:
     log_dir: Path = Path(".")
     proc: subprocess.Popen | None = None
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self.log_path = self.log_dir / f"{self.name}.log"
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
