@@ -21,6 +21,7 @@ run: $(STAMP)
 	$(BIN)/fleet up
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

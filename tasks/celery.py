@@ -38,7 +38,6 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={"socket_connect_timeout": settings.publish_timeout_s},
         broker_connection_timeout=settings.publish_timeout_s,
-        worker_hijack_root_logger=False,
     )
     return app
 

@@ -78,6 +78,14 @@ class JobStore:
             return None
         return Job.from_redis({k.decode(): v.decode() for k, v in raw.items()})
 
+    def states(self, job_ids: list[str]) -> dict[str, JobState | None]:
+        """The state of many jobs in one round trip (None: no record)."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(self.key(job_id), "state")
+            raw = pipe.execute()
+        return {i: JobState(s.decode()) if s else None for i, s in zip(job_ids, raw, strict=True)}
+
     def delete(self, job_id: str) -> None:
         self._redis.delete(self.key(job_id))
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 
 import redis
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import celeryd_after_setup, worker_shutdown
 
 from tasks.celery import GENERATE_TASK, app
 from tasks.settings import Settings, get_settings
@@ -46,7 +47,15 @@ def batch_policy(settings: Settings, queue: str) -> BatchPolicy:
     )
 
 
+#: How long a thread may hold the GIL while another waits for it. The model thread
+#: re-takes the GIL after every torch op; with CPython's default 5 ms, task threads
+#: encoding and uploading the last batch made each denoising step wait, and model calls
+#: ran ~10% slower than bare (docs/BENCHMARKS.md). 0.5 ms removes most of that.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 def make_context(settings: Settings) -> WorkerContext:
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     metrics = WorkerMetrics()
     # Batch keys are (queue, compat key): each queue batches under its own policy.
     policy_of = functools.lru_cache(maxsize=None)(lambda queue: batch_policy(settings, queue))
@@ -69,7 +78,9 @@ def make_context(settings: Settings) -> WorkerContext:
     )
 
 
-@worker_init.connect
+# After logging is set up and before the consumer starts: no message is taken before
+# the model is loaded and warm.
+@celeryd_after_setup.connect
 def _start_model(**_) -> None:
     global _context
     _context = make_context(get_settings())
@@ -84,6 +95,6 @@ def _stop_model(**_) -> None:
 
 @app.task(name=GENERATE_TASK, bind=True)
 def generate(self, job_id: str) -> str:
-    assert _context is not None, "the worker_init signal did not run"
+    assert _context is not None, "the celeryd_after_setup signal did not run"
     queue = (self.request.delivery_info or {}).get("routing_key") or ""
     return run_job(_context, job_id, worker=self.request.hostname or "", task_id=self.request.id or "", queue=queue)

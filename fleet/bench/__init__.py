@@ -1,0 +1,1 @@
+"""Benchmarks of the fleet against the bare pipeline, measured in one run."""
