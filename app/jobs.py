@@ -30,17 +30,21 @@ def submit():
         raise MalformedBody(f"the body is not valid JSON: {exc}") from None
     spec = parse_request(body, svc.settings)
 
-    job = Job(id=new_job_id(), state=JobState.QUEUED, spec=spec, created_at=now())
-    svc.store.create(job)
-    try:
-        publish_job(svc.celery, job.id, svc.settings.queue, svc.settings.publish_timeout_s)
+    job = Job(id=new_job_id(), state=JobState.QUEUED, spec=spec, created_at=now(), queue=svc.settings.queue)
+    svc.store.create(job)  # with an outbox entry: if this process dies before publishing,
+    try:  # a worker's sweeper publishes it
+        publish_job(svc.celery, job.id, job.queue, svc.settings.publish_timeout_s)
     except DependencyUnavailable:
         # The client is told the job was not accepted, so no record may stay QUEUED.
         try:
             svc.store.delete(job.id)
-        except Exception:
-            pass
+        except DependencyUnavailable:
+            pass  # the sweeper will publish it after all; the job still completes
         raise
+    try:
+        svc.store.published(job.id)
+    except DependencyUnavailable:
+        pass  # the sweeper may publish it once more: a duplicate is harmless
     response = jsonify(job_view(job))
     response.status_code = 202
     response.headers["Location"] = url_for("jobs.status", job_id=job.id)
@@ -64,6 +68,7 @@ def job_view(job: Job) -> dict:
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
         "attempts": job.attempts,
+        "runs": job.runs,
         "timings": job.timings.__dict__,
         "batch": job.batch or None,
         "worker": job.worker,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import redis
 from celery import Celery
+from kombu import Exchange, Queue
 from kombu.exceptions import KombuError, OperationalError
 
 from tasks.errors import DependencyUnavailable
@@ -16,9 +17,40 @@ from tasks.settings import Settings, get_settings
 GENERATE_TASK = "fleet.generate"
 
 
+def job_queue(settings: Settings, name: str) -> Queue:
+    """A durable queue; on RabbitMQ a quorum queue (replicated, redelivery-safe).
+
+    A topic exchange: Celery's native delayed delivery (countdown retries on quorum
+    queues) cannot route through a direct one.
+    """
+    if settings.broker_is_amqp:
+        return Queue(
+            name,
+            Exchange(name, type="topic", durable=True),
+            routing_key=name,
+            durable=True,
+            queue_arguments={"x-queue-type": "quorum"},
+        )
+    return Queue(name, routing_key=name)
+
+
+def broker_options(settings: Settings) -> dict:
+    if settings.broker_is_amqp:
+        # Publisher confirms: send_task returns only once RabbitMQ has the message.
+        return {"confirm_publish": True, "connect_timeout": settings.publish_timeout_s}
+    return {
+        # A message reserved by a worker that died comes back after this long: it must
+        # exceed the longest a message can stay reserved (prefetch wait + batch + retries).
+        "visibility_timeout": settings.visibility_timeout_s,
+        "socket_connect_timeout": settings.publish_timeout_s,
+    }
+
+
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("fleet", broker=settings.effective_broker_url, set_as_current=False)
+    queues = [job_queue(settings, settings.queue)]
+    queues += [job_queue(settings, name) for name in settings.queue_policies if name != settings.queue]
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -35,8 +67,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_send_sent_event=True,
         task_track_started=True,
         task_default_queue=settings.queue,
+        task_queues=queues,
+        task_create_missing_queues=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"socket_connect_timeout": settings.publish_timeout_s},
+        broker_connection_max_retries=None,  # a worker outlives a broker restart
+        broker_transport_options=broker_options(settings),
         broker_connection_timeout=settings.publish_timeout_s,
     )
     return app

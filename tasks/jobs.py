@@ -181,7 +181,9 @@ class Job:
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
-    attempts: int = 0
+    attempts: int = 0  # deliveries to a worker
+    runs: int = 0  # model calls started for it (a worker may have died in one)
+    queue: str = ""
     error: str | None = None
     worker: str | None = None
     task_id: str | None = None  # the Celery task that last ran it (Flower's id)
@@ -196,6 +198,8 @@ class Job:
             "spec": self.spec.model_dump_json(),
             "created_at": repr(self.created_at),
             "attempts": str(self.attempts),
+            "runs": str(self.runs),
+            "queue": self.queue,
             "image_keys": json.dumps(self.image_keys),
             "timings": json.dumps(asdict(self.timings)),
             "batch": json.dumps(self.batch),
@@ -221,6 +225,8 @@ class Job:
             started_at=opt_float("started_at"),
             finished_at=opt_float("finished_at"),
             attempts=int(raw.get("attempts", 0)),
+            runs=int(raw.get("runs", 0)),
+            queue=raw.get("queue", ""),
             error=raw.get("error"),
             worker=raw.get("worker"),
             task_id=raw.get("task_id"),

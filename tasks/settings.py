@@ -61,8 +61,15 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(2000, gt=0)
     max_body_bytes: int = Field(64 * 1024, gt=0)
 
-    # -- job records ---------------------------------------------------------------------
+    # -- reliability (docs/RELIABILITY.md says why each default) -------------------------
     job_ttl_s: int = Field(WEEK_S, gt=0)
+    visibility_timeout_s: int = Field(900, gt=0)
+    consumer_timeout_s: int = Field(1800, gt=0)
+    max_attempts: int = Field(3, gt=0)
+    retry_window_s: float = Field(60.0, ge=0)
+    retry_backoff_s: float = Field(0.5, gt=0)
+    outbox_grace_s: float = Field(30.0, gt=0)
+    sweep_interval_s: float = Field(5.0, gt=0)
 
     # -- queues, workers and batching -----------------------------------------------------
     queue: str = "fleet.default"
@@ -91,11 +98,17 @@ class Settings(BaseSettings):
             raise ValueError("FLEET_DEFAULT_WIDTH/HEIGHT must be multiples of 8")
         if ":" not in self.flower_basic_auth:
             raise ValueError("FLEET_FLOWER_BASIC_AUTH must be user:password")
+        if not self.effective_broker_url.startswith(("redis://", "rediss://", "amqp://", "amqps://", "pyamqp://")):
+            raise ValueError("FLEET_BROKER_URL must be redis://... or amqp://...")
         return self
 
     @property
     def effective_broker_url(self) -> str:
         return self.broker_url or self.redis_url
+
+    @property
+    def broker_is_amqp(self) -> bool:
+        return self.effective_broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
 
     def policy_for(self, queue: str) -> QueuePolicy:
         """The batching settings of ``queue``, every field filled in."""

@@ -8,6 +8,7 @@ twice) can never move a job backwards or finish it twice.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
@@ -16,6 +17,9 @@ from tasks.errors import DependencyUnavailable
 from tasks.jobs import TRANSITIONS, Job, JobState
 
 KEY_PREFIX = "fleet:job:"
+#: Jobs recorded but not yet known to be published: id -> creation time. The API removes
+#: an id once its message is sent; a sweeper publishes what stays longer (API crashed).
+OUTBOX_KEY = "fleet:outbox"
 
 _TRANSITION_LUA = """
 local current = redis.call('HGET', KEYS[1], 'state')
@@ -24,8 +28,9 @@ if not string.find(',' .. ARGV[2] .. ',', ',' .. current .. ',', 1, true) then
   return {0, current}
 end
 if ARGV[1] == 'RUNNING' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
-if #ARGV > 3 then
-  redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 4))
+redis.call('ZREM', KEYS[2], ARGV[4])  -- delivered or finished: published for sure
+if #ARGV > 4 then
+  redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 5))
 else
   redis.call('HSET', KEYS[1], 'state', ARGV[1])
 end
@@ -61,45 +66,88 @@ class JobStore:
             raise DependencyUnavailable("job store", str(exc)) from exc
 
     def create(self, job: Job) -> None:
-        try:
+        """Record a new job and put it in the outbox, atomically."""
+        with self._errors():
             with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self.key(job.id), mapping=job.to_redis())
                 pipe.expire(self.key(job.id), self._ttl_s)
+                pipe.zadd(OUTBOX_KEY, {job.id: job.created_at})
                 pipe.execute()
+
+    def published(self, job_id: str) -> None:
+        """The job's message is with the broker: take it out of the outbox."""
+        with self._errors():
+            self._redis.zrem(OUTBOX_KEY, job_id)
+
+    def unpublished(self, created_before: float, limit: int = 100) -> list[str]:
+        """Jobs still in the outbox that were created before ``created_before``."""
+        with self._errors():
+            ids = self._redis.zrangebyscore(OUTBOX_KEY, "-inf", created_before, start=0, num=limit)
+        return [i.decode() for i in ids]
+
+    def try_lock(self, name: str, ttl_s: int) -> bool:
+        """A lock that expires by itself: True if this caller holds it now."""
+        with self._errors():
+            return bool(self._redis.set(f"fleet:lock:{name}", "1", nx=True, ex=max(1, ttl_s)))
+
+    def mark_started(self, job_ids: list[str]) -> None:
+        """Count a model run for each job, before the call that may crash the worker."""
+        with self._errors():
+            with self._redis.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hincrby(self.key(job_id), "runs", 1)
+                pipe.execute()
+
+    def release(self, job_id: str) -> None:
+        """Undo a claim for a job handed back unstarted (worker shutdown): the next
+        delivery is not counted as a retry. The state stays RUNNING: it never goes back."""
+        with self._errors():
+            with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hincrby(self.key(job_id), "attempts", -1)
+                pipe.hdel(self.key(job_id), "worker")
+                pipe.execute()
+
+    @contextmanager
+    def _errors(self):
+        try:
+            yield
         except redis.RedisError as exc:
             raise DependencyUnavailable("job store", str(exc)) from exc
 
     def get(self, job_id: str) -> Job | None:
-        try:
+        with self._errors():
             raw = self._redis.hgetall(self.key(job_id))
-        except redis.RedisError as exc:
-            raise DependencyUnavailable("job store", str(exc)) from exc
         if not raw:
             return None
         return Job.from_redis({k.decode(): v.decode() for k, v in raw.items()})
 
     def states(self, job_ids: list[str]) -> dict[str, JobState | None]:
         """The state of many jobs in one round trip (None: no record)."""
-        with self._redis.pipeline(transaction=False) as pipe:
+        with self._errors(), self._redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hget(self.key(job_id), "state")
             raw = pipe.execute()
         return {i: JobState(s.decode()) if s else None for i, s in zip(job_ids, raw, strict=True)}
 
     def delete(self, job_id: str) -> None:
-        self._redis.delete(self.key(job_id))
+        with self._errors(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.key(job_id))
+            pipe.zrem(OUTBOX_KEY, job_id)
+            pipe.execute()
 
     def transition(self, job_id: str, target: JobState, **fields: str) -> TransitionResult:
         """Move a job to ``target`` if its current state allows it, writing ``fields`` too."""
-        args: list[str] = [target.value, _sources(target), str(self._ttl_s)]
+        args: list[str] = [target.value, _sources(target), str(self._ttl_s), job_id]
         for name, value in fields.items():
             args += [name, value]
-        applied, state = self._transition(keys=[self.key(job_id)], args=args)
+        with self._errors():
+            applied, state = self._transition(keys=[self.key(job_id), OUTBOX_KEY], args=args)
         state = state.decode() if isinstance(state, bytes) else state
         return TransitionResult(bool(applied), JobState(state) if state else None)
 
     def ttl(self, job_id: str) -> int:
-        return int(self._redis.ttl(self.key(job_id)))
+        with self._errors():
+            return int(self._redis.ttl(self.key(job_id)))
 
 
 def now() -> float:

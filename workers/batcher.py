@@ -199,6 +199,11 @@ class Batcher:
         self._waiting.extend(slices)
         self._waiting.sort(key=lambda s: s.seq)
 
+    def drain(self) -> list[Slice]:
+        """Take every waiting slice out (the worker is stopping)."""
+        drained, self._waiting = self._waiting, []
+        return drained
+
     @property
     def waiting_images(self) -> int:
         return sum(s.count for s in self._waiting)

@@ -13,17 +13,19 @@ import logging
 import sys
 
 import redis
-from celery.signals import celeryd_after_setup, worker_shutdown
+from celery.exceptions import Reject
+from celery.signals import celeryd_after_setup, worker_shutdown, worker_shutting_down
 
-from tasks.celery import GENERATE_TASK, app
+from tasks.celery import GENERATE_TASK, app, make_celery
 from tasks.settings import Settings, get_settings
 from tasks.storage import make_storage
 from tasks.store import JobStore
+from workers.backends import load_model
 from workers.batcher import Batcher, BatchPolicy
-from workers.jobs import WorkerContext, run_job
+from workers.jobs import HandBack, WorkerContext, run_job
 from workers.metrics import WorkerMetrics
-from workers.pipeline import DiffusersModel
 from workers.runner import ModelRunner
+from workers.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ app.conf.update(
 )
 
 _context: WorkerContext | None = None
+_sweeper: Sweeper | None = None
 
 
 def batch_policy(settings: Settings, queue: str) -> BatchPolicy:
@@ -57,23 +60,27 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 def make_context(settings: Settings) -> WorkerContext:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     metrics = WorkerMetrics()
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
+    store = JobStore(client, ttl_s=settings.job_ttl_s)
     # Batch keys are (queue, compat key): each queue batches under its own policy.
     policy_of = functools.lru_cache(maxsize=None)(lambda queue: batch_policy(settings, queue))
     batcher = Batcher(batch_policy(settings, settings.queue), policy_of=lambda key: policy_of(key[0]))
     runner = ModelRunner(
-        lambda: DiffusersModel.load(settings.model_ref, settings.device, settings.dtype),
+        lambda: load_model(settings.model_ref, settings.device, settings.dtype),
         warm_size=(settings.default_width, settings.default_height),
         batcher=batcher,
         observer=metrics,
+        on_batch_start=store.mark_started,
     )
     runner.start()
     if settings.worker_metrics_port:
         metrics.serve(settings.worker_metrics_port)
     return WorkerContext(
-        store=JobStore(redis.Redis.from_url(settings.redis_url), ttl_s=settings.job_ttl_s),
+        store=store,
         storage=make_storage(settings),
         runner=runner,
         model_name=runner.model_name,
+        settings=settings,
         metrics=metrics,
     )
 
@@ -82,13 +89,26 @@ def make_context(settings: Settings) -> WorkerContext:
 # the model is loaded and warm.
 @celeryd_after_setup.connect
 def _start_model(**_) -> None:
-    global _context
-    _context = make_context(get_settings())
+    global _context, _sweeper
+    settings = get_settings()
+    _context = make_context(settings)
+    _sweeper = Sweeper(_context.store, make_celery(settings), settings)
+    _sweeper.start()
     log.info("model %s ready", _context.model_name)
+
+
+@worker_shutting_down.connect
+def _release_waiting_jobs(**_) -> None:
+    """SIGTERM: the batch running now finishes; jobs not started go back to the queue."""
+    if _context is not None:
+        released = _context.runner.release_waiting()
+        log.info("warm shutdown: handing back %d job(s) that had not started", released)
 
 
 @worker_shutdown.connect
 def _stop_model(**_) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()
     if _context is not None:
         _context.runner.stop()
 
@@ -97,4 +117,8 @@ def _stop_model(**_) -> None:
 def generate(self, job_id: str) -> str:
     assert _context is not None, "the celeryd_after_setup signal did not run"
     queue = (self.request.delivery_info or {}).get("routing_key") or ""
-    return run_job(_context, job_id, worker=self.request.hostname or "", task_id=self.request.id or "", queue=queue)
+    try:
+        return run_job(_context, job_id, worker=self.request.hostname or "", task_id=self.request.id or "", queue=queue)
+    except HandBack as exc:
+        log.warning("job %s handed back to the queue: %s", job_id, exc)
+        raise Reject(str(exc), requeue=True) from exc

@@ -1,5 +1,18 @@
 """Running one job on a worker: claim it, generate through the model thread, store its
-PNGs, finish its record. Safe to run twice for the same job (redelivery)."""
+PNGs, finish its record. Safe to run twice for the same job (redelivery).
+
+What can go wrong, and what happens (docs/RELIABILITY.md has the tests):
+
+- the job is already finished (a duplicate message): nothing runs, the message is acked;
+- it was in a model call when a worker died ``max_attempts`` times: it ends FAILED
+  without running again; a job that was in such a call runs alone from then on, so it
+  cannot take its neighbours down with it;
+- the model raises: the batch was split until this job failed alone; it ends FAILED;
+- storage or the job store are down: retried with backoff for ``retry_window_s``; then
+  the job ends FAILED (storage), or its message is handed back for later (job store,
+  since nothing could be recorded);
+- the worker is stopping and the job had not started: its message is handed back.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +24,21 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image
 
-from tasks.errors import FleetError
-from tasks.jobs import JobState, Timings
+from tasks.errors import DependencyUnavailable, FleetError
+from tasks.jobs import Job, JobState, Timings
+from tasks.settings import Settings
 from tasks.storage import ObjectStorage, image_key
-from tasks.store import JobStore, now
+from tasks.store import JobStore, TransitionResult, now
 from workers.metrics import WorkerMetrics
-from workers.pipeline import CompatKey, ImageWork
-from workers.runner import ModelRunner
+from workers.retry import with_retries
+from workers.runner import JobReleased, JobResult, ModelRunner
+from workers.work import CompatKey, ImageWork
 
 log = logging.getLogger(__name__)
+
+
+class HandBack(Exception):
+    """The job's message must go back to the queue (not acknowledged)."""
 
 
 @dataclass
@@ -28,7 +47,11 @@ class WorkerContext:
     storage: ObjectStorage
     runner: ModelRunner
     model_name: str
+    settings: Settings
     metrics: WorkerMetrics | None = None
+
+    def retrying(self, call, what: str):
+        return with_retries(call, self.settings.retry_window_s, self.settings.retry_backoff_s, what)
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -38,43 +61,45 @@ def encode_png(image: Image.Image) -> bytes:
 
 
 def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", queue: str = "") -> str:
-    """Run a job to a terminal state; returns the state it ended in (or found it in)."""
-    job = ctx.store.get(job_id)
+    """Run a job to a terminal state; returns the state it ended in (or found it in).
+
+    Raises ``HandBack`` when the message must be returned to the queue.
+    """
+    try:
+        job = ctx.retrying(lambda: ctx.store.get(job_id), "reading the job")
+    except DependencyUnavailable as exc:
+        raise HandBack(f"job store unavailable: {exc.message}") from exc
     if job is None:
         log.warning("job %s has no record (expired?); dropping its message", job_id)
         return "MISSING"
     if job.state.terminal:
         return job.state.value  # a duplicate delivery of a finished job
 
+    if job.runs >= ctx.settings.max_attempts:
+        return _fail(ctx, job_id, f"gave up: the worker died {job.runs} times while running this job")
+
     started_at = now()
-    claimed = ctx.store.transition(
-        job_id, JobState.RUNNING, started_at=repr(started_at), worker=worker, task_id=task_id
-    )
+    claimed = _record(ctx, job_id, JobState.RUNNING, started_at=repr(started_at), worker=worker, task_id=task_id)
     if not claimed.applied:
         return claimed.state.value if claimed.state else "MISSING"
 
-    spec = job.spec
-    key = CompatKey(ctx.model_name, spec.width, spec.height, spec.steps, spec.guidance_scale)
-    work = [ImageWork(spec.prompt, spec.negative_prompt, spec.image_seed(i)) for i in range(spec.num_images)]
-    deadline = None
-    if spec.deadline_ms is not None:  # wall clock -> the runner's monotonic clock
-        deadline = time.monotonic() + job.created_at + spec.deadline_ms / 1000 - time.time()
     try:
-        result = ctx.runner.submit(key, work, queue=queue, deadline=deadline).result()
+        result = _generate(ctx, job, queue)
+    except JobReleased as exc:
+        _release(ctx, job_id)
+        raise HandBack(str(exc)) from exc
     except FleetError as exc:
         return _fail(ctx, job_id, exc.message)
     except Exception as exc:
         log.exception("job %s failed in the model", job_id)
         return _fail(ctx, job_id, f"{type(exc).__name__}: {exc}")
 
-    upload_started = time.monotonic()
-    keys = []
-    for index, image in enumerate(result.images):
-        keys.append(image_key(job_id, index))
-        ctx.storage.put_png(keys[-1], encode_png(image))
-    upload_s = time.monotonic() - upload_started
-    if ctx.metrics:
-        ctx.metrics.upload.observe(upload_s)
+    try:
+        keys, upload_s = _upload(ctx, job_id, result)
+    except DependencyUnavailable as exc:
+        return _fail(ctx, job_id, f"could not store the images for {ctx.settings.retry_window_s:.0f}s: {exc.message}")
+    if keys is None:
+        return "SUCCEEDED"  # a duplicate run finished it meanwhile
 
     finished_at = now()
     timings = Timings(
@@ -84,19 +109,60 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
         upload_s=upload_s,
         total_s=finished_at - job.created_at,
     )
-    batch = {"id": result.batch_id, "images": result.batch_images}
-    done = ctx.store.transition(
+    done = _record(
+        ctx,
         job_id,
         JobState.SUCCEEDED,
         finished_at=repr(finished_at),
         image_keys=json.dumps(keys),
         timings=json.dumps(asdict(timings)),
-        batch=json.dumps(batch),
+        batch=json.dumps({"id": result.batch_id, "images": result.batch_images}),
     )
     return _finished(ctx, done)
 
 
-def _finished(ctx: WorkerContext, done) -> str:
+def _generate(ctx: WorkerContext, job: Job, queue: str) -> JobResult:
+    spec = job.spec
+    key = CompatKey(ctx.model_name, spec.width, spec.height, spec.steps, spec.guidance_scale)
+    work = [ImageWork(spec.prompt, spec.negative_prompt, spec.image_seed(i)) for i in range(spec.num_images)]
+    deadline = None
+    if spec.deadline_ms is not None:  # wall clock -> the runner's monotonic clock
+        deadline = time.monotonic() + job.created_at + spec.deadline_ms / 1000 - time.time()
+    future = ctx.runner.submit(key, work, queue=queue, deadline=deadline, tag=job.id, isolated=job.runs > 0)
+    return future.result()
+
+
+def _upload(ctx: WorkerContext, job_id: str, result: JobResult) -> tuple[list[str] | None, float]:
+    started = time.monotonic()
+    current = ctx.retrying(lambda: ctx.store.get(job_id), "reading the job")
+    if current is not None and current.state.terminal:
+        return None, 0.0  # never overwrite the images of a finished job
+    keys = []
+    for index, image in enumerate(result.images):
+        key, data = image_key(job_id, index), encode_png(image)
+        ctx.retrying(lambda key=key, data=data: ctx.storage.put_png(key, data), f"uploading {key}")
+        keys.append(key)
+    upload_s = time.monotonic() - started
+    if ctx.metrics:
+        ctx.metrics.upload.observe(upload_s)
+    return keys, upload_s
+
+
+def _record(ctx: WorkerContext, job_id: str, target: JobState, **fields: str) -> TransitionResult:
+    try:
+        return ctx.retrying(lambda: ctx.store.transition(job_id, target, **fields), f"recording {target.value}")
+    except DependencyUnavailable as exc:
+        raise HandBack(f"job store unavailable: {exc.message}") from exc
+
+
+def _release(ctx: WorkerContext, job_id: str) -> None:
+    try:
+        ctx.store.release(job_id)
+    except DependencyUnavailable:
+        log.warning("could not release job %s; its next delivery counts as a retry", job_id)
+
+
+def _finished(ctx: WorkerContext, done: TransitionResult) -> str:
     state = done.state.value if done.state else "MISSING"
     if ctx.metrics and done.applied:
         ctx.metrics.jobs.labels(state).inc()
@@ -104,5 +170,4 @@ def _finished(ctx: WorkerContext, done) -> str:
 
 
 def _fail(ctx: WorkerContext, job_id: str, reason: str) -> str:
-    done = ctx.store.transition(job_id, JobState.FAILED, finished_at=repr(now()), error=reason)
-    return _finished(ctx, done)
+    return _finished(ctx, _record(ctx, job_id, JobState.FAILED, finished_at=repr(now()), error=reason))

@@ -7,7 +7,6 @@ from two threads runs about 2x slower, and torch used before a fork hangs the ch
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,29 +14,9 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from tasks.errors import ModelOutOfMemory, PipelineError
+from workers.work import CompatKey, ImageWork
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CompatKey:
-    """Jobs that share these can share one pipeline call."""
-
-    model: str
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    scheduler: str = "default"
-
-
-@dataclass(frozen=True)
-class ImageWork:
-    """One image of a batch: what differs between neighbours."""
-
-    prompt: str
-    negative_prompt: str | None
-    seed: int
 
 
 def select_device(preference: str = "auto") -> str:

@@ -30,17 +30,9 @@ from PIL import Image
 
 from tasks.errors import ModelOutOfMemory
 from workers.batcher import Batch, Batcher, Request, Slice
-from workers.pipeline import CompatKey, ImageWork
+from workers.work import CompatKey, ImageWork, Model
 
 log = logging.getLogger(__name__)
-
-
-class Model(Protocol):
-    name: str
-
-    def run(self, key: CompatKey, images: list[ImageWork]) -> list[Image.Image]: ...
-
-    def warm(self, width: int, height: int) -> None: ...
 
 
 class BatchObserver(Protocol):
@@ -49,6 +41,10 @@ class BatchObserver(Protocol):
     def batch_failed(self) -> None: ...
 
     def waiting(self, images: int) -> None: ...
+
+
+class JobReleased(Exception):
+    """The worker is stopping and this job had not started: hand its message back."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +61,7 @@ class _Pending:
     key: CompatKey
     work: list[ImageWork]
     submitted: float
+    tag: object = None
     future: Future = field(default_factory=Future)
     images: dict[int, Image.Image] = field(default_factory=dict)
     first_start: float | None = None
@@ -81,13 +78,18 @@ class ModelRunner:
         batcher: Batcher,
         batch_key: Callable[[CompatKey, str], Hashable] = lambda key, queue: (queue, key),
         observer: BatchObserver | None = None,
+        on_batch_start: Callable[[list[object]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
+        """``on_batch_start`` gets the tags of the jobs in a batch just before the model
+        call (on the model thread): the worker counts a run for each, so a job that
+        crashes the worker is known for it even if the process dies mid-call."""
         self._load_model = load_model
         self._warm_size = warm_size
         self._batcher = batcher
         self._batch_key = batch_key
         self._observer = observer
+        self._on_batch_start = on_batch_start
         self._clock = clock
         self._cond = threading.Condition()
         self._stopping = False
@@ -107,18 +109,47 @@ class ModelRunner:
         if self._load_error is not None:
             raise RuntimeError(f"the model failed to load: {self._load_error}") from self._load_error
 
-    def submit(self, key: CompatKey, images: list[ImageWork], queue: str = "", deadline: float | None = None) -> Future:
-        """Queue one job's images; the future resolves to a ``JobResult``."""
+    def submit(
+        self,
+        key: CompatKey,
+        images: list[ImageWork],
+        queue: str = "",
+        deadline: float | None = None,
+        tag: object = None,
+        isolated: bool = False,
+    ) -> Future:
+        """Queue one job's images; the future resolves to a ``JobResult``.
+
+        ``isolated`` runs the job in batches of its own: for a job that was in a batch
+        when a worker died, so a job that kills workers cannot take its neighbours along.
+        """
         now = self._clock()
-        pending = _Pending(key, list(images), now)
-        request = Request(self._batch_key(key, queue), len(images), now, deadline, payload=pending)
+        pending = _Pending(key, list(images), now, tag)
+        batch_key = self._batch_key(key, queue)
+        if isolated:
+            batch_key = (batch_key, object())
+        request = Request(batch_key, len(images), now, deadline, payload=pending)
         with self._cond:
             if self._stopping:
-                raise RuntimeError("the model runner is stopping")
+                raise JobReleased("the worker is stopping")
             self._batcher.add(request)
             self._report_waiting()
             self._cond.notify()
         return pending.future
+
+    def release_waiting(self) -> int:
+        """Fail every job that has not started with ``JobReleased``; the batch running now
+        finishes. Called when the worker is told to stop. Returns how many were released."""
+        with self._cond:
+            self._stopping = True
+            released = self._batcher.drain()
+            self._report_waiting()
+            self._cond.notify()
+        for s in released:
+            future = s.request.payload.future
+            if not future.done():
+                future.set_exception(JobReleased("the worker is stopping"))
+        return len({id(s.request) for s in released})
 
     def stop(self, timeout_s: float = 60) -> None:
         """Finish the batches already queued, then end the model thread."""
@@ -164,6 +195,11 @@ class ModelRunner:
             return
         pending0: _Pending = slices[0].request.payload
         work = [w for s in slices for w in s.request.payload.work[s.start : s.start + s.count]]
+        if self._on_batch_start is not None:
+            try:
+                self._on_batch_start([s.request.payload.tag for s in slices])
+            except Exception:
+                log.exception("on_batch_start failed; running the batch anyway")
         started = self._clock()
         try:
             images = self._model.run(pending0.key, work)

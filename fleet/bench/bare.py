@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from workers.pipeline import CompatKey, DiffusersModel, ImageWork
+from workers.pipeline import DiffusersModel
+from workers.work import CompatKey, ImageWork
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ DEFAULT_CONFIGS = (
 
 
 def measure_bare(model_dir: str, size: int, steps: int, device: str, calls: dict[int, int]) -> dict[int, BareRow]:
-    from workers.pipeline import CompatKey, DiffusersModel
+    from workers.pipeline import DiffusersModel
+    from workers.work import CompatKey
 
     model = DiffusersModel.load(model_dir, device)
     key = CompatKey(model.name, size, size, steps, 7.5)

@@ -18,10 +18,10 @@ from workers.runner import ModelRunner
 
 
 @pytest.fixture(scope="module")
-def context(store, storage):
+def context(store, storage, settings):
     runner = ModelRunner(lambda: FakeModel(fail_on="poison"), (8, 8), Batcher(BatchPolicy(8, 0)))
     runner.start(timeout_s=5)
-    yield WorkerContext(store=store, storage=storage, runner=runner, model_name="fake")
+    yield WorkerContext(store=store, storage=storage, runner=runner, model_name="fake", settings=settings)
     runner.stop()
 
 

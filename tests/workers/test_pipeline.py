@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from workers.jobs import encode_png
-from workers.pipeline import CompatKey, DiffusersModel, ImageWork, load_pipeline
+from workers.pipeline import DiffusersModel, load_pipeline
+from workers.work import CompatKey, ImageWork
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from PIL import Image
 
 from tasks.errors import ModelOutOfMemory
 from workers.batcher import Batcher, BatchPolicy
-from workers.pipeline import CompatKey, ImageWork
 from workers.runner import ModelRunner
+from workers.work import CompatKey, ImageWork
 
 KEY = CompatKey("fake", 8, 8, 1, 1.0)
 
