@@ -31,9 +31,11 @@ def submit():
     spec = parse_request(body, svc.settings)
 
     job = Job(id=new_job_id(), state=JobState.QUEUED, spec=spec, created_at=now(), queue=svc.settings.queue)
-    svc.store.create(job)  # with an outbox entry: if this process dies before publishing,
-    try:  # a worker's sweeper publishes it
-        publish_job(svc.celery, job.id, job.queue, svc.settings.publish_timeout_s)
+    settings = svc.settings
+    # With an outbox entry: if this process dies before publishing, a sweeper publishes it.
+    svc.store.create(job, publish_by=job.created_at + settings.outbox_grace_s)
+    try:
+        publish_job(svc.celery, job.id, job.queue, settings.publish_timeout_s)
     except DependencyUnavailable:
         # The client is told the job was not accepted, so no record may stay QUEUED.
         try:
@@ -42,7 +44,7 @@ def submit():
             pass  # the sweeper will publish it after all; the job still completes
         raise
     try:
-        svc.store.published(job.id)
+        svc.store.published(job.id, republish_at=now() + settings.republish_after_s)
     except DependencyUnavailable:
         pass  # the sweeper may publish it once more: a duplicate is harmless
     response = jsonify(job_view(job))
@@ -68,7 +70,7 @@ def job_view(job: Job) -> dict:
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
         "attempts": job.attempts,
-        "runs": job.runs,
+        "crashes": job.crashes,
         "timings": job.timings.__dict__,
         "batch": job.batch or None,
         "worker": job.worker,

@@ -16,13 +16,36 @@ def settings_from_env(env: dict[str, str]) -> Settings:
     return Settings(**{key.removeprefix("FLEET_").lower(): value for key, value in env.items()})
 
 
-def start_redis(work_dir: Path) -> tuple[Server, str]:
-    port = free_port()
-    data = work_dir / f"redis-{port}"
-    data.mkdir(parents=True, exist_ok=True)
-    server = Server("redis", redis_args(port, data, appendonly=False), log_dir=work_dir).start()
-    wait_for(lambda: port_open(port), 10, "redis", server.proc)
-    return server, f"redis://127.0.0.1:{port}/0"
+class RedisServer:
+    """A Redis of our own, restartable on the same port and data directory."""
+
+    def __init__(self, work_dir: Path, appendonly: bool = False):
+        self.port = free_port()
+        self.data = work_dir / f"redis-{self.port}"
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.appendonly = appendonly
+        self.work_dir = work_dir
+        self.server: Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        args = redis_args(self.port, self.data, appendonly=self.appendonly)
+        self.server = Server(f"redis-{self.port}", args, log_dir=self.work_dir).start()
+        wait_for(lambda: port_open(self.port), 10, "redis", self.server.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+def start_redis(work_dir: Path) -> tuple[RedisServer, str]:
+    server = RedisServer(work_dir).start()
+    return server, server.url
 
 
 def s3_env(work_dir: Path) -> dict[str, str]:
@@ -34,8 +57,12 @@ def s3_env(work_dir: Path) -> dict[str, str]:
 
 
 def start_s3(work_dir: Path, env: dict[str, str]) -> Server:
+    """moto's S3 server with the bucket created. It keeps objects in memory: a restart
+    empties it (and ``fleet s3`` creates the bucket again)."""
+    log = work_dir / "s3.log"
+    marks = log.read_text().count("private bucket") if log.exists() else 0
     server = Server("s3", [str(BIN / "fleet"), "s3"], env=env, log_dir=work_dir).start()
-    wait_for(lambda: "private bucket" in server.log(), 30, "s3", server.proc)
+    wait_for(lambda: server.log().count("private bucket") > marks, 30, "s3", server.proc)
     return server
 
 
@@ -75,3 +102,54 @@ def start_api(env: dict[str, str], work_dir: Path, workers: int = 1) -> tuple[Se
     url = f"http://127.0.0.1:{env['FLEET_API_PORT']}"
     wait_for(lambda: requests.get(f"{url}/readyz", timeout=2).status_code == 200, 60, "api", server.proc)
     return server, url
+
+
+RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+
+
+def rabbitmq_available() -> bool:
+    return RABBITMQ_SERVER.exists()
+
+
+class RabbitMQ:
+    """A RabbitMQ node of our own (Debian's ``rabbitmq-server``), restartable on the same
+    port and data directory, so durable quorum queues survive a restart."""
+
+    def __init__(self, work_dir: Path, consumer_timeout_s: int = 1800):
+        self.port = free_port()
+        self.base = work_dir / f"rabbitmq-{self.port}"
+        self.base.mkdir(parents=True, exist_ok=True)
+        (self.base / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            f"consumer_timeout = {consumer_timeout_s * 1000}\n"
+            "log.console = true\nlog.file = false\n"
+        )
+        (self.base / "enabled_plugins").write_text("[].\n")
+        self.env = {
+            "RABBITMQ_NODENAME": f"fleet{self.port}@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base / "log"),
+            "RABBITMQ_PID_FILE": str(self.base / "pid"),
+        }
+        self.server: Server | None = None
+        self.work_dir = work_dir
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self) -> RabbitMQ:
+        self.server = Server(f"rabbitmq-{self.port}", [str(RABBITMQ_SERVER)], env=self.env, log_dir=self.work_dir)
+        self.server.start()
+        wait_for(lambda: port_open(self.port), 90, "rabbitmq", self.server.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(timeout_s=60)
+            self.server = None

@@ -42,6 +42,10 @@ def broker_options(settings: Settings) -> dict:
         # A message reserved by a worker that died comes back after this long: it must
         # exceed the longest a message can stay reserved (prefetch wait + batch + retries).
         "visibility_timeout": settings.visibility_timeout_s,
+        # kombu scans for such messages every interval x throttle seconds (100 s by
+        # default): scan often enough that they resume soon after the timeout.
+        "unacked_restore_interval": min(60, max(1, settings.visibility_timeout_s // 4)),
+        "unacked_restore_throttle": 1,
         "socket_connect_timeout": settings.publish_timeout_s,
     }
 

@@ -182,7 +182,7 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     attempts: int = 0  # deliveries to a worker
-    runs: int = 0  # model calls started for it (a worker may have died in one)
+    crashes: int = 0  # model calls it was in when its worker died
     queue: str = ""
     error: str | None = None
     worker: str | None = None
@@ -198,7 +198,7 @@ class Job:
             "spec": self.spec.model_dump_json(),
             "created_at": repr(self.created_at),
             "attempts": str(self.attempts),
-            "runs": str(self.runs),
+            "crashes": str(self.crashes),
             "queue": self.queue,
             "image_keys": json.dumps(self.image_keys),
             "timings": json.dumps(asdict(self.timings)),
@@ -225,7 +225,7 @@ class Job:
             started_at=opt_float("started_at"),
             finished_at=opt_float("finished_at"),
             attempts=int(raw.get("attempts", 0)),
-            runs=int(raw.get("runs", 0)),
+            crashes=int(raw.get("crashes", 0)),
             queue=raw.get("queue", ""),
             error=raw.get("error"),
             worker=raw.get("worker"),

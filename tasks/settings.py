@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     retry_window_s: float = Field(60.0, ge=0)
     retry_backoff_s: float = Field(0.5, gt=0)
     outbox_grace_s: float = Field(30.0, gt=0)
+    republish_after_s: float = Field(900.0, gt=0)
     sweep_interval_s: float = Field(5.0, gt=0)
 
     # -- queues, workers and batching -----------------------------------------------------

@@ -64,6 +64,10 @@ class ObjectStorage:
         except (BotoCoreError, ClientError) as exc:
             raise DependencyUnavailable("storage", str(exc)) from exc
 
+    def list_keys(self, prefix: str) -> list[str]:
+        listed = self._s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+        return sorted(obj["Key"] for obj in listed.get("Contents", []))
+
     def get(self, key: str) -> bytes:
         return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 

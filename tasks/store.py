@@ -17,8 +17,8 @@ from tasks.errors import DependencyUnavailable
 from tasks.jobs import TRANSITIONS, Job, JobState
 
 KEY_PREFIX = "fleet:job:"
-#: Jobs recorded but not yet known to be published: id -> creation time. The API removes
-#: an id once its message is sent; a sweeper publishes what stays longer (API crashed).
+#: Jobs not yet taken by a worker: id -> when to publish their message (again) if still
+#: QUEUED then. A worker's claim removes the entry. See ``workers.sweeper``.
 OUTBOX_KEY = "fleet:outbox"
 
 _TRANSITION_LUA = """
@@ -65,24 +65,30 @@ class JobStore:
         except redis.RedisError as exc:
             raise DependencyUnavailable("job store", str(exc)) from exc
 
-    def create(self, job: Job) -> None:
-        """Record a new job and put it in the outbox, atomically."""
+    def create(self, job: Job, publish_by: float) -> None:
+        """Record a new job and its outbox entry, atomically: if its message is not sent
+        by ``publish_by`` (the API died first), a sweeper sends it."""
         with self._errors():
             with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self.key(job.id), mapping=job.to_redis())
                 pipe.expire(self.key(job.id), self._ttl_s)
-                pipe.zadd(OUTBOX_KEY, {job.id: job.created_at})
+                pipe.zadd(OUTBOX_KEY, {job.id: publish_by})
                 pipe.execute()
 
-    def published(self, job_id: str) -> None:
-        """The job's message is with the broker: take it out of the outbox."""
+    def published(self, job_id: str, republish_at: float) -> None:
+        """The job's message is with the broker; if no worker has taken it by
+        ``republish_at``, the message may be lost and is sent again."""
+        with self._errors():
+            self._redis.zadd(OUTBOX_KEY, {job_id: republish_at}, xx=True)
+
+    def forget_outbox(self, job_id: str) -> None:
         with self._errors():
             self._redis.zrem(OUTBOX_KEY, job_id)
 
-    def unpublished(self, created_before: float, limit: int = 100) -> list[str]:
-        """Jobs still in the outbox that were created before ``created_before``."""
+    def due_for_publishing(self, now: float, limit: int = 100) -> list[str]:
+        """Outbox entries whose time has come."""
         with self._errors():
-            ids = self._redis.zrangebyscore(OUTBOX_KEY, "-inf", created_before, start=0, num=limit)
+            ids = self._redis.zrangebyscore(OUTBOX_KEY, "-inf", now, start=0, num=limit)
         return [i.decode() for i in ids]
 
     def try_lock(self, name: str, ttl_s: int) -> bool:
@@ -90,13 +96,19 @@ class JobStore:
         with self._errors():
             return bool(self._redis.set(f"fleet:lock:{name}", "1", nx=True, ex=max(1, ttl_s)))
 
-    def mark_started(self, job_ids: list[str]) -> None:
-        """Count a model run for each job, before the call that may crash the worker."""
-        with self._errors():
-            with self._redis.pipeline(transaction=False) as pipe:
-                for job_id in job_ids:
-                    pipe.hincrby(self.key(job_id), "runs", 1)
-                pipe.execute()
+    def enter_model(self, job_ids: list[str]) -> None:
+        """Before a model call: count a crash for each job, taken back by ``leave_model``
+        when the call returns. What stays counted are calls a worker died in."""
+        self._count_crashes(job_ids, 1)
+
+    def leave_model(self, job_ids: list[str]) -> None:
+        self._count_crashes(job_ids, -1)
+
+    def _count_crashes(self, job_ids: list[str], delta: int) -> None:
+        with self._errors(), self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hincrby(self.key(job_id), "crashes", delta)
+            pipe.execute()
 
     def release(self, job_id: str) -> None:
         """Undo a claim for a job handed back unstarted (worker shutdown): the next

@@ -70,7 +70,8 @@ def make_context(settings: Settings) -> WorkerContext:
         warm_size=(settings.default_width, settings.default_height),
         batcher=batcher,
         observer=metrics,
-        on_batch_start=store.mark_started,
+        on_batch_start=store.enter_model,
+        on_batch_end=store.leave_model,
     )
     runner.start()
     if settings.worker_metrics_port:

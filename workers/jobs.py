@@ -75,8 +75,8 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
     if job.state.terminal:
         return job.state.value  # a duplicate delivery of a finished job
 
-    if job.runs >= ctx.settings.max_attempts:
-        return _fail(ctx, job_id, f"gave up: the worker died {job.runs} times while running this job")
+    if job.crashes >= ctx.settings.max_attempts:
+        return _fail(ctx, job_id, f"gave up: a worker died {job.crashes} times while running this job")
 
     started_at = now()
     claimed = _record(ctx, job_id, JobState.RUNNING, started_at=repr(started_at), worker=worker, task_id=task_id)
@@ -128,7 +128,7 @@ def _generate(ctx: WorkerContext, job: Job, queue: str) -> JobResult:
     deadline = None
     if spec.deadline_ms is not None:  # wall clock -> the runner's monotonic clock
         deadline = time.monotonic() + job.created_at + spec.deadline_ms / 1000 - time.time()
-    future = ctx.runner.submit(key, work, queue=queue, deadline=deadline, tag=job.id, isolated=job.runs > 0)
+    future = ctx.runner.submit(key, work, queue=queue, deadline=deadline, tag=job.id, isolated=job.crashes > 0)
     return future.result()
 
 

@@ -79,17 +79,19 @@ class ModelRunner:
         batch_key: Callable[[CompatKey, str], Hashable] = lambda key, queue: (queue, key),
         observer: BatchObserver | None = None,
         on_batch_start: Callable[[list[object]], None] | None = None,
+        on_batch_end: Callable[[list[object]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        """``on_batch_start`` gets the tags of the jobs in a batch just before the model
-        call (on the model thread): the worker counts a run for each, so a job that
-        crashes the worker is known for it even if the process dies mid-call."""
+        """``on_batch_start`` and ``on_batch_end`` get the tags of a batch's jobs around
+        the model call, on the model thread: the worker counts a crash for each job
+        before, and takes it back after, so the calls a worker died in stay counted."""
         self._load_model = load_model
         self._warm_size = warm_size
         self._batcher = batcher
         self._batch_key = batch_key
         self._observer = observer
         self._on_batch_start = on_batch_start
+        self._on_batch_end = on_batch_end
         self._clock = clock
         self._cond = threading.Condition()
         self._stopping = False
@@ -195,21 +197,21 @@ class ModelRunner:
             return
         pending0: _Pending = slices[0].request.payload
         work = [w for s in slices for w in s.request.payload.work[s.start : s.start + s.count]]
-        if self._on_batch_start is not None:
-            try:
-                self._on_batch_start([s.request.payload.tag for s in slices])
-            except Exception:
-                log.exception("on_batch_start failed; running the batch anyway")
+        tags = [s.request.payload.tag for s in slices]
+        self._hook(self._on_batch_start, tags)
         started = self._clock()
         try:
             images = self._model.run(pending0.key, work)
         except ModelOutOfMemory as exc:
+            self._hook(self._on_batch_end, tags)
             self._retry_smaller(batch.key, slices, exc, out_of_memory=True)
             return
         except Exception as exc:
+            self._hook(self._on_batch_end, tags)
             self._retry_smaller(batch.key, slices, exc, out_of_memory=False)
             return
         finished = self._clock()
+        self._hook(self._on_batch_end, tags)
         batch_id = f"{os.getpid()}-{next(self._batch_ids)}"
         self._batcher.cost_model.observe(batch.key, len(work), finished - started)
         if self._observer:
@@ -218,6 +220,15 @@ class ModelRunner:
         for s in slices:
             self._deliver(s, images[offset : offset + s.count], started, finished, batch_id, len(work))
             offset += s.count
+
+    @staticmethod
+    def _hook(hook: Callable[[list[object]], None] | None, tags: list[object]) -> None:
+        if hook is None:
+            return
+        try:
+            hook(tags)
+        except Exception:
+            log.exception("batch hook failed; the batch goes on")
 
     def _retry_smaller(self, key: Hashable, slices: list[Slice], exc: Exception, out_of_memory: bool) -> None:
         if self._observer:

@@ -1,10 +1,12 @@
-"""The outbox sweeper: publishes jobs that were recorded but whose message never left.
+"""The outbox sweeper: publishes the message of a QUEUED job that has none.
 
-The API records a job and its outbox entry in one Redis transaction, publishes, then
-clears the entry. If it dies in between, the job would stay QUEUED with no message
-behind it; every worker runs this sweeper, which publishes such jobs once they are
-``outbox_grace_s`` old (a duplicate message is harmless: the job store refuses to finish a
-job twice). A Redis lock lets one worker sweep at a time.
+The API records a job with an outbox entry due ``outbox_grace_s`` later, in one Redis
+transaction, then publishes and moves the entry ``republish_after_s`` ahead; a worker's
+claim removes it. So an entry falls due only if the API died before publishing, or if no
+worker took the job for ``republish_after_s`` (the message may be lost: a broker that lost
+its data, a worker killed while taking a message off Redis). Every worker runs this
+sweeper; a Redis lock lets one sweep at a time. A duplicate message is harmless: the job
+store refuses to finish a job twice, and a finished job's message is dropped.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ def sweep_once(store: JobStore, celery_app: Celery, settings: Settings, now: flo
     """Publish every job stuck in the outbox; returns how many were published."""
     now = time.time() if now is None else now
     published = 0
-    for job_id in store.unpublished(created_before=now - settings.outbox_grace_s):
+    for job_id in store.due_for_publishing(now):
         job = store.get(job_id)
         if job is None or job.state is not JobState.QUEUED:
-            store.published(job_id)  # expired, or already delivered
+            store.forget_outbox(job_id)  # expired, or taken by a worker
             continue
         publish_job(celery_app, job_id, job.queue or settings.queue, settings.publish_timeout_s)
-        store.published(job_id)
-        log.warning("published job %s that the API recorded but never sent", job_id)
+        store.published(job_id, republish_at=now + settings.republish_after_s)
+        log.warning("published job %s again: QUEUED with no worker taking it", job_id)
         published += 1
     return published
 

@@ -16,7 +16,7 @@ def job(store):
         spec=parse_request({"prompt": "a", "seed": 1}, Settings()),
         created_at=1.0,
     )
-    store.create(job)
+    store.create(job, publish_by=job.created_at + 60)
     return job
 
 

@@ -28,7 +28,7 @@ def context(store, storage, settings):
 def submit(store, **body) -> Job:
     spec = parse_request({"seed": 1, "width": 16, "height": 24, **body}, Settings())
     job = Job(id=new_job_id(), state=JobState.QUEUED, spec=spec, created_at=now())
-    store.create(job)
+    store.create(job, publish_by=job.created_at + 60)
     return job
 
 
