@@ -56,14 +56,30 @@ def s3_env(work_dir: Path) -> dict[str, str]:
     }
 
 
-def start_s3(work_dir: Path, env: dict[str, str]) -> Server:
-    """moto's S3 server with the bucket created. It keeps objects in memory: a restart
-    empties it (and ``fleet s3`` creates the bucket again)."""
-    log = work_dir / "s3.log"
-    marks = log.read_text().count("private bucket") if log.exists() else 0
-    server = Server("s3", [str(BIN / "fleet"), "s3"], env=env, log_dir=work_dir).start()
-    wait_for(lambda: server.log().count("private bucket") > marks, 30, "s3", server.proc)
-    return server
+class S3Server:
+    """moto's S3 server with the bucket created, restartable on the same port. It keeps
+    objects in memory: a restart empties it (and ``fleet s3`` creates the bucket again)."""
+
+    def __init__(self, work_dir: Path, env: dict[str, str]):
+        self.work_dir = work_dir
+        self.env = env
+        self.server: Server | None = None
+
+    def start(self) -> S3Server:
+        log = self.work_dir / "s3.log"
+        marks = log.read_text().count("private bucket") if log.exists() else 0
+        self.server = Server("s3", [str(BIN / "fleet"), "s3"], env=self.env, log_dir=self.work_dir).start()
+        wait_for(lambda: self.server.log().count("private bucket") > marks, 30, "s3", self.server.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+def start_s3(work_dir: Path, env: dict[str, str]) -> S3Server:
+    return S3Server(work_dir, env).start()
 
 
 def start_worker(env: dict[str, str], work_dir: Path, name: str, extra_args: tuple[str, ...] = ()) -> Server:

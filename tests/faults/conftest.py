@@ -15,7 +15,16 @@ import redis
 import requests
 
 from fleet.processes import Server, free_port, wait_for
-from fleet.stack import RabbitMQ, RedisServer, rabbitmq_available, s3_env, settings_from_env, start_api, start_s3
+from fleet.stack import (
+    RabbitMQ,
+    RedisServer,
+    S3Server,
+    rabbitmq_available,
+    s3_env,
+    settings_from_env,
+    start_api,
+    start_s3,
+)
 from fleet.stack import start_worker as start_worker_process
 from tasks.jobs import Job, JobState
 from tasks.storage import make_storage
@@ -104,7 +113,7 @@ class Ledger:
 
 
 class FaultFleet:
-    def __init__(self, work_dir: Path, env: dict[str, str], broker: Broker, s3_server: Server):
+    def __init__(self, work_dir: Path, env: dict[str, str], broker: Broker, s3_server: S3Server):
         self.work_dir = work_dir
         self.env = env
         self.broker = broker
@@ -132,7 +141,7 @@ class FaultFleet:
         self.s3_server.stop()
 
     def start_s3(self) -> None:
-        self.s3_server = start_s3(self.work_dir, self.env)
+        self.s3_server.start()
 
     def stop(self) -> None:
         for worker in self.workers:
