@@ -54,19 +54,6 @@ def _flower(args: argparse.Namespace) -> int:
     return exec_flower()
 
 
-def _bench_batching(args: argparse.Namespace) -> int:
-    from fleet.bench.batching import run
-    from tasks.settings import get_settings
-
-    model_dir = args.model or get_settings().model_ref
-    if not (Path(model_dir) / "model_index.json").exists():
-        from workers.tiny_model import write_tiny_model
-
-        write_tiny_model(Path(model_dir))
-    print(run(args.size, args.steps, args.jobs, model_dir, args.device, Path(args.out) if args.out else None))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,15 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     web.set_defaults(func=_web)
     sub.add_parser("flower", help="run Flower with basic auth").set_defaults(func=_flower)
 
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    batching = bench.add_parser("batching", help="bare pipeline vs the fleet, batch 8 and 1, in one run")
-    batching.add_argument("--size", type=int, default=128)
-    batching.add_argument("--steps", type=int, default=20)
-    batching.add_argument("--jobs", type=int, default=96, help="jobs of one image in each fleet burst")
-    batching.add_argument("--model", help="model directory (default: FLEET_MODEL or the tiny model)")
-    batching.add_argument("--device", default="cpu")
-    batching.add_argument("--out", help="write the raw figures here as JSON")
-    batching.set_defaults(func=_bench_batching)
+    from fleet.bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from workers.pipeline import DiffusersModel
 from workers.work import CompatKey, ImageWork
 
 
@@ -26,7 +25,7 @@ class BareRow:
         return self.seconds / (self.images / self.batch_size)
 
 
-def time_bare(model: DiffusersModel, key: CompatKey, batch_size: int, calls: int) -> BareRow:
+def time_bare(model, key: CompatKey, batch_size: int, calls: int) -> BareRow:
     """``calls`` back-to-back calls of ``batch_size`` images, after one untimed warm-up call."""
 
     def batch(call: int) -> list[ImageWork]:
@@ -37,3 +36,12 @@ def time_bare(model: DiffusersModel, key: CompatKey, batch_size: int, calls: int
     for call in tqdm(range(calls), desc=f"bare batch {batch_size}", unit="call", leave=False):
         model.run(key, batch(call))
     return BareRow(batch_size, batch_size * calls, time.perf_counter() - started)
+
+
+def measure_bare(model_ref: str, size: int, steps: int, device: str, calls: dict[int, int]) -> dict[int, BareRow]:
+    """Batch size -> its row, the model loaded and run on this one thread."""
+    from workers.backends import load_model
+
+    model = load_model(model_ref, device)
+    key = CompatKey(model.name, size, size, steps, 7.5)
+    return {batch: time_bare(model, key, batch, n) for batch, n in calls.items()}

@@ -1,0 +1,156 @@
+"""``fleet bench ...``: the benchmark and capacity commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _ensure_model(model: str | None) -> str:
+    from tasks.settings import get_settings
+
+    model = model or get_settings().model_ref
+    if not model.startswith("sim:") and not (Path(model) / "model_index.json").exists():
+        from workers.tiny_model import write_tiny_model
+
+        write_tiny_model(Path(model))
+    return model
+
+
+def _write(out: str | None, data) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(data, indent=2))
+
+
+def _load(args) -> int:
+    from fleet.bench.load import LoadSpec, run_load
+    from fleet.bench.mix import RequestMix
+    from fleet.bench.results import summarize
+
+    spec = LoadSpec(
+        rate=args.rate, concurrency=args.concurrency, jobs=args.jobs, duration_s=args.duration, seed=args.seed
+    )
+    summary = summarize(run_load(args.api, RequestMix.load(args.mix), spec, redis_url=args.redis))
+    print(summary.to_markdown())
+    _write(args.out, summary.to_dict())
+    return 0
+
+
+def _bare(args) -> int:
+    from fleet.bench.bare import measure_bare
+
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    rows = measure_bare(_ensure_model(args.model), args.size, args.steps, args.device, dict.fromkeys(sizes, args.calls))
+    base = rows[sizes[0]].images_per_s
+    print(f"| batch | images/s | per call | gain vs batch {sizes[0]} |\n|---|---|---|---|")
+    for batch, row in rows.items():
+        print(f"| {batch} | {row.images_per_s:.2f} | {row.per_call_s * 1000:.0f} ms | {row.images_per_s / base:.2f}x |")
+    _write(args.out, {b: {"images_per_s": r.images_per_s, "per_call_s": r.per_call_s} for b, r in rows.items()})
+    return 0
+
+
+def _sweep(args) -> int:
+    from fleet.bench.fleetrun import FleetConfig
+    from fleet.bench.load import LoadSpec
+    from fleet.bench.mix import RequestMix
+    from fleet.bench.sweep import markdown_table, run_sweep, write
+
+    configs = [FleetConfig.parse(c) for c in args.config] or [FleetConfig(8, 0, "fixed")]
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else []
+    loads = [LoadSpec(rate=r, jobs=args.jobs, duration_s=args.duration) for r in rates]
+    points = run_sweep(
+        _ensure_model(args.model), configs, loads, RequestMix.load(args.mix), args.jobs if args.saturation else 0
+    )
+    print(markdown_table(points))
+    if args.out:
+        write(points, Path(args.out), args.title or f"{args.mix}, model {args.model or 'tiny'}")
+    return 0
+
+
+def _plan(args) -> int:
+    from fleet.bench.planner import Profile, plan
+
+    if args.fit:
+        points = dict(item.split(":") for item in args.fit.split(","))
+        profile = Profile.fit({int(n): float(t) for n, t in points.items()})
+    else:
+        profile = Profile.load(args.profile)
+    result = plan(profile, args.rate, args.p95, images_per_job=args.images_per_job)
+    print(result.to_markdown())
+    return 0
+
+
+def _batching(args) -> int:
+    from fleet.bench.batching import run
+
+    print(
+        run(
+            args.size,
+            args.steps,
+            args.jobs,
+            _ensure_model(args.model),
+            args.device,
+            Path(args.out) if args.out else None,
+        )
+    )
+    return 0
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks and capacity planning").add_subparsers(
+        dest="bench_command", required=True
+    )
+
+    load = bench.add_parser("load", help="drive a running fleet's API with open- or closed-loop load")
+    load.add_argument("--api", default="http://127.0.0.1:8000")
+    load.add_argument("--redis", help="the job-store Redis, to follow jobs cheaply (default: through the API)")
+    load.add_argument("--mix", default="default", help="a mix name (fleet/bench/mixes) or a JSON file")
+    mode = load.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--rate", type=float, help="open loop: Poisson arrivals, jobs/s")
+    mode.add_argument("--concurrency", type=int, help="closed loop: this many clients")
+    load.add_argument("--jobs", type=int, default=200, help="stop after this many jobs")
+    load.add_argument("--duration", type=float, default=600, help="stop sending after this many seconds")
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--out", help="write the results here as JSON")
+    load.set_defaults(func=_load)
+
+    bare = bench.add_parser("bare", help="time the pipeline in-process at each batch size")
+    bare.add_argument("--model", help="model dir or sim:... (default: FLEET_MODEL or the tiny model)")
+    bare.add_argument("--size", type=int, default=128)
+    bare.add_argument("--steps", type=int, default=20)
+    bare.add_argument("--batch-sizes", default="1,2,4,8")
+    bare.add_argument("--calls", type=int, default=8)
+    bare.add_argument("--device", default="auto")
+    bare.add_argument("--out")
+    bare.set_defaults(func=_bare)
+
+    sweep = bench.add_parser("sweep", help="configurations x loads on fresh local fleets, with a plot")
+    sweep.add_argument("--model", help="model dir or sim:... (default: FLEET_MODEL or the tiny model)")
+    sweep.add_argument("--mix", default="default")
+    sweep.add_argument("--config", action="append", default=[], help="MAX_BATCH:MAX_WAIT_MS[:POLICY[:WORKERS]]")
+    sweep.add_argument("--rates", help="open-loop arrival rates, jobs/s, comma-separated")
+    sweep.add_argument("--saturation", action="store_true", help="add a closed-loop run at saturation")
+    sweep.add_argument("--jobs", type=int, default=150)
+    sweep.add_argument("--duration", type=float, default=300)
+    sweep.add_argument("--title")
+    sweep.add_argument("--out", help="path stem: writes .json, .md and .png")
+    sweep.set_defaults(func=_sweep)
+
+    plan = bench.add_parser("plan", help="recommend batch size, wait and workers for a rate and a p95 goal")
+    source = plan.add_mutually_exclusive_group(required=True)
+    source.add_argument("--profile", help="a profile name (workers/profiles) or JSON file")
+    source.add_argument("--fit", help="measured batch times, e.g. 1:0.34,8:1.1 (images:seconds)")
+    plan.add_argument("--rate", type=float, required=True, help="jobs/s")
+    plan.add_argument("--p95", type=float, required=True, help="p95 end-to-end goal, seconds")
+    plan.add_argument("--images-per-job", type=int, default=1)
+    plan.set_defaults(func=_plan)
+
+    batching = bench.add_parser("batching", help="bare pipeline vs the fleet, batch 8 and 1, in one run")
+    batching.add_argument("--size", type=int, default=128)
+    batching.add_argument("--steps", type=int, default=20)
+    batching.add_argument("--jobs", type=int, default=96, help="jobs of one image per fleet configuration")
+    batching.add_argument("--model", help="model directory (default: FLEET_MODEL or the tiny model)")
+    batching.add_argument("--device", default="cpu")
+    batching.add_argument("--out", help="write the raw figures here as JSON")
+    batching.set_defaults(func=_batching)

@@ -1,0 +1,123 @@
+"""What a load run measured: percentiles of every phase, throughput, batch sizes, errors;
+as a dict (written as JSON) and as a Markdown table."""
+
+from __future__ import annotations
+
+import collections
+import statistics
+from dataclasses import dataclass
+
+from fleet.bench.load import LoadRun
+from tasks.jobs import JobState
+
+PERCENTILES = (50, 90, 95, 99)
+PHASES = ("queue_wait", "batch_wait", "inference", "upload", "overhead", "end_to_end", "client_end_to_end")
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * p / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass
+class Summary:
+    label: str
+    jobs_sent: int
+    jobs_succeeded: int
+    errors: dict[str, int]
+    images: int
+    window_s: float
+    phases: dict[str, dict[str, float]]  # phase -> {"p50": seconds, ...}
+    batch_sizes: dict[int, int]  # images per model call -> calls
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.window_s if self.window_s else 0.0
+
+    @property
+    def jobs_per_s(self) -> float:
+        return self.jobs_succeeded / self.window_s if self.window_s else 0.0
+
+    @property
+    def mean_batch(self) -> float:
+        calls = sum(self.batch_sizes.values())
+        return sum(k * v for k, v in self.batch_sizes.items()) / calls if calls else 0.0
+
+    def p(self, phase: str, pct: int = 95) -> float:
+        return self.phases[phase][f"p{pct}"]
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "jobs_sent": self.jobs_sent,
+            "jobs_succeeded": self.jobs_succeeded,
+            "errors": self.errors,
+            "images": self.images,
+            "window_s": self.window_s,
+            "images_per_s": self.images_per_s,
+            "jobs_per_s": self.jobs_per_s,
+            "mean_batch_images": self.mean_batch,
+            "batch_sizes": self.batch_sizes,
+            "phases": self.phases,
+        }
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"**{self.label}**: {self.jobs_succeeded}/{self.jobs_sent} jobs, {self.images} images in "
+            f"{self.window_s:.1f} s = **{self.images_per_s:.2f} images/s** ({self.jobs_per_s:.2f} jobs/s); "
+            f"mean batch {self.mean_batch:.2f}; errors {sum(self.errors.values())}",
+            "",
+            "| phase | " + " | ".join(f"p{p}" for p in PERCENTILES) + " |",
+            "|---|" + "---|" * len(PERCENTILES),
+        ]
+        for phase in PHASES:
+            values = self.phases[phase]
+            lines.append(f"| {phase} | " + " | ".join(f"{values[f'p{p}'] * 1000:.0f} ms" for p in PERCENTILES) + " |")
+        sizes = ", ".join(f"{k}: {v}" for k, v in sorted(self.batch_sizes.items()))
+        lines += ["", f"batch sizes (images: calls): {sizes}"]
+        return "\n".join(lines)
+
+
+def summarize(run: LoadRun) -> Summary:
+    done = [s for s in run.sent if s.job is not None and s.job.state is JobState.SUCCEEDED]
+    errors = collections.Counter(
+        s.error or f"HTTP {s.status}" if not s.job_id else f"job {s.job.state.value}" if s.job else "job missing"
+        for s in run.sent
+        if s not in done
+    )
+    samples: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    for s in done:
+        t = s.job.timings
+        end_to_end = s.job.finished_at - s.job.created_at
+        samples["queue_wait"].append(t.queue_wait_s or 0.0)
+        samples["batch_wait"].append(t.batch_wait_s or 0.0)
+        samples["inference"].append(t.inference_s or 0.0)
+        samples["upload"].append(t.upload_s or 0.0)
+        samples["end_to_end"].append(end_to_end)
+        samples["overhead"].append(end_to_end - (t.inference_s or 0.0))  # everything but the model
+        if s.seen_done_at:
+            samples["client_end_to_end"].append(s.seen_done_at - s.sent_at)
+    phases = {phase: {f"p{p}": percentile(values, p) for p in PERCENTILES} for phase, values in samples.items()}
+    for phase, values in samples.items():
+        phases[phase]["mean"] = statistics.fmean(values) if values else float("nan")
+    calls = {s.job.batch["id"]: s.job.batch["images"] for s in done if s.job.batch}
+    if done:
+        window = max(s.job.finished_at for s in done) - min(s.job.created_at for s in done)
+    else:
+        window = 0.0
+    return Summary(
+        label=run.spec.label,
+        jobs_sent=len(run.sent),
+        jobs_succeeded=len(done),
+        errors=dict(errors),
+        images=sum(len(s.job.image_keys) for s in done),
+        window_s=window,
+        phases=phases,
+        batch_sizes=dict(sorted(collections.Counter(calls.values()).items())),
+    )

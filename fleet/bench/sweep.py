@@ -1,0 +1,110 @@
+"""Sweeps: every configuration under every load, and the latency-throughput plot.
+
+    fleet bench sweep --model sim:profile=tiny-cpu-64 --mix reference-64 \\
+        --config 1:0:fixed --config 8:0:fixed --config 8:200:fixed --config 8:100:adaptive \\
+        --rates 2,4,8,12 --saturation --jobs 150 --out docs/bench/sweep
+
+Each configuration gets a fresh fleet; each load point is an open-loop Poisson run (or,
+with ``--saturation``, a closed-loop run that keeps every worker's queue full).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fleet.bench.fleetrun import FleetConfig, running_fleet
+from fleet.bench.load import LoadSpec, run_load
+from fleet.bench.mix import RequestMix
+from fleet.bench.results import Summary, summarize
+
+
+@dataclass
+class Point:
+    config: FleetConfig
+    load: LoadSpec
+    summary: Summary
+
+    def to_dict(self) -> dict:
+        return {"config": asdict(self.config), "load": asdict(self.load), "summary": self.summary.to_dict()}
+
+
+def saturation_load(config: FleetConfig, jobs: int) -> LoadSpec:
+    """Enough clients that a full batch is always waiting while one runs, on every worker."""
+    return LoadSpec(concurrency=4 * config.workers * config.max_batch_images, jobs=jobs)
+
+
+def run_sweep(
+    model: str, configs: list[FleetConfig], loads: list[LoadSpec], mix: RequestMix, saturation_jobs: int = 0
+) -> list[Point]:
+    points = []
+    size = mix.shapes[0].width
+    for config in configs:
+        with tempfile.TemporaryDirectory() as tmp, running_fleet(model, config, Path(tmp), size) as fleet:
+            config_loads = list(loads) + ([saturation_load(config, saturation_jobs)] if saturation_jobs else [])
+            for load in config_loads:
+                run = run_load(fleet.api_url, mix, load, redis_url=fleet.redis_url)
+                summary = summarize(run)
+                print(
+                    f"{config.label} | {load.label}: {summary.images_per_s:.2f} images/s, "
+                    f"p95 {summary.p('end_to_end'):.3f} s, mean batch {summary.mean_batch:.2f}",
+                    flush=True,
+                )
+                points.append(Point(config, load, summary))
+    return points
+
+
+def plot(points: list[Point], path: Path, title: str) -> None:
+    """p95 end-to-end latency against achieved throughput, one line per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    by_config: dict[str, list[Point]] = {}
+    for point in points:
+        by_config.setdefault(point.config.label, []).append(point)
+    for label, series in by_config.items():
+        series.sort(key=lambda p: p.summary.images_per_s)
+        ax.plot(
+            [p.summary.images_per_s for p in series],
+            [p.summary.p("end_to_end") for p in series],
+            marker="o",
+            label=label,
+        )
+    ax.set_xlabel("achieved throughput (images/s)")
+    ax.set_ylabel("p95 end-to-end latency (s)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown_table(points: list[Point]) -> str:
+    lines = [
+        "| configuration | load | images/s | mean batch | p50 e2e | p95 e2e | p99 e2e | p50 overhead | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        s = p.summary
+        lines.append(
+            f"| {p.config.label} | {p.load.label} | {s.images_per_s:.2f} | {s.mean_batch:.2f} "
+            f"| {s.p('end_to_end', 50) * 1000:.0f} ms | {s.p('end_to_end') * 1000:.0f} ms "
+            f"| {s.p('end_to_end', 99) * 1000:.0f} ms | {s.p('overhead', 50) * 1000:.0f} ms "
+            f"| {sum(s.errors.values())} |"
+        )
+    return "\n".join(lines)
+
+
+def write(points: list[Point], out: Path, title: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps([p.to_dict() for p in points], indent=2))
+    out.with_suffix(".md").write_text(markdown_table(points) + "\n")
+    plot(points, out.with_suffix(".png"), title)
