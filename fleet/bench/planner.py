@@ -14,16 +14,20 @@ The model
     reservation slot (``2 * max_batch_images`` jobs, the task threads the real worker
     runs with prefetch 1), and a slot stays taken until the job's last image is done.
     When several workers have room, the least loaded one (fewest images waiting or
-    running; round robin among equals) gets it -- the broker actually hands a message to
-    whichever consumer asks first, and an idle worker asks first, so this is close and
-    simple. Each worker has its own ``workers.batcher.Batcher``, exactly the code the real
-    model thread runs: when its model is free it calls ``next_batch(now)``; a batch keeps
-    the model busy for ``t(images)`` and is then fed to the batcher's cost model; no batch
-    means sleeping until ``wake_at`` or the next job it reserves.
+    running; round robin among equals) gets it. The real broker hands a message to
+    whichever consumer with prefetch credit left takes it first; least loaded is a simple
+    stand-in that an idle, empty worker would win too. Each worker has its own
+    ``workers.batcher.Batcher``, exactly the code the real model thread runs: when its
+    model is free it calls ``next_batch(now)``; a batch keeps the model busy for
+    ``t(images)`` and is then fed to the batcher's cost model; no batch means sleeping
+    until ``wake_at`` or the next job it reserves.
 
     A job's latency is from its arrival at the broker to the end of the batch that
     finished its last image, plus ``overhead_s`` (HTTP, broker, upload, polling: fleet
     costs that do not occupy the model). The first 10% of jobs are warm-up and not counted.
+
+Utilisation is throughput over the full-batch capacity of the configuration, not busy
+time: see ``SimResult``. ``plan`` keeps it under ``MAX_UTILIZATION`` for headroom.
 
 What it leaves out: noise in call times, jobs of mixed compat keys, deadlines, retries.
 Measure the real fleet (``fleet bench batching``) before trusting a plan near its limits.
@@ -46,8 +50,8 @@ from workers.sim import PROFILES
 
 WARMUP_FRACTION = 0.1
 MAX_UTILIZATION = 0.85
-# A real model thread sleeps on a condition variable; its wake-ups are not finer than
-# this, and the adaptive policy can ask to wake a hair later again and again.
+# The adaptive policy recomputes its wake-up from the arrival rate at every call, so it
+# could keep asking for one a hair later; a real model thread's sleep is not finer anyway.
 MIN_SLEEP_S = 1e-3
 KEY = "job"  # one compat key: every simulated job can share a batch
 
@@ -326,69 +330,65 @@ def plan(
     """The fewest workers, then the lowest predicted p95, that meet ``p95_goal_s`` at
     ``rate_jobs_per_s`` below ``MAX_UTILIZATION`` of capacity.
 
-    If none does, the best p95 found, with ``meets_goal=False``: workers stop being added
-    once one more no longer lowers p95 by 2%. A goal under the latency floor (a job alone
-    on an idle model, plus ``overhead_s``) is unreachable at any size; the search then
-    aims at 5% above the floor instead, so the answer is the smallest fleet that gets close.
+    Per configuration, a bisection over the worker count (p95 falls as workers are added),
+    never above the fewest workers found so far: a few simulations per configuration.
+    A goal under the latency floor (a job alone on an idle model, plus ``overhead_s``) is
+    unreachable at any size; the search then aims at 5% above the floor, so the answer is
+    the smallest fleet that gets close, with ``meets_goal=False``. A load that
+    ``max_workers`` cannot carry gives the best p95 at ``max_workers``, also not met.
     """
     configs = _configs(batch_options, wait_options_ms, policies)
     offered = rate_jobs_per_s * images_per_job
     largest = max(batch_options)
     floor = math.ceil(images_per_job / largest) * profile.seconds(min(images_per_job, largest)) + overhead_s
     target = max(p95_goal_s, 1.05 * floor)
-    best: Plan | None = None
-    previous_p95 = math.inf
-    for workers in range(1, max_workers + 1):
-        met: list[Plan] = []
-        round_best = math.inf
-        for policy in configs:
-            # Stable only if throughput reaches the offered load; skip what cannot.
-            if offered > MAX_UTILIZATION * saturation_throughput(profile, policy.max_batch_images, workers):
-                continue
-            result = simulate(
-                profile, rate_jobs_per_s, policy, workers, jobs, images_per_job, seed, overhead_s=overhead_s
+    results: dict[tuple[int, BatchPolicy], SimResult] = {}
+
+    def run(workers: int, policy: BatchPolicy) -> SimResult:
+        if (workers, policy) not in results:
+            results[workers, policy] = simulate(
+                profile, rate_jobs_per_s, policy, workers, jobs, images_per_job, seed, overhead_s
             )
-            candidate = Plan(
-                workers=workers,
-                max_batch_images=policy.max_batch_images,
-                max_wait_ms=policy.max_wait_s * 1000,
-                policy=policy.kind,
-                predicted_p95_s=result.p95,
-                predicted_throughput=result.throughput_images_per_s,
-                utilization=result.utilization,
-                meets_goal=result.p95 <= p95_goal_s and result.utilization <= MAX_UTILIZATION,
-                rate_jobs_per_s=rate_jobs_per_s,
-                p95_goal_s=p95_goal_s,
-            )
-            round_best = min(round_best, result.p95)
-            if result.p95 <= target and result.utilization <= MAX_UTILIZATION:
-                met.append(candidate)
-            if best is None or candidate.predicted_p95_s < best.predicted_p95_s:
-                best = candidate
-        if met:
-            return min(met, key=lambda p: p.predicted_p95_s)
-        if round_best < math.inf:
-            if round_best > 0.98 * previous_p95:
-                break
-            previous_p95 = round_best
-    if best is None:  # even max_workers at full batches cannot carry the load
-        biggest = max(configs, key=lambda p: p.max_batch_images)
-        result = simulate(
-            profile, rate_jobs_per_s, biggest, max_workers, jobs, images_per_job, seed, overhead_s=overhead_s
-        )
-        best = Plan(
-            max_workers,
-            biggest.max_batch_images,
-            biggest.max_wait_s * 1000,
-            biggest.kind,
-            result.p95,
-            result.throughput_images_per_s,
-            result.utilization,
-            False,
-            rate_jobs_per_s,
-            p95_goal_s,
-        )
-    return best
+        return results[workers, policy]
+
+    def fits(workers: int, policy: BatchPolicy) -> bool:
+        result = run(workers, policy)
+        return result.p95 <= target and result.utilization <= MAX_UTILIZATION
+
+    def fewest_stable(policy: BatchPolicy) -> int:
+        # Below this the load exceeds MAX_UTILIZATION of full-batch capacity: no need to simulate.
+        per_worker = saturation_throughput(profile, policy.max_batch_images)
+        return max(1, math.ceil(offered / (MAX_UTILIZATION * per_worker) - 1e-9))
+
+    fewest = max_workers + 1
+    for policy in configs:
+        low, high = fewest_stable(policy), min(max_workers, fewest)
+        if low > high or not fits(high, policy):
+            continue
+        while low < high:
+            middle = (low + high) // 2
+            if fits(middle, policy):
+                high = middle
+            else:
+                low = middle + 1
+        fewest = high
+
+    workers = min(fewest, max_workers)
+    stable = [p for p in configs if fewest_stable(p) <= workers] or [max(configs, key=lambda p: p.max_batch_images)]
+    policy = min([p for p in stable if fits(workers, p)] or stable, key=lambda p: run(workers, p).p95)
+    result = run(workers, policy)
+    return Plan(
+        workers=workers,
+        max_batch_images=policy.max_batch_images,
+        max_wait_ms=policy.max_wait_s * 1000,
+        policy=policy.kind,
+        predicted_p95_s=result.p95,
+        predicted_throughput=result.throughput_images_per_s,
+        utilization=result.utilization,
+        meets_goal=result.p95 <= p95_goal_s and result.utilization <= MAX_UTILIZATION,
+        rate_jobs_per_s=rate_jobs_per_s,
+        p95_goal_s=p95_goal_s,
+    )
 
 
 def _configs(
