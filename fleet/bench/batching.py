@@ -1,5 +1,6 @@
-"""Batching benchmark: the bare pipeline at batch 1 and 8, and the running fleet at
-saturation with ``max_batch_images`` 8 and 1, all in one run on one machine.
+"""Batching benchmark: the running fleet at saturation with ``max_batch_images`` 8 and 1,
+each timed between two runs of the bare pipeline at the same batch size, all in one run
+on one machine (whose speed drifts by 10-30% over minutes: the pairing cancels it).
 
     fleet bench batching --size 128 --steps 20 --jobs 96
 
@@ -9,13 +10,14 @@ Prints a Markdown table and writes the raw figures as JSON.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fleet.bench.bare import BareRow, measure_bare
+from fleet.bench.bare import BareRow, time_bare
 from fleet.bench.fleetrun import FleetConfig
 from fleet.bench.mix import RequestMix, RequestShape
 from fleet.bench.sweep import Point, run_sweep
+from workers.work import CompatKey
 
 CONFIGS = (
     FleetConfig(8, 0, "fixed"),
@@ -28,52 +30,81 @@ def uniform_mix(size: int, steps: int) -> RequestMix:
     return RequestMix(f"{size}px", (RequestShape(1, size, size, steps),))
 
 
-def report(size: int, steps: int, bare: dict[int, BareRow], fleet: list[Point]) -> str:
-    b1, b8 = bare[1].images_per_s, bare[8].images_per_s
+@dataclass
+class Pair:
+    """A fleet configuration at saturation and the bare pipeline at its max batch size,
+    timed right before and right after it: the machine's drift cancels out of the ratio."""
+
+    point: Point
+    bare_before: BareRow
+    bare_after: BareRow
+
+    @property
+    def bare_images_per_s(self) -> float:
+        return (self.bare_before.images_per_s + self.bare_after.images_per_s) / 2
+
+    @property
+    def ratio(self) -> float:
+        return self.point.summary.images_per_s / self.bare_images_per_s
+
+
+def report(size: int, steps: int, pairs: list[Pair]) -> str:
     lines = [
         f"#### {size}x{size}, {steps} steps",
         "",
-        "| configuration | images | images/s | vs bare, same max batch | batch sizes (images: calls) "
-        "| mean inference per call |",
+        "| fleet configuration | fleet images/s | bare images/s, same batch (before / after) | fleet / bare "
+        "| batch sizes (images: calls) | model call, fleet vs bare |",
         "|---|---|---|---|---|---|",
     ]
-    for batch, row in bare.items():
-        lines.append(
-            f"| bare pipeline, batch {batch} | {row.images} | {row.images_per_s:.2f} | 1.00 "
-            f"| {batch}: {row.images // batch} | {row.per_call_s * 1000:.0f} ms |"
-        )
-    for point in fleet:
-        s, limit = point.summary, point.config.max_batch_images
+    for pair in pairs:
+        s, limit = pair.point.summary, pair.point.config.max_batch_images
         sizes = ", ".join(f"{k}: {v}" for k, v in s.batch_sizes.items())
+        bare_call = (pair.bare_before.per_call_s + pair.bare_after.per_call_s) / 2
         lines.append(
-            f"| fleet, {point.config.label} | {s.images} | {s.images_per_s:.2f} "
-            f"| {s.images_per_s / bare[limit].images_per_s:.2f} | {sizes} "
-            f"| {s.phases['inference']['mean'] * 1000:.0f} ms |"
+            f"| {pair.point.config.label} | {s.images_per_s:.2f} | {pair.bare_images_per_s:.2f} "
+            f"({pair.bare_before.images_per_s:.2f} / {pair.bare_after.images_per_s:.2f}) | **{pair.ratio:.2f}** "
+            f"| {sizes} | {s.phases['inference']['mean'] * 1000:.0f} ms vs {bare_call * 1000:.0f} ms (batch {limit}) |"
         )
-    by_batch = {p.config.max_batch_images: p.summary.images_per_s for p in fleet if p.config.policy == "fixed"}
-    lines += ["", f"- bare batching gain (8 vs 1): **{b8 / b1:.2f}x**"]
-    if 8 in by_batch and 1 in by_batch:
-        gain = by_batch[8] / by_batch[1]
+    fixed = {p.point.config.max_batch_images: p for p in pairs if p.point.config.policy == "fixed"}
+    if 8 in fixed and 1 in fixed:
+        bare_gain = fixed[8].bare_images_per_s / fixed[1].bare_images_per_s
+        fleet_gain = fixed[8].point.summary.images_per_s / fixed[1].point.summary.images_per_s
         lines += [
-            f"- fleet batching gain (max 8 vs max 1): **{gain:.2f}x** = **{gain / (b8 / b1):.2f}** of the bare gain"
-            " (target ≥ 0.9)",
-            f"- fleet max 8 / bare batch 8: **{by_batch[8] / b8:.2f}** (target ≥ 0.95)",
+            "",
+            f"- bare batching gain (8 vs 1): **{bare_gain:.2f}x**; fleet batching gain (max 8 vs max 1): "
+            f"**{fleet_gain:.2f}x** = **{fleet_gain / bare_gain:.2f}** of the bare gain (target ≥ 0.9)",
+            f"- fleet max 8 / bare batch 8: **{fixed[8].ratio:.2f}** (target ≥ 0.95)",
         ]
     return "\n".join(lines)
 
 
-def run(size: int, steps: int, jobs: int, model_dir: str, device: str, out: Path | None) -> str:
-    bare = measure_bare(model_dir, size, steps, device, {1: max(16, jobs // 3), 8: max(6, jobs // 8)})
-    loads = []
-    fleet = run_sweep(model_dir, list(CONFIGS), loads, uniform_mix(size, steps), saturation_jobs=jobs)
-    text = report(size, steps, bare, fleet)
+def run(size: int, steps: int, jobs: int, model_ref: str, device: str, out: Path | None) -> str:
+    from workers.backends import load_model
+
+    model = load_model(model_ref, device)
+    key = CompatKey(model.name, size, size, steps, 7.5)
+    pairs = []
+    for config in CONFIGS:
+        calls = max(6, jobs // (2 * config.max_batch_images)) if config.max_batch_images > 1 else max(12, jobs // 4)
+        before = time_bare(model, key, config.max_batch_images, calls)
+        (point,) = run_sweep(model_ref, [config], [], uniform_mix(size, steps), saturation_jobs=jobs)
+        after = time_bare(model, key, config.max_batch_images, calls)
+        pairs.append(Pair(point, before, after))
+    text = report(size, steps, pairs)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         raw = {
             "size": size,
             "steps": steps,
-            "bare": {b: asdict(r) | {"images_per_s": r.images_per_s} for b, r in bare.items()},
-            "fleet": [p.to_dict() for p in fleet],
+            "pairs": [
+                {
+                    "fleet": p.point.to_dict(),
+                    "bare_before": asdict(p.bare_before) | {"images_per_s": p.bare_before.images_per_s},
+                    "bare_after": asdict(p.bare_after) | {"images_per_s": p.bare_after.images_per_s},
+                    "ratio": p.ratio,
+                }
+                for p in pairs
+            ],
         }
         out.write_text(json.dumps(raw, indent=2))
     return text

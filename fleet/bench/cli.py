@@ -68,6 +68,13 @@ def _sweep(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    from fleet.bench.sweep import plot
+
+    plot(json.loads(Path(args.sweep).read_text()), Path(args.sweep).with_suffix(".png"), args.title)
+    return 0
+
+
 def _plan(args) -> int:
     from fleet.bench.planner import Profile, plan
 
@@ -136,6 +143,11 @@ def add_parser(sub) -> None:
     sweep.add_argument("--title")
     sweep.add_argument("--out", help="path stem: writes .json, .md and .png")
     sweep.set_defaults(func=_sweep)
+
+    replot = bench.add_parser("plot", help="draw a sweep's latency-throughput plot again from its JSON")
+    replot.add_argument("sweep", help="the .json a sweep wrote")
+    replot.add_argument("--title", default="")
+    replot.set_defaults(func=_plot)
 
     plan = bench.add_parser("plan", help="recommend batch size, wait and workers for a rate and a p95 goal")
     source = plan.add_mutually_exclusive_group(required=True)

@@ -56,29 +56,40 @@ def run_sweep(
     return points
 
 
-def plot(points: list[Point], path: Path, title: str) -> None:
-    """p95 end-to-end latency against achieved throughput, one line per configuration."""
+def plot(records: list[dict], path: Path, title: str) -> None:
+    """p95 end-to-end latency against achieved throughput: one line per configuration
+    through its open-loop points in order of offered load, and a star for its closed-loop
+    saturation run. ``records`` are ``Point.to_dict()`` values, so a sweep's JSON can be
+    drawn again."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    by_config: dict[str, list[Point]] = {}
-    for point in points:
-        by_config.setdefault(point.config.label, []).append(point)
+    by_config: dict[str, list[dict]] = {}
+    for record in records:
+        by_config.setdefault(FleetConfig(**record["config"]).label, []).append(record)
     for label, series in by_config.items():
-        series.sort(key=lambda p: p.summary.images_per_s)
-        ax.plot(
-            [p.summary.images_per_s for p in series],
-            [p.summary.p("end_to_end") for p in series],
+        open_loop = sorted((r for r in series if r["load"]["rate"] is not None), key=lambda r: r["load"]["rate"])
+        (line,) = ax.plot(
+            [r["summary"]["images_per_s"] for r in open_loop],
+            [r["summary"]["phases"]["end_to_end"]["p95"] for r in open_loop],
             marker="o",
             label=label,
+        )
+        saturated = [r for r in series if r["load"]["rate"] is None]
+        ax.scatter(
+            [r["summary"]["images_per_s"] for r in saturated],
+            [r["summary"]["phases"]["end_to_end"]["p95"] for r in saturated],
+            marker="*",
+            s=120,
+            color=line.get_color(),
         )
     ax.set_xlabel("achieved throughput (images/s)")
     ax.set_ylabel("p95 end-to-end latency (s)")
     ax.set_yscale("log")
-    ax.set_title(title)
+    ax.set_title(title + "\n(lines: Poisson load; stars: closed loop at saturation)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -107,4 +118,4 @@ def write(points: list[Point], out: Path, title: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps([p.to_dict() for p in points], indent=2))
     out.with_suffix(".md").write_text(markdown_table(points) + "\n")
-    plot(points, out.with_suffix(".png"), title)
+    plot([p.to_dict() for p in points], out.with_suffix(".png"), title)

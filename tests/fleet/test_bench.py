@@ -1,0 +1,78 @@
+"""The benchmark tool: mixes, percentiles and summaries (pure), and a real load run
+against the test fleet in both loop modes."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from fleet.bench.fleetrun import FleetConfig
+from fleet.bench.load import LoadSpec, run_load
+from fleet.bench.mix import RequestMix
+from fleet.bench.results import percentile, summarize
+from fleet.bench.sweep import Point, markdown_table, plot
+
+
+def test_percentiles_interpolate_like_numpy():
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 95) == pytest.approx(95.05)
+    assert percentile([3.0], 99) == 3.0
+
+
+def test_the_shipped_mixes_load_and_sample_by_weight():
+    mix = RequestMix.load("default")
+    rng = random.Random(1)
+    bodies = [mix.sample(rng, seed) for seed in range(2000)]
+    small = sum(1 for b in bodies if (b["width"], b["height"], b["num_images"]) == (64, 64, 1))
+    assert 0.4 < small / len(bodies) < 0.6  # weight 5 of 10
+    assert all(b["prompt"] and b["seed"] == i for i, b in enumerate(bodies))
+    assert RequestMix.load("reference-128").shapes[0].width == 128
+    assert mix.mean_images == pytest.approx(1.2)
+
+
+def test_a_mix_file_needs_positive_weights(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"requests": [{"weight": 0, "width": 64, "height": 64, "steps": 4}]}))
+    with pytest.raises(ValueError):
+        RequestMix.load(str(path))
+
+
+def test_a_load_is_open_or_closed_loop_not_both():
+    with pytest.raises(ValueError):
+        LoadSpec(rate=1, concurrency=2)
+    with pytest.raises(ValueError):
+        LoadSpec()
+    assert LoadSpec(rate=2.5).label == "open 2.5 jobs/s" and LoadSpec(concurrency=4).label == "closed x4"
+
+
+def test_configs_parse_from_the_command_line():
+    assert FleetConfig.parse("8:50:adaptive:4") == FleetConfig(8, 50, "adaptive", 4)
+    assert FleetConfig.parse("1:0") == FleetConfig(1, 0, "fixed", 1)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("spec", [LoadSpec(rate=8, jobs=10), LoadSpec(concurrency=4, jobs=10)], ids=["open", "closed"])
+def test_a_load_run_against_the_fleet_reports_every_phase(api_url, settings, spec, tmp_path):
+    mix = RequestMix.load("reference-64")
+    run = run_load(api_url, mix, spec, redis_url=settings.redis_url)
+    summary = summarize(run)
+    assert summary.jobs_sent == summary.jobs_succeeded == 10 and not summary.errors
+    assert summary.images == 10 and summary.images_per_s > 0
+    for phase in ("queue_wait", "inference", "upload", "end_to_end", "client_end_to_end"):
+        assert 0 <= summary.p(phase, 50) <= summary.p(phase, 99)
+    assert summary.p("client_end_to_end", 50) >= summary.p("inference", 50)
+    assert sum(summary.batch_sizes.values()) >= 1
+    assert "p95" in summary.to_markdown()
+
+    point = Point(FleetConfig(), spec, summary)
+    assert spec.label in markdown_table([point])
+    plot([point.to_dict()], tmp_path / "curve.png", "test")
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_following_jobs_through_the_api_works_without_redis(api_url):
+    run = run_load(api_url, RequestMix.load("reference-64"), LoadSpec(concurrency=2, jobs=3))
+    assert summarize(run).jobs_succeeded == 3
