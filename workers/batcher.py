@@ -22,15 +22,16 @@ When a batch runs (``fixed`` policy)
 
 When a batch runs (``adaptive`` policy)
     The cost model fits the time of one call online, per key: ``t(n) = a*n + b`` over
-    recent batches. The batcher also tracks the rate ``r`` at which images of the key
-    arrive. A batch of ``n`` images serves ``n / t(n)`` images per second; if that keeps
-    up with ``r`` (with 10% headroom), waiting would only add latency, so it runs at once
-    -- in particular a lone request to an idle model starts immediately. Otherwise it
-    waits for the smallest batch ``n*`` that does keep up (or ``max_batch_images``), but
-    only as long as those images are expected to take to arrive (``(n* - n) / r`` after
-    the newest request), and
-    never past ``max_wait_ms`` or a deadline. Under load the model is busy while
-    requests queue, so batches fill without any waiting.
+    recent batches; the batcher also tracks the rate ``r`` at which images of the key
+    arrive. A model that starts whatever is waiting the moment it is free already grows
+    its batches with the load (while a batch of ``n`` runs, ``r * t(n)`` images arrive:
+    the batch size settles where the model keeps up), so waiting is never needed to keep
+    up; it only pays when it saves more time than it costs. A batch of ``n`` images waits
+    for one more only if the ``n`` images together lose less time waiting for it
+    (``n / r``, the expected gap to the next arrival) than the fixed cost ``b`` of the
+    separate call that newcomer would otherwise need. So a lone request to an idle model
+    with nothing else coming starts at once, and waiting happens only when arrivals are
+    dense compared with ``b``; never past ``max_wait_ms`` or a deadline.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-HEADROOM = 1.1
 RATE_WINDOW_S = 10.0
 
 
@@ -250,19 +250,14 @@ class Batcher:
     def _adaptive_wake_at(self, key: Hashable, images: int, newest: float, now: float) -> float:
         fit = self.cost_model.coefficients(key)
         rate = self.arrivals.rate(key, now)
-        if fit is None or rate <= 0:
-            return now  # nothing to go on, or nothing else coming: start at once
-        a, b = fit
-        limit = self.limit(key)
-
-        def keeps_up(n: int) -> bool:
-            return n / max(a * n + b, 1e-9) >= rate * HEADROOM
-
-        if keeps_up(images):
-            return now
-        target = next((n for n in range(images + 1, limit + 1) if keeps_up(n)), limit)
-        # The missing images are expected one every 1/rate seconds after the newest one.
-        return newest + (target - images) / rate
+        if fit is None or rate <= 0 or images >= self.limit(key):
+            return now  # nothing to go on, nothing else coming, or full: start at once
+        _, b = fit
+        gap = 1.0 / rate  # expected time until the next image arrives
+        if images * gap >= b:
+            return now  # waiting costs the batch more than a separate call would
+        # Wait for the next arrival, counted from the newest one; ask again then.
+        return newest + gap
 
     def _take(self, key: Hashable, chosen: list[Slice]) -> Decision:
         taken = set(map(id, chosen))

@@ -1,40 +1,39 @@
 #!/usr/bin/env bash
-# Every row of docs/BENCHMARKS.md, in one run on one machine (about 25 minutes on 2 cores).
-# Run from the repository root after `make setup`; nothing else should use the CPU meanwhile.
+# Every row of docs/BENCHMARKS.md, in one run on one machine (about 30 minutes on 2 cores).
+# Run from the repository root after `make setup`, with nothing else using the CPU.
 set -euo pipefail
 B=.venv/bin/fleet
 OUT=docs/bench
 
-# 1. Batching: bare pipeline vs the fleet at saturation, max batch 8 and 1 (issue: micro-batching).
+# 1. Batching: the fleet at saturation, max batch 8 and 1, each between two bare runs.
 $B bench batching --size 128 --jobs 96 --out $OUT/batching-128.json | tee $OUT/batching-128.md
 $B bench batching --size 64 --jobs 96 --out $OUT/batching-64.json | tee $OUT/batching-64.md
 
-# 2. Bare pipeline at every batch size, reference workload.
-$B bench bare --size 128 --batch-sizes 1,2,4,8 --calls 8 --device cpu --out $OUT/bare-128.json | tee $OUT/bare-128.md
-
-# 3. Latency-throughput sweep of batching configurations on the tiny model, 64x64.
+# 2. Latency-throughput sweep of batching configurations on the tiny model, 64x64.
 $B bench sweep --mix reference-64 --config 1:0:fixed --config 8:0:fixed --config 8:50:fixed \
     --config 8:200:fixed --config 8:100:adaptive --rates 3,6,9,12 --saturation --jobs 90 \
     --title "tiny model, 64x64, 20 steps, CPU (2 cores)" --out $OUT/sweep-64
 
-# 3b. Fleet overhead at low load (end to end minus inference, no batching wait).
+# 3. Fleet overhead at low load (end to end minus inference, max_wait_ms=0).
 $B bench sweep --mix reference-64 --config 8:0:fixed --rates 0.5 --jobs 40 \
     --title "tiny model, 64x64, low load" --out $OUT/low-load-64
 
-# 4. The reference workload at 50% of saturation (about 3.5 jobs/s), against the ideal batcher.
+# 4. The reference workload at 50% of saturation, against the ideal zero-overhead batcher
+#    on the batch-cost profile measured just before.
+$B bench bare --size 128 --batch-sizes 1,2,4,8 --calls 8 --device cpu --out $OUT/bare-128.json | tee $OUT/bare-128.md
 $B bench sweep --mix reference-128 --config 8:0:fixed --config 8:100:adaptive --rates 3.5 --jobs 300 \
     --title "tiny model, 128x128, 50% load" --out $OUT/half-load-128
-$B bench plan --fit "$(python3 -c "import json; d=json.load(open('$OUT/bare-128.json')); print(','.join(f'{b}:{v[\"per_call_s\"]}' for b, v in d.items()))")" \
-    --rate 3.5 --p95 100 | tee $OUT/half-load-128-plan.md
+$B bench plan --fit $OUT/bare-128.json --rate 3.5 --p95 100 | tee $OUT/half-load-128-ideal-bare.txt
+$B bench plan --fit $OUT/half-load-128.json --rate 3.5 --p95 100 | tee $OUT/half-load-128-ideal-infleet.txt
 
-# 5. Scale-out on the simulated A100 (no CPU spent on the model): 1 and 4 workers at saturation.
+# 5. Scale-out on the simulated A100 (the model spends no CPU): 1 and 4 workers at saturation.
 $B bench sweep --model sim:profile=sd15-a100-512 --mix reference-64 --config 8:0:fixed:1 --config 8:0:fixed:4 \
     --saturation --jobs 160 --title "simulated SD 1.5 on A100, saturation" --out $OUT/scale-sim
 
-# 6. The planner's predictions against measurements (simulated tiny-cpu-64 profile).
-$B bench plan --profile tiny-cpu-64 --rate 8 --p95 1.0 | tee $OUT/plan-case1.md
+# 6. The planner's recommendations, then measured (simulated tiny-cpu-64 profile).
+$B bench plan --profile tiny-cpu-64 --rate 8 --p95 1.0 | tee $OUT/plan-case1-recommendation.txt
 $B bench sweep --model sim:profile=tiny-cpu-64 --mix reference-64 --config 8:0:fixed:1 --rates 8 --jobs 400 \
     --out $OUT/plan-case1
-$B bench plan --profile tiny-cpu-64 --rate 30 --p95 1.5 | tee $OUT/plan-case2.md
-$B bench sweep --model sim:profile=tiny-cpu-64 --mix reference-64 --config 8:50:fixed:3 --rates 30 --jobs 900 \
+$B bench plan --profile tiny-cpu-64 --rate 30 --p95 1.5 | tee $OUT/plan-case2-recommendation.txt
+$B bench sweep --model sim:profile=tiny-cpu-64 --mix reference-64 --config 8:50:adaptive:3 --rates 30 --jobs 900 \
     --out $OUT/plan-case2

@@ -1,5 +1,5 @@
-"""Batching benchmark: the running fleet at saturation with ``max_batch_images`` 8 and 1,
-each timed between two runs of the bare pipeline at the same batch size, all in one run
+"""Batching benchmark: the running fleet on a burst of jobs with ``max_batch_images`` 8 and
+1, each timed between two runs of the bare pipeline at the same batch size, all in one run
 on one machine (whose speed drifts by 10-30% over minutes: the pairing cancels it).
 
     fleet bench batching --size 128 --steps 20 --jobs 96
@@ -78,7 +78,9 @@ def report(size: int, steps: int, pairs: list[Pair]) -> str:
     return "\n".join(lines)
 
 
-def run(size: int, steps: int, jobs: int, model_ref: str, device: str, out: Path | None) -> str:
+def run(size: int, steps: int, jobs: int, model_ref: str, device: str, out: Path | None, burst: bool = True) -> str:
+    """``burst``: all jobs sent at once (the issue's "same burst"); else a closed loop that
+    keeps submitting while batches run."""
     from workers.backends import load_model
 
     model = load_model(model_ref, device)
@@ -87,7 +89,7 @@ def run(size: int, steps: int, jobs: int, model_ref: str, device: str, out: Path
     for config in CONFIGS:
         calls = max(6, jobs // (2 * config.max_batch_images)) if config.max_batch_images > 1 else max(12, jobs // 4)
         before = time_bare(model, key, config.max_batch_images, calls)
-        (point,) = run_sweep(model_ref, [config], [], uniform_mix(size, steps), saturation_jobs=jobs)
+        (point,) = run_sweep(model_ref, [config], [], uniform_mix(size, steps), saturation_jobs=jobs, burst=burst)
         after = time_bare(model, key, config.max_batch_images, calls)
         pairs.append(Pair(point, before, after))
     text = report(size, steps, pairs)

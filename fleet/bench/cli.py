@@ -76,15 +76,33 @@ def _plot(args) -> int:
 
 
 def _plan(args) -> int:
-    from fleet.bench.planner import Profile, plan
+    from fleet.bench.planner import Profile, ideal, plan
 
-    if args.fit:
+    if args.fit and args.fit.endswith(".json"):
+        data = json.loads(Path(args.fit).read_text())
+        if isinstance(data, list):  # a sweep: the model calls measured inside the fleet
+            calls: dict[int, list[float]] = {}
+            for point in data:
+                for n, seconds in point["summary"]["call_seconds"].items():
+                    calls.setdefault(int(n), []).append(seconds)
+            profile = Profile.fit({n: sum(v) / len(v) for n, v in calls.items()})
+        else:  # what `fleet bench bare --out` wrote
+            profile = Profile.fit({int(n): row["per_call_s"] for n, row in data.items()})
+    elif args.fit:
         points = dict(item.split(":") for item in args.fit.split(","))
         profile = Profile.fit({int(n): float(t) for n, t in points.items()})
     else:
         profile = Profile.load(args.profile)
     result = plan(profile, args.rate, args.p95, images_per_job=args.images_per_job)
     print(result.to_markdown())
+    floor = ideal(
+        profile, args.rate, max_batch_images=8, workers=result.workers, jobs=10_000, images_per_job=args.images_per_job
+    )
+    print(
+        f"ideal zero-overhead batcher (greedy, max batch 8, {result.workers} worker(s)) at {args.rate:g} jobs/s: "
+        f"p50 {floor.p50:.3f} s, p95 {floor.p95:.3f} s = {floor.p95 / profile.seconds(1):.2f}x t(1) "
+        f"(t(1) = {profile.seconds(1):.3f} s; profile a = {profile.a:.4f} s/image, b = {profile.b:.4f} s/call)"
+    )
     return 0
 
 
@@ -152,7 +170,10 @@ def add_parser(sub) -> None:
     plan = bench.add_parser("plan", help="recommend batch size, wait and workers for a rate and a p95 goal")
     source = plan.add_mutually_exclusive_group(required=True)
     source.add_argument("--profile", help="a profile name (workers/profiles) or JSON file")
-    source.add_argument("--fit", help="measured batch times, e.g. 1:0.34,8:1.1 (images:seconds)")
+    source.add_argument(
+        "--fit",
+        help="batch times, e.g. 1:0.34,8:1.1 (images:seconds), or the JSON of `fleet bench bare` or of a sweep",
+    )
     plan.add_argument("--rate", type=float, required=True, help="jobs/s")
     plan.add_argument("--p95", type=float, required=True, help="p95 end-to-end goal, seconds")
     plan.add_argument("--images-per-job", type=int, default=1)
@@ -165,4 +186,7 @@ def add_parser(sub) -> None:
     batching.add_argument("--model", help="model directory (default: FLEET_MODEL or the tiny model)")
     batching.add_argument("--device", default="cpu")
     batching.add_argument("--out", help="write the raw figures here as JSON")
+    batching.add_argument(
+        "--closed-loop", action="store_true", help="keep submitting while batches run, instead of one burst"
+    )
     batching.set_defaults(func=_batching)

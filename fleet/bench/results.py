@@ -35,6 +35,8 @@ class Summary:
     window_s: float
     phases: dict[str, dict[str, float]]  # phase -> {"p50": seconds, ...}
     batch_sizes: dict[int, int]  # images per model call -> calls
+    call_seconds: dict[int, float]  # images per model call -> mean duration of such calls
+    steady_images_per_s: float  # between the 10th and 90th percentile of finish times
 
     @property
     def images_per_s(self) -> float:
@@ -61,9 +63,11 @@ class Summary:
             "images": self.images,
             "window_s": self.window_s,
             "images_per_s": self.images_per_s,
+            "steady_images_per_s": self.steady_images_per_s,
             "jobs_per_s": self.jobs_per_s,
             "mean_batch_images": self.mean_batch,
             "batch_sizes": self.batch_sizes,
+            "call_seconds": self.call_seconds,
             "phases": self.phases,
         }
 
@@ -107,6 +111,14 @@ def summarize(run: LoadRun) -> Summary:
     for phase, values in samples.items():
         phases[phase]["mean"] = statistics.fmean(values) if values else float("nan")
     calls = {s.job.batch["id"]: s.job.batch["images"] for s in done if s.job.batch}
+    # A one-slice job's inference time is its call's duration: the batch-cost profile the
+    # model showed inside the fleet (to set beside the bare one).
+    durations: dict[int, list[float]] = collections.defaultdict(list)
+    seen: set[str] = set()
+    for s in done:
+        if s.job.batch and s.job.batch["id"] not in seen and s.job.spec.num_images <= s.job.batch["images"]:
+            seen.add(s.job.batch["id"])
+            durations[s.job.batch["images"]].append(s.job.timings.inference_s or 0.0)
     if done:
         window = max(s.job.finished_at for s in done) - min(s.job.created_at for s in done)
     else:
@@ -120,4 +132,17 @@ def summarize(run: LoadRun) -> Summary:
         window_s=window,
         phases=phases,
         batch_sizes=dict(sorted(collections.Counter(calls.values()).items())),
+        call_seconds={n: statistics.fmean(v) for n, v in sorted(durations.items())},
+        steady_images_per_s=_steady_rate(done),
     )
+
+
+def _steady_rate(done: list) -> float:
+    """Images/s once the run is under way: the ramp-up (workers idle until the first jobs
+    arrive, a first batch smaller than the rest) and the drain are left out."""
+    finishes = sorted((s.job.finished_at, len(s.job.image_keys)) for s in done)
+    if len(finishes) < 10:
+        return float("nan")
+    low, high = int(len(finishes) * 0.1), int(len(finishes) * 0.9)
+    span = finishes[high][0] - finishes[low][0]
+    return sum(n for _, n in finishes[low + 1 : high + 1]) / span if span > 0 else float("nan")

@@ -31,19 +31,27 @@ class Point:
         return {"config": asdict(self.config), "load": asdict(self.load), "summary": self.summary.to_dict()}
 
 
-def saturation_load(config: FleetConfig, jobs: int) -> LoadSpec:
-    """Enough clients that a full batch is always waiting while one runs, on every worker."""
+def saturation_load(config: FleetConfig, jobs: int, burst: bool = False) -> LoadSpec:
+    """Enough clients that a full batch is always waiting while one runs, on every worker;
+    or, for a burst, every job sent at once (submission then overlaps only the first batches)."""
+    if burst:
+        return LoadSpec(concurrency=jobs, jobs=jobs)
     return LoadSpec(concurrency=4 * config.workers * config.max_batch_images, jobs=jobs)
 
 
 def run_sweep(
-    model: str, configs: list[FleetConfig], loads: list[LoadSpec], mix: RequestMix, saturation_jobs: int = 0
+    model: str,
+    configs: list[FleetConfig],
+    loads: list[LoadSpec],
+    mix: RequestMix,
+    saturation_jobs: int = 0,
+    burst: bool = False,
 ) -> list[Point]:
     points = []
     size = mix.shapes[0].width
     for config in configs:
         with tempfile.TemporaryDirectory() as tmp, running_fleet(model, config, Path(tmp), size) as fleet:
-            config_loads = list(loads) + ([saturation_load(config, saturation_jobs)] if saturation_jobs else [])
+            config_loads = list(loads) + ([saturation_load(config, saturation_jobs, burst)] if saturation_jobs else [])
             for load in config_loads:
                 run = run_load(fleet.api_url, mix, load, redis_url=fleet.redis_url)
                 summary = summarize(run)
@@ -100,13 +108,15 @@ def plot(records: list[dict], path: Path, title: str) -> None:
 
 def markdown_table(points: list[Point]) -> str:
     lines = [
-        "| configuration | load | images/s | mean batch | p50 e2e | p95 e2e | p99 e2e | p50 overhead | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| configuration | load | images/s | steady images/s | mean batch | p50 e2e | p95 e2e | p99 e2e "
+        "| p50 overhead | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         s = p.summary
         lines.append(
-            f"| {p.config.label} | {p.load.label} | {s.images_per_s:.2f} | {s.mean_batch:.2f} "
+            f"| {p.config.label} | {p.load.label} | {s.images_per_s:.2f} | {s.steady_images_per_s:.2f} "
+            f"| {s.mean_batch:.2f} "
             f"| {s.p('end_to_end', 50) * 1000:.0f} ms | {s.p('end_to_end') * 1000:.0f} ms "
             f"| {s.p('end_to_end', 99) * 1000:.0f} ms | {s.p('overhead', 50) * 1000:.0f} ms "
             f"| {sum(s.errors.values())} |"
