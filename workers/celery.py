@@ -16,7 +16,7 @@ import redis
 from celery.exceptions import Reject
 from celery.signals import celeryd_after_setup, worker_shutdown, worker_shutting_down
 
-from tasks.celery import GENERATE_TASK, app, make_celery
+from tasks.celery import GENERATE_TASK, app
 from tasks.settings import Settings, get_settings
 from tasks.storage import make_storage
 from tasks.store import JobStore
@@ -80,7 +80,6 @@ def make_context(settings: Settings) -> WorkerContext:
         store=store,
         storage=make_storage(settings),
         runner=runner,
-        model_name=runner.model_name,
         settings=settings,
         metrics=metrics,
     )
@@ -93,9 +92,9 @@ def _start_model(**_) -> None:
     global _context, _sweeper
     settings = get_settings()
     _context = make_context(settings)
-    _sweeper = Sweeper(_context.store, make_celery(settings), settings)
+    _sweeper = Sweeper(_context.store, app, settings)
     _sweeper.start()
-    log.info("model %s ready", _context.model_name)
+    log.info("model %s ready", _context.runner.model_name)
 
 
 @worker_shutting_down.connect

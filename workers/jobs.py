@@ -46,7 +46,6 @@ class WorkerContext:
     store: JobStore
     storage: ObjectStorage
     runner: ModelRunner
-    model_name: str
     settings: Settings
     metrics: WorkerMetrics | None = None
 
@@ -123,7 +122,7 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
 
 def _generate(ctx: WorkerContext, job: Job, queue: str) -> JobResult:
     spec = job.spec
-    key = CompatKey(ctx.model_name, spec.width, spec.height, spec.steps, spec.guidance_scale)
+    key = CompatKey(ctx.runner.model_name, spec.width, spec.height, spec.steps, spec.guidance_scale)
     work = [ImageWork(spec.prompt, spec.negative_prompt, spec.image_seed(i)) for i in range(spec.num_images)]
     deadline = None
     if spec.deadline_ms is not None:  # wall clock -> the runner's monotonic clock

@@ -202,13 +202,9 @@ class ModelRunner:
         started = self._clock()
         try:
             images = self._model.run(pending0.key, work)
-        except ModelOutOfMemory as exc:
-            self._hook(self._on_batch_end, tags)
-            self._retry_smaller(batch.key, slices, exc, out_of_memory=True)
-            return
         except Exception as exc:
             self._hook(self._on_batch_end, tags)
-            self._retry_smaller(batch.key, slices, exc, out_of_memory=False)
+            self._retry_smaller(batch.key, slices, exc, out_of_memory=isinstance(exc, ModelOutOfMemory))
             return
         finished = self._clock()
         self._hook(self._on_batch_end, tags)

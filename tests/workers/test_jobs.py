@@ -21,7 +21,7 @@ from workers.runner import ModelRunner
 def context(store, storage, settings):
     runner = ModelRunner(lambda: FakeModel(fail_on="poison"), (8, 8), Batcher(BatchPolicy(8, 0)))
     runner.start(timeout_s=5)
-    yield WorkerContext(store=store, storage=storage, runner=runner, model_name="fake", settings=settings)
+    yield WorkerContext(store=store, storage=storage, runner=runner, settings=settings)
     runner.stop()
 
 
