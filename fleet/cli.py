@@ -4,6 +4,7 @@ fleet up                 set up and run a local fleet (Procfile, via honcho)
 fleet model init [DIR]   write the tiny local model (default: FLEET_STATE_DIR/models/tiny)
 fleet redis | s3         the embedded servers ``fleet up`` starts when none is configured
 fleet web | flower       the API (gunicorn) and Flower, configured from FLEET_* settings
+fleet worker [--gpu N]   a Celery worker in a free slot of this host: one per GPU
 """
 
 from __future__ import annotations
@@ -14,13 +15,28 @@ from pathlib import Path
 
 
 def _model_init(args: argparse.Namespace) -> int:
+    import time
+
     from tasks.settings import get_settings
 
-    directory = Path(args.dir) if args.dir else get_settings().tiny_model_dir
-    from workers.tiny_model import write_tiny_model  # torch: only for this command
+    # FLEET_STATE_DIR/models/ARCH: models/tiny for the tiny model, as before
+    directory = Path(args.dir) if args.dir else get_settings().tiny_model_dir.parent / args.arch
+    from workers.model_init import default_dtype, resolve_device, write_model  # torch: only for this command
 
-    wrote = write_tiny_model(directory, force=args.force)
-    print(f"{'wrote' if wrote else 'kept existing'} tiny model at {directory}")
+    device, dtype = resolve_device(args.arch, args.device), default_dtype(args.arch)
+    if args.arch != "tiny":
+        print(f"building {args.arch} on {device} in {str(dtype).removeprefix('torch.')} ...", flush=True)
+    started = time.perf_counter()
+    wrote = write_model(directory, arch=args.arch, force=args.force, device=device, dtype=dtype)
+    if not wrote:
+        print(f"kept existing model at {directory} (--force to overwrite)")
+    elif args.arch == "tiny":
+        print(f"wrote tiny model at {directory} in {time.perf_counter() - started:.1f} s")
+    else:
+        print(
+            f"wrote {args.arch} model at {directory} in {time.perf_counter() - started:.1f} s: the real "
+            "architecture with random weights, so its images are noise but its timings are real"
+        )
     return 0
 
 
@@ -48,6 +64,13 @@ def _web(args: argparse.Namespace) -> int:
     return exec_web(args.workers)
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from fleet.local import exec_worker
+
+    celery_args = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args
+    return exec_worker(args.gpu, celery_args)
+
+
 def _flower(args: argparse.Namespace) -> int:
     from fleet.local import exec_flower
 
@@ -63,9 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=_up)
 
     model = sub.add_parser("model", help="model commands").add_subparsers(dest="model_command", required=True)
-    init = model.add_parser("init", help="write the tiny local model")
-    init.add_argument("dir", nargs="?", help="target directory")
+    init = model.add_parser("init", help="write a local model with random weights (tiny, or the real SD shapes)")
+    init.add_argument("dir", nargs="?", help="target directory (default: FLEET_STATE_DIR/models/ARCH)")
+    init.add_argument(
+        "--arch",
+        choices=("tiny", "sd15", "sdxl"),
+        default="tiny",
+        help="tiny: the small test model; sd15, sdxl: the real architectures, random weights, for GPU benchmarks",
+    )
     init.add_argument("--force", action="store_true", help="overwrite an existing model")
+    init.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where sd15/sdxl are built (auto: cuda when available); tiny is always built on the CPU",
+    )
     init.set_defaults(func=_model_init)
 
     sub.add_parser("redis", help="run the embedded Redis (append-only)").set_defaults(func=_redis)
@@ -74,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--workers", type=int, default=2)
     web.set_defaults(func=_web)
     sub.add_parser("flower", help="run Flower with basic auth").set_defaults(func=_flower)
+    worker = sub.add_parser(
+        "worker",
+        help="run a worker in a free slot of this host (one per GPU)",
+        description="Runs `celery -A workers worker` as workerN@host, with metrics on FLEET_WORKER_METRICS_PORT + N "
+        "and its engine pinned to GPU N, where N is the first free slot on this host (or --gpu N). Run it once "
+        "per GPU. Arguments after -- go to Celery.",
+    )
+    worker.add_argument("--gpu", type=int, metavar="N", help="this slot (GPU N) instead of the first free one")
+    worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="-- then arguments for celery worker")
+    worker.set_defaults(func=_worker)
 
     from fleet.bench.cli import add_parser as add_bench_parser
 

@@ -100,6 +100,27 @@ def exec_web(workers: int = 2) -> int:
     return 1
 
 
+def exec_worker(slot: int | None, celery_args: list[str]) -> int:
+    """A Celery worker in the first free slot of this host (``fleet.slots``)."""
+    from fleet.slots import SlotTaken, claim_slot
+
+    settings = get_settings()
+    try:
+        slot, _lock = claim_slot(settings.state_dir / "worker-slots", slot)
+    except SlotTaken as exc:
+        print(f"fleet worker: {exc}", file=sys.stderr)
+        return 2
+    env = dict(os.environ, FLEET_WORKER_SLOT=str(slot))
+    args = [
+        sys.executable, "-m", "celery", "-A", "workers", "worker",
+        "--loglevel", "INFO",
+        "--hostname", f"worker{slot}@%h",
+        *celery_args,
+    ]  # fmt: skip
+    os.execve(sys.executable, args, env)
+    return 1
+
+
 def exec_flower() -> int:
     settings = get_settings()
     args = [

@@ -3,6 +3,7 @@ processes. The tests and the benchmarks both run on it."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import requests
@@ -82,10 +83,29 @@ def start_s3(work_dir: Path, env: dict[str, str]) -> S3Server:
     return S3Server(work_dir, env).start()
 
 
-def start_worker(env: dict[str, str], work_dir: Path, name: str, extra_args: tuple[str, ...] = ()) -> Server:
-    """A Celery worker; returns once it answers a ping, i.e. its model is loaded and warm."""
+def wait_answers(env: dict[str, str], name: str, server: Server, timeout_s: float = 180) -> None:
+    """Until the worker ``name@...`` answers a Celery ping (it consumes from then on)."""
     from tasks.celery import make_celery
 
+    app = make_celery(settings_from_env(env))
+    try:
+        wait_for(
+            lambda: any(
+                reply_host.startswith(f"{name}@") for reply in app.control.ping(timeout=0.5) for reply_host in reply
+            ),
+            timeout_s,
+            name,
+            server.proc,
+        )
+    finally:
+        app.close()
+
+
+def start_worker(
+    env: dict[str, str], work_dir: Path, name: str, extra_args: tuple[str, ...] = (), timeout_s: float = 180
+) -> Server:
+    """A Celery worker; returns once it answers a ping, i.e. its model is loaded and warm
+    (and compiled: allow minutes for that)."""
     args = [
         str(BIN / "celery"),
         "-A",
@@ -98,19 +118,22 @@ def start_worker(env: dict[str, str], work_dir: Path, name: str, extra_args: tup
         *extra_args,
     ]
     server = Server(name, args, env=env, log_dir=work_dir).start()
-    app = make_celery(settings_from_env(env))
-    try:
-        wait_for(
-            lambda: any(
-                reply_host.startswith(f"{name}@") for reply in app.control.ping(timeout=0.5) for reply_host in reply
-            ),
-            180,
-            name,
-            server.proc,
-        )
-    finally:
-        app.close()
+    wait_answers(env, name, server, timeout_s)
     return server
+
+
+def start_slot_worker(env: dict[str, str], work_dir: Path, label: str) -> tuple[Server, str]:
+    """``fleet worker``, as a user runs it: returns the worker and the name it chose."""
+    server = Server(label, [str(BIN / "fleet"), "worker"], env=env, log_dir=work_dir).start()
+    found: list[str] = []
+
+    def named() -> bool:
+        found[:] = re.findall(r"worker (\S+)@\S+: model .* ready", server.log())
+        return bool(found)
+
+    wait_for(named, 180, label, server.proc)
+    wait_answers(env, found[0], server)
+    return server, found[0]
 
 
 def start_api(env: dict[str, str], work_dir: Path, workers: int = 1) -> tuple[Server, str]:

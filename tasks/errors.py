@@ -10,9 +10,15 @@
      │    ├── UnsupportedMediaType (415)
      │    └── NotFound           (404)
      ├── DependencyUnavailable   -> HTTP 503: broker, job store or storage unreachable
-     └── JobError                a job cannot run; it ends FAILED with this reason
-          ├── PipelineError      the model call raised
-          └── ModelOutOfMemory   the model call ran out of device memory (batch is halved)
+     ├── JobError                a job cannot run; it ends FAILED with this reason
+     │    ├── PipelineError      the model call raised
+     │    └── ModelOutOfMemory   the model call ran out of device memory (batch is halved)
+     └── EngineError             the engine process, not the job
+          ├── EngineStartFailed  the model did not load or warm: the worker never consumes
+          ├── EngineCrashed      the engine died in a call this job was in (counted, as a
+          │                      worker death is, against FLEET_MAX_ATTEMPTS)
+          └── DeviceLost         a device error left the device unusable: the engine exits
+                                 and a new one starts
 
 Every API error renders as ``{"error": {"code", "message", "field"}}``.
 """
@@ -83,3 +89,19 @@ class PipelineError(JobError):
 
 class ModelOutOfMemory(JobError):
     code = "out_of_memory"
+
+
+class EngineError(FleetError):
+    code = "engine"
+
+
+class EngineStartFailed(EngineError):
+    code = "engine_start_failed"
+
+
+class EngineCrashed(EngineError):
+    code = "engine_crashed"
+
+
+class DeviceLost(EngineError):
+    code = "device_lost"

@@ -8,6 +8,8 @@ points the fleet at an external server instead (and ``fleet up`` then starts non
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -18,6 +20,34 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6390/0"
 DEFAULT_S3_ENDPOINT_URL = "http://127.0.0.1:9010"
 WEEK_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class WarmShape:
+    """A size the engine runs once per batch size before the worker consumes: no served
+    shape pays for lazy initialisation (or compilation) in a client's request."""
+
+    width: int
+    height: int
+    batch_sizes: tuple[int, ...]
+
+    @classmethod
+    def parse_list(cls, text: str) -> tuple[WarmShape, ...]:
+        """``512x512:1,8 768x512:1`` (shapes separated by spaces or ``;``)."""
+        shapes = []
+        for part in filter(None, re.split(r"[;\s]+", text.strip())):
+            match = re.fullmatch(r"(\d+)x(\d+):(\d+(?:,\d+)*)", part)
+            if not match:
+                raise ValueError(f"warm shape '{part}': expected WIDTHxHEIGHT:BATCH[,BATCH...], e.g. 512x512:1,8")
+            width, height = int(match[1]), int(match[2])
+            sizes = tuple(sorted({int(n) for n in match[3].split(",")}))
+            if width % 8 or height % 8 or 0 in sizes:
+                raise ValueError(f"warm shape '{part}': sides must be multiples of 8 and batch sizes positive")
+            shapes.append(cls(width, height, sizes))
+        return tuple(shapes)
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}:{','.join(map(str, self.batch_sizes))}"
 
 
 class QueuePolicy(BaseModel):
@@ -46,8 +76,19 @@ class Settings(BaseSettings):
 
     # -- the model -----------------------------------------------------------------------
     model: str = ""  # a diffusers model dir or hub id; empty: <state_dir>/models/tiny
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # The engine: "process" (spawned, runs nothing but the model) or "thread" (the model on
+    # a thread of the worker process: the earlier design, kept to measure against).
+    engine: Literal["process", "thread"] = "process"
+    # Shapes and batch sizes run before the worker consumes: "512x512:1,8 768x768:1".
+    # Empty: the default size at max_batch_images.
+    warm_shapes: str = ""
+    compile: Literal["off", "reduce-overhead", "max-autotune", "default"] = "off"
+    compile_cache_dir: str = ""  # empty: <state_dir>/compile-cache
+    # Set by `fleet worker` (one worker per GPU on a host): the worker's name, metrics port
+    # (worker_metrics_port + slot) and GPU (the slot-th visible one) follow from it.
+    worker_slot: int | None = Field(None, ge=0)
 
     # -- request bounds and defaults -----------------------------------------------------
     default_width: int = 64
@@ -83,6 +124,8 @@ class Settings(BaseSettings):
     queue_policies: dict[str, QueuePolicy] = {}
     worker_threads: int = Field(0, ge=0)  # 0: twice the largest max_batch_images
     worker_metrics_port: int = Field(9808, ge=0)  # 0: no Prometheus endpoint
+    png_compress_level: int = Field(1, ge=0, le=9)
+    upload_threads: int = Field(8, gt=0)
 
     # -- local fleet and monitoring ------------------------------------------------------
     api_host: str = "127.0.0.1"
@@ -99,6 +142,7 @@ class Settings(BaseSettings):
             raise ValueError("FLEET_DEFAULT_WIDTH/HEIGHT must be multiples of 8")
         if ":" not in self.flower_basic_auth:
             raise ValueError("FLEET_FLOWER_BASIC_AUTH must be user:password")
+        WarmShape.parse_list(self.warm_shapes)  # a clear error now rather than in the engine
         if not self.effective_broker_url.startswith(("redis://", "rediss://", "amqp://", "amqps://", "pyamqp://")):
             raise ValueError("FLEET_BROKER_URL must be redis://... or amqp://...")
         return self
@@ -127,6 +171,23 @@ class Settings(BaseSettings):
             return self.worker_threads
         largest = max([self.max_batch_images] + [p.max_batch_images or 0 for p in self.queue_policies.values()])
         return 2 * largest
+
+    @property
+    def warm(self) -> tuple[WarmShape, ...]:
+        return WarmShape.parse_list(self.warm_shapes) or (
+            WarmShape(self.default_width, self.default_height, (self.max_batch_images,)),
+        )
+
+    @property
+    def metrics_port(self) -> int:
+        """This worker's Prometheus port: one port per slot on a shared host."""
+        if not self.worker_metrics_port:
+            return 0
+        return self.worker_metrics_port + (self.worker_slot or 0)
+
+    @property
+    def compile_cache(self) -> Path:
+        return Path(self.compile_cache_dir) if self.compile_cache_dir else self.state_dir / "compile-cache"
 
     @property
     def model_ref(self) -> str:

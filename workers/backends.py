@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from workers.engine import EngineConfig
 from workers.work import Model
 
 
-def load_model(model_ref: str, device: str = "auto", dtype: str = "auto") -> Model:
-    """Called on the model thread. torch is imported only for a real model."""
-    if model_ref.startswith("sim:"):
+def load_model(config: EngineConfig) -> Model:
+    """Called in the engine. torch is imported only for a real model."""
+    if config.model_ref.startswith("sim:"):
         from workers.sim import SimModel
 
-        return SimModel.from_ref(model_ref)
+        return SimModel.from_ref(config.model_ref)
     from workers.pipeline import DiffusersModel
 
-    return DiffusersModel.load(model_ref, device, dtype)
+    return DiffusersModel.load(config)

@@ -5,8 +5,8 @@ thread asks ``next_batch(now)`` whenever it is free and gets either a batch to r
 how long it may sleep before asking again. A fake clock tests it in milliseconds.
 
 Forming a batch
-    Requests are served oldest first: the oldest waiting request picks the compat key
-    (model, size, steps, guidance, scheduler; see ``workers.pipeline.CompatKey``), and
+    Requests are served oldest first: the oldest waiting request picks the batch key (its
+    queue and compat key: model, size, steps, guidance, scheduler; ``workers.work.BatchKey``), and
     the batch takes that key's requests in arrival order while they fit in
     ``max_batch_images`` (a job with ``num_images=3`` counts 3). Keys never mix, and a
     key that arrived first is served first, so no key starves. A job larger than
@@ -32,17 +32,68 @@ When a batch runs (``adaptive`` policy)
     separate call that newcomer would otherwise need. So a lone request to an idle model
     with nothing else coming starts at once, and waiting happens only when arrivals are
     dense compared with ``b``; never past ``max_wait_ms`` or a deadline.
+
+While the model is busy
+    The worker sends the next batch to the engine before the running one ends, so the
+    device never waits for it (``workers.runner``). A batch that is not full is held until
+    just before the model is predicted to be free (``not_before``): images arriving
+    meanwhile still join it, since taking it earlier would not start it earlier.
+
+State per key
+    Cost fits and batch limits are kept per compat key (a call's cost depends on its shape,
+    not on the queue it came from), arrival rates per queue and compat key; each map holds
+    at most ``MAX_KEYS`` keys, least recently used dropped first, so a worker serving many
+    shapes, or isolating many jobs, keeps bounded state.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict, deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
+
+from workers.work import BatchKey, CompatKey
 
 RATE_WINDOW_S = 10.0
+MAX_KEYS = 256
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class LruMap(Generic[K, V]):
+    """A map of at most ``maxsize`` entries; using an entry makes it the newest."""
+
+    def __init__(self, factory: Callable[[], V], maxsize: int = MAX_KEYS):
+        self._factory = factory
+        self._maxsize = maxsize
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def setdefault(self, key: K) -> V:
+        value = self.get(key)
+        if value is None:
+            value = self._items[key] = self._factory()
+            if len(self._items) > self._maxsize:
+                self._items.popitem(last=False)
+        return value
+
+    def set(self, key: K, value: V) -> None:
+        self.setdefault(key)
+        self._items[key] = value
+
+    def pop(self, key: K) -> None:
+        self._items.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass(frozen=True)
@@ -62,7 +113,7 @@ class BatchPolicy:
 class Request:
     """One job's images waiting for the model. ``payload`` is the caller's."""
 
-    key: Hashable
+    key: BatchKey
     images: int
     arrival: float
     deadline: float | None = None
@@ -85,7 +136,7 @@ class Slice:
 
 @dataclass(frozen=True)
 class Batch:
-    key: Hashable
+    key: BatchKey
     slices: tuple[Slice, ...]
 
     @property
@@ -106,16 +157,16 @@ class Decision:
 
 
 class CostModel:
-    """Per key, ``t(n) = a*n + b`` fitted by least squares over the last batches."""
+    """Per compat key, ``t(n) = a*n + b`` fitted by least squares over the last batches."""
 
     def __init__(self, window: int = 32):
         self._window = window
-        self._samples: dict[Hashable, deque[tuple[int, float]]] = defaultdict(lambda: deque(maxlen=window))
+        self._samples: LruMap[CompatKey, deque[tuple[int, float]]] = LruMap(lambda: deque(maxlen=window))
 
-    def observe(self, key: Hashable, images: int, seconds: float) -> None:
-        self._samples[key].append((images, seconds))
+    def observe(self, key: CompatKey, images: int, seconds: float) -> None:
+        self._samples.setdefault(key).append((images, seconds))
 
-    def coefficients(self, key: Hashable) -> tuple[float, float] | None:
+    def coefficients(self, key: CompatKey) -> tuple[float, float] | None:
         samples = self._samples.get(key)
         if not samples:
             return None
@@ -132,7 +183,7 @@ class CostModel:
         b = mean_y - a * mean_x
         return max(a, 0.0), max(b, 0.0)
 
-    def predict(self, key: Hashable, images: int) -> float | None:
+    def predict(self, key: CompatKey, images: int) -> float | None:
         fit = self.coefficients(key)
         return None if fit is None else fit[0] * images + fit[1]
 
@@ -142,13 +193,15 @@ class ArrivalRate:
 
     def __init__(self, window_s: float = RATE_WINDOW_S):
         self._window_s = window_s
-        self._arrivals: dict[Hashable, deque[tuple[float, int]]] = defaultdict(deque)
+        self._arrivals: LruMap[BatchKey, deque[tuple[float, int]]] = LruMap(deque)
 
-    def add(self, key: Hashable, at: float, images: int) -> None:
-        self._arrivals[key].append((at, images))
+    def add(self, key: BatchKey, at: float, images: int) -> None:
+        self._arrivals.setdefault(key.shared).append((at, images))
 
-    def rate(self, key: Hashable, now: float) -> float:
-        arrivals = self._arrivals[key]
+    def rate(self, key: BatchKey, now: float) -> float:
+        arrivals = self._arrivals.get(key.shared)
+        if arrivals is None:
+            return 0.0
         while arrivals and arrivals[0][0] < now - self._window_s:
             arrivals.popleft()
         if len(arrivals) < 2:
@@ -162,27 +215,29 @@ class Batcher:
         self,
         policy: BatchPolicy,
         cost_model: CostModel | None = None,
-        policy_of: Callable[[Hashable], BatchPolicy] | None = None,
+        policy_of: Callable[[str], BatchPolicy] | None = None,
     ):
-        """``policy`` applies to every key unless ``policy_of(key)`` gives another."""
+        """``policy`` applies to every queue unless ``policy_of(queue)`` gives another."""
         self.policy = policy
         self.cost_model = cost_model or CostModel()
         self.arrivals = ArrivalRate()
         self._policy_of = policy_of
-        self._limits: dict[Hashable, int] = {}  # lowered after out-of-memory
+        self._limits: LruMap[CompatKey, int] = LruMap(int)  # lowered after out-of-memory
         self._waiting: list[Slice] = []
         self._seq = itertools.count()
 
     # -- input -------------------------------------------------------------------------
-    def policy_of(self, key: Hashable) -> BatchPolicy:
-        return self._policy_of(key) if self._policy_of else self.policy
+    def policy_of(self, key: BatchKey) -> BatchPolicy:
+        return self._policy_of(key.queue) if self._policy_of else self.policy
 
-    def limit(self, key: Hashable) -> int:
-        return self._limits.get(key, self.policy_of(key).max_batch_images)
+    def limit(self, key: BatchKey) -> int:
+        policy_limit = self.policy_of(key).max_batch_images
+        lowered = self._limits.get(key.compat)
+        return policy_limit if lowered is None else min(lowered, policy_limit)
 
-    def lower_limit(self, key: Hashable, images: int) -> None:
-        """Cap the batch size of ``key`` (after an out-of-memory error)."""
-        self._limits[key] = max(1, images)
+    def lower_limit(self, key: BatchKey, images: int) -> None:
+        """Cap the batch size of ``key``'s shape (after an out-of-memory error)."""
+        self._limits.set(key.compat, max(1, images))
 
     def add(self, request: Request) -> list[Slice]:
         limit = self.limit(request.key)
@@ -212,7 +267,9 @@ class Batcher:
         return len(self._waiting)
 
     # -- decision ----------------------------------------------------------------------
-    def next_batch(self, now: float) -> Decision:
+    def next_batch(self, now: float, not_before: float | None = None) -> Decision:
+        """``not_before``: the model is busy until about then, so a batch that is not full
+        is not taken earlier (newcomers can still join it)."""
         if not self._waiting:
             return Decision()
         key = self._waiting[0].request.key  # the oldest request picks the key
@@ -230,14 +287,16 @@ class Batcher:
         full = room == 0 or bool(left_out)
 
         wake_at = self._wake_at(key, chosen, images, policy, now)
+        if not_before is not None:
+            wake_at = max(wake_at, not_before)
         if full or wake_at <= now:
             return self._take(key, chosen)
         return Decision(wake_at=wake_at)
 
-    def _wake_at(self, key: Hashable, chosen: list[Slice], images: int, policy: BatchPolicy, now: float) -> float:
+    def _wake_at(self, key: BatchKey, chosen: list[Slice], images: int, policy: BatchPolicy, now: float) -> float:
         oldest = min(s.arrival for s in chosen)
         wake_at = oldest + policy.max_wait_s
-        predicted = self.cost_model.predict(key, images)
+        predicted = self.cost_model.predict(key.compat, images)
         deadlines = [s.request.deadline for s in chosen if s.request.deadline is not None]
         if deadlines:
             # Start early enough that the batch is predicted to finish before the deadline.
@@ -247,8 +306,8 @@ class Batcher:
             wake_at = min(wake_at, self._adaptive_wake_at(key, images, newest, now))
         return wake_at
 
-    def _adaptive_wake_at(self, key: Hashable, images: int, newest: float, now: float) -> float:
-        fit = self.cost_model.coefficients(key)
+    def _adaptive_wake_at(self, key: BatchKey, images: int, newest: float, now: float) -> float:
+        fit = self.cost_model.coefficients(key.compat)
         rate = self.arrivals.rate(key, now)
         if fit is None or rate <= 0 or images >= self.limit(key):
             return now  # nothing to go on, nothing else coming, or full: start at once
@@ -259,7 +318,7 @@ class Batcher:
         # Wait for the next arrival, counted from the newest one; ask again then.
         return newest + gap
 
-    def _take(self, key: Hashable, chosen: list[Slice]) -> Decision:
+    def _take(self, key: BatchKey, chosen: list[Slice]) -> Decision:
         taken = set(map(id, chosen))
         self._waiting = [s for s in self._waiting if id(s) not in taken]
         return Decision(batch=Batch(key=key, slices=tuple(chosen)))

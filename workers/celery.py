@@ -1,27 +1,36 @@
 """The worker's Celery app: the shared app plus the task body and lifecycle signals.
 
-Run it with ``celery -A workers worker``. The threads pool is the default here: task
-threads hand their job to the batcher and wait on the model thread, and no fork ever
-happens after torch is loaded. Task threads and prefetch are sized from
-``max_batch_images`` so the next batch is already reserved while one runs.
+Run it with ``fleet worker`` (one per GPU: it picks a free slot, and with it the worker's
+name, metrics port and GPU) or ``celery -A workers worker``. The threads pool is the
+default here: task threads hand their job to the runner and wait for its images; the model
+itself runs in the engine process, spawned before the consumer starts. Task threads and
+prefetch are sized from ``max_batch_images`` so the next batch is already reserved while
+one runs.
+
+A worker whose engine did not start (or whose metrics port is taken) exits before it
+consumes a single message: it never takes jobs it cannot run.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
-from celery.exceptions import Reject
+from celery.exceptions import Reject, WorkerShutdown
 from celery.signals import celeryd_after_setup, worker_shutdown, worker_shutting_down
 
 from tasks.celery import GENERATE_TASK, app
 from tasks.settings import Settings, get_settings
 from tasks.storage import make_storage
 from tasks.store import JobStore
-from workers.backends import load_model
 from workers.batcher import Batcher, BatchPolicy
+from workers.engine import EngineConfig
+from workers.engine_client import ProcessEngine, ThreadEngine
 from workers.jobs import HandBack, WorkerContext, run_job
 from workers.metrics import WorkerMetrics
 from workers.runner import ModelRunner
@@ -50,51 +59,109 @@ def batch_policy(settings: Settings, queue: str) -> BatchPolicy:
     )
 
 
-#: How long a thread may hold the GIL while another waits for it. The model thread
-#: re-takes the GIL after every torch op; with CPython's default 5 ms, task threads
-#: encoding and uploading the last batch made each denoising step wait, and model calls
-#: ran ~10% slower than bare (docs/BENCHMARKS.md). 0.5 ms removes most of that.
+#: How long a thread may hold the GIL while another waits for it. With
+#: ``FLEET_ENGINE=thread`` the model thread re-takes the GIL after every torch op; with
+#: CPython's default 5 ms, task threads encoding and uploading the last batch made each
+#: denoising step wait, and model calls ran ~10% slower than bare (docs/BENCHMARKS.md).
 GIL_SWITCH_INTERVAL_S = 0.0005
+
+#: Exit status of a worker that could not start its engine or bind its ports.
+EXIT_NOT_STARTED = 3
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    env = {}
+    if settings.worker_slot is not None and settings.device in ("auto", "cuda"):
+        env["CUDA_VISIBLE_DEVICES"] = slot_device(settings.worker_slot, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if settings.compile != "off":  # before torch is imported: the compilers read them once
+        env["TORCHINDUCTOR_CACHE_DIR"] = str((settings.compile_cache / "inductor").resolve())
+        env["TRITON_CACHE_DIR"] = str((settings.compile_cache / "triton").resolve())
+    return EngineConfig(
+        model_ref=settings.model_ref,
+        device=settings.device,
+        dtype=settings.dtype,
+        warm=settings.warm,
+        compile=settings.compile,
+        compile_cache_dir=str(settings.compile_cache.resolve()),
+        env=tuple(env.items()),
+    )
+
+
+def slot_device(slot: int, visible: str | None) -> str:
+    """The GPU a worker in ``slot`` is pinned to: the slot-th of those this host (or the
+    container runtime) made visible, else GPU ``slot`` itself."""
+    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else []
+    if not devices:
+        return str(slot)
+    if slot >= len(devices):
+        return "-1"  # more workers than visible GPUs: this one sees none and says so
+    return devices[slot]
 
 
 def make_context(settings: Settings) -> WorkerContext:
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     metrics = WorkerMetrics()
+    if settings.metrics_port:
+        try:
+            metrics.serve(settings.metrics_port)
+        except OSError as exc:
+            raise RuntimeError(
+                f"the worker's metrics port {settings.metrics_port} is taken ({exc.strerror}): another worker "
+                "runs here. Start each worker with `fleet worker` (it picks a free slot), or set "
+                "FLEET_WORKER_METRICS_PORT (0 turns it off)"
+            ) from exc
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
     store = JobStore(client, ttl_s=settings.job_ttl_s)
-    # Batch keys are (queue, compat key): each queue batches under its own policy.
     policy_of = functools.lru_cache(maxsize=None)(lambda queue: batch_policy(settings, queue))
-    batcher = Batcher(batch_policy(settings, settings.queue), policy_of=lambda key: policy_of(key[0]))
+    batcher = Batcher(batch_policy(settings, settings.queue), policy_of=policy_of)
+    if settings.engine == "thread":
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        engine = ThreadEngine(engine_config(settings))
+    else:
+        engine = ProcessEngine(engine_config(settings))
     runner = ModelRunner(
-        lambda: load_model(settings.model_ref, settings.device, settings.dtype),
-        warm_size=(settings.default_width, settings.default_height),
-        batcher=batcher,
+        engine,
+        batcher,
         observer=metrics,
         on_batch_start=store.enter_model,
         on_batch_end=store.leave_model,
+        on_engine_lost=_shut_down,
     )
     runner.start()
-    if settings.worker_metrics_port:
-        metrics.serve(settings.worker_metrics_port)
     return WorkerContext(
         store=store,
         storage=make_storage(settings),
         runner=runner,
         settings=settings,
         metrics=metrics,
+        uploads=ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload"),
     )
 
 
+def _shut_down(reason: str) -> None:
+    """No engine can start: a warm shutdown hands every job back, and the worker exits
+    for its supervisor to restart (Kubernetes, systemd)."""
+    log.critical("stopping the worker: %s", reason)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 # After logging is set up and before the consumer starts: no message is taken before
-# the model is loaded and warm.
+# the engine's model is loaded and warm.
 @celeryd_after_setup.connect
-def _start_model(**_) -> None:
+def _start_model(sender: str = "", **_) -> None:
     global _context, _sweeper
     settings = get_settings()
-    _context = make_context(settings)
+    try:
+        _context = make_context(settings)
+    except Exception as exc:
+        # Celery logs and swallows an ordinary exception from a signal handler and starts
+        # consuming anyway; a worker that cannot run jobs must not take any.
+        log.critical("the worker cannot start: %s", exc)
+        raise WorkerShutdown(EXIT_NOT_STARTED) from exc
     _sweeper = Sweeper(_context.store, app, settings)
     _sweeper.start()
-    log.info("model %s ready", _context.runner.model_name)
+    log.info(
+        "worker %s: model %s ready in engine pid %s", sender, _context.runner.model_name, _context.runner.engine_pid
+    )
 
 
 @worker_shutting_down.connect
@@ -111,6 +178,8 @@ def _stop_model(**_) -> None:
         _sweeper.stop()
     if _context is not None:
         _context.runner.stop()
+        if _context.uploads is not None:
+            _context.uploads.shutdown()
 
 
 @app.task(name=GENERATE_TASK, bind=True)

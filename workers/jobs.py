@@ -4,9 +4,10 @@ PNGs, finish its record. Safe to run twice for the same job (redelivery).
 What can go wrong, and what happens (docs/RELIABILITY.md has the tests):
 
 - the job is already finished (a duplicate message): nothing runs, the message is acked;
-- it was in a model call when a worker died ``max_attempts`` times: it ends FAILED
-  without running again; a job that was in such a call runs alone from then on, so it
-  cannot take its neighbours down with it;
+- it was in a model call when a worker or an engine died ``max_attempts`` times: it ends
+  FAILED without running again; a job that was in such a call runs alone from then on, so
+  it cannot take its neighbours down with it (an engine death is seen here at once, as
+  ``EngineCrashed``; a worker death on the job's next delivery);
 - the model raises: the batch was split until this job failed alone; it ends FAILED;
 - storage or the job store are down: retried with backoff for ``retry_window_s``; then
   the job ends FAILED (storage), or its message is handed back for later (job store,
@@ -20,11 +21,13 @@ import io
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+import numpy as np
 from PIL import Image
 
-from tasks.errors import DependencyUnavailable, FleetError
+from tasks.errors import DependencyUnavailable, EngineCrashed, FleetError, JobError
 from tasks.jobs import Job, JobState, Timings
 from tasks.settings import Settings
 from tasks.storage import ObjectStorage, image_key
@@ -48,14 +51,18 @@ class WorkerContext:
     runner: ModelRunner
     settings: Settings
     metrics: WorkerMetrics | None = None
+    #: Encodes and uploads the images of a multi-image job side by side.
+    uploads: ThreadPoolExecutor | None = None
 
     def retrying(self, call, what: str):
         return with_retries(call, self.settings.retry_window_s, self.settings.retry_backoff_s, what)
 
 
-def encode_png(image: Image.Image) -> bytes:
+def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
+    """One ``(height, width, 3)`` uint8 image as PNG. Pillow releases the GIL while it
+    compresses, so images encode in parallel on threads."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 
@@ -75,7 +82,7 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
         return job.state.value  # a duplicate delivery of a finished job
 
     if job.crashes >= ctx.settings.max_attempts:
-        return _fail(ctx, job_id, f"gave up: a worker died {job.crashes} times while running this job")
+        return _fail(ctx, job_id, _gave_up(job.crashes))
 
     started_at = now()
     claimed = _record(ctx, job_id, JobState.RUNNING, started_at=repr(started_at), worker=worker, task_id=task_id)
@@ -120,6 +127,10 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
     return _finished(ctx, done)
 
 
+def _gave_up(crashes: int) -> str:
+    return f"gave up: its worker or engine died {crashes} times while running this job"
+
+
 def _generate(ctx: WorkerContext, job: Job, queue: str) -> JobResult:
     spec = job.spec
     key = CompatKey(ctx.runner.model_name, spec.width, spec.height, spec.steps, spec.guidance_scale)
@@ -127,8 +138,17 @@ def _generate(ctx: WorkerContext, job: Job, queue: str) -> JobResult:
     deadline = None
     if spec.deadline_ms is not None:  # wall clock -> the runner's monotonic clock
         deadline = time.monotonic() + job.created_at + spec.deadline_ms / 1000 - time.time()
-    future = ctx.runner.submit(key, work, queue=queue, deadline=deadline, tag=job.id, isolated=job.crashes > 0)
-    return future.result()
+    crashes = job.crashes
+    while True:
+        future = ctx.runner.submit(key, work, queue=queue, deadline=deadline, tag=job.id, isolated=crashes > 0)
+        try:
+            return future.result()
+        except EngineCrashed as exc:
+            current = ctx.retrying(lambda: ctx.store.get(job.id), "reading the job")
+            crashes = current.crashes if current is not None else crashes + 1
+            if crashes >= ctx.settings.max_attempts:
+                raise JobError(_gave_up(crashes)) from exc
+            log.warning("job %s was in a call the engine died in (%d so far): running it alone", job.id, crashes)
 
 
 def _upload(ctx: WorkerContext, job_id: str, result: JobResult) -> tuple[list[str] | None, float]:
@@ -136,11 +156,15 @@ def _upload(ctx: WorkerContext, job_id: str, result: JobResult) -> tuple[list[st
     current = ctx.retrying(lambda: ctx.store.get(job_id), "reading the job")
     if current is not None and current.state.terminal:
         return None, 0.0  # never overwrite the images of a finished job
-    keys = []
-    for index, image in enumerate(result.images):
-        key, data = image_key(job_id, index), encode_png(image)
-        ctx.retrying(lambda key=key, data=data: ctx.storage.put_png(key, data), f"uploading {key}")
-        keys.append(key)
+    level = ctx.settings.png_compress_level
+
+    def store(index: int) -> str:
+        key, data = image_key(job_id, index), encode_png(result.images[index], level)
+        ctx.retrying(lambda: ctx.storage.put_png(key, data), f"uploading {key}")
+        return key
+
+    indexes = range(len(result.images))
+    keys = list(ctx.uploads.map(store, indexes) if ctx.uploads and len(indexes) > 1 else map(store, indexes))
     upload_s = time.monotonic() - started
     if ctx.metrics:
         ctx.metrics.upload.observe(upload_s)

@@ -29,6 +29,12 @@ class WorkerMetrics:
         self.batch_failures = Counter("fleet_batch_failures_total", "Model calls that raised", registry=r)
         self.queue_depth = Gauge("fleet_batcher_waiting_images", "Images waiting in the batcher", registry=r)
         self.jobs = Counter("fleet_jobs_total", "Jobs finished by this worker", ["state"], registry=r)
+        self.engine_restarts = Counter(
+            "fleet_engine_restarts_total", "Engines started again after one died", registry=r
+        )
+        self.engine_start = Gauge(
+            "fleet_engine_start_seconds", "Loading and warming (compiling) the model", ["phase"], registry=r
+        )
 
     # BatchObserver, called on the model thread
     def batch_done(self, images: int, wait_s: float, inference_s: float) -> None:
@@ -41,6 +47,9 @@ class WorkerMetrics:
 
     def waiting(self, images: int) -> None:
         self.queue_depth.set(images)
+
+    def engine_restarted(self) -> None:
+        self.engine_restarts.inc()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -1,22 +1,37 @@
 """Loading a diffusers pipeline and running one batch of compatible images through it.
 
-Everything here must run on the model thread (see ``workers.runner``): torch called
+Everything here runs in the engine (``workers.engine``), on its one thread: torch called
 from two threads runs about 2x slower, and torch used before a fork hangs the child.
+
+Compiled mode (``FLEET_COMPILE``) compiles the UNet with ``torch.compile`` (CUDA graphs
+with ``reduce-overhead``) in channels-last, once per warmed shape during warm-up, with
+static shapes. A batch size that was not warmed is padded up to the next warmed size of
+its shape (the padding images are computed and dropped: a batch of 5 costs what a batch of
+8 does) rather than recompiled, which would stall the engine for a minute or more; a batch
+larger than every warmed size compiles anew once (logged). Eager mode needs no padding.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import os
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
-from PIL import Image
 
-from tasks.errors import ModelOutOfMemory, PipelineError
-from workers.work import CompatKey, ImageWork
+from tasks.errors import DeviceLost, ModelOutOfMemory, PipelineError
+from tasks.settings import WarmShape
+from workers.engine import EngineConfig
+from workers.work import CompatKey, ImageWork, StepCallback
 
 log = logging.getLogger(__name__)
+
+#: Enough steps that CUDA graphs are recorded and replayed once during warm-up.
+WARM_STEPS = 3
 
 
 def select_device(preference: str = "auto") -> str:
@@ -32,7 +47,7 @@ def select_device(preference: str = "auto") -> str:
 def select_dtype(device: str, preference: str = "auto") -> torch.dtype:
     if preference != "auto":
         return getattr(torch, preference)
-    return torch.float16 if device == "cuda" else torch.float32
+    return torch.float16 if device.startswith("cuda") else torch.float32
 
 
 def load_pipeline(model_ref: str, device: str, dtype: torch.dtype) -> DiffusionPipeline:
@@ -51,33 +66,92 @@ def load_pipeline(model_ref: str, device: str, dtype: torch.dtype) -> DiffusionP
     return pipe.to(device)
 
 
-class DiffusersModel:
-    """A loaded pipeline on its device: the model thread's one handle on torch."""
+def compile_unet(pipe: DiffusionPipeline, mode: str, cache_dir: str = "") -> None:
+    """``torch.compile`` the UNet in channels-last; artefacts go to ``cache_dir`` so a
+    restarted or scaled-out worker reuses them."""
+    if cache_dir:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir) / "inductor"))
+        os.environ.setdefault("TRITON_CACHE_DIR", str(Path(cache_dir) / "triton"))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    import torch._dynamo
 
-    def __init__(self, pipe: DiffusionPipeline, device: str, name: str):
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.unet = torch.compile(pipe.unet, mode=None if mode == "default" else mode, fullgraph=True, dynamic=False)
+
+
+class DiffusersModel:
+    """A loaded pipeline on its device: the engine's one handle on torch."""
+
+    def __init__(self, pipe: DiffusionPipeline, device: str, name: str, compiled: bool = False):
         self.pipe = pipe
         self.device = device
         self.name = name
+        self.compiled = compiled
+        self._warmed: dict[tuple[int, int], list[int]] = {}  # (width, height) -> batch sizes
 
     @classmethod
-    def load(cls, model_ref: str, device_preference: str = "auto", dtype_preference: str = "auto") -> DiffusersModel:
-        device = select_device(device_preference)
-        pipe = load_pipeline(model_ref, device, select_dtype(device, dtype_preference))
-        log.info("loaded %s on %s", model_ref, device)
-        return cls(pipe, device, model_ref)
+    def load(cls, config: EngineConfig) -> DiffusersModel:
+        device = select_device(config.device)
+        pipe = load_pipeline(config.model_ref, device, select_dtype(device, config.dtype))
+        compiled = config.compile != "off"
+        if compiled:
+            compile_unet(pipe, config.compile, config.compile_cache_dir)
+        log.info("loaded %s on %s%s", config.model_ref, device, f", UNet compiled ({config.compile})" * compiled)
+        return cls(pipe, device, config.model_ref, compiled)
 
-    def run(self, key: CompatKey, images: list[ImageWork]) -> list[Image.Image]:
-        return generate(self.pipe, key, images, self.device)
+    def run(self, key: CompatKey, images: list[ImageWork], on_step: StepCallback | None = None) -> np.ndarray:
+        padded = self._padded(key, images)
+        if len(padded) > len(images):
+            log.debug("padding a batch of %d to the warmed size %d", len(images), len(padded))
+        elif self.compiled and (key.width, key.height) in self._warmed and len(images) not in self._warm_sizes(key):
+            log.warning("batch of %d at %dx%d was not warmed: compiling it now", len(images), key.width, key.height)
+        return generate(self.pipe, key, padded, self.device, on_step)[: len(images)]
 
-    def warm(self, width: int, height: int) -> None:
-        """One short call so the first job does not pay for lazy initialisation."""
-        self.run(CompatKey(self.name, width, height, steps=2, guidance_scale=7.5), [ImageWork("warm-up", None, 0)])
+    def warm(self, shape: WarmShape) -> None:
+        """Run each batch size once (compiling it, in compiled mode), so no served shape
+        pays for initialisation in a client's first request."""
+        key = CompatKey(self.name, shape.width, shape.height, steps=WARM_STEPS, guidance_scale=7.5)
+        for size in shape.batch_sizes:
+            started = time.perf_counter()
+            generate(self.pipe, key, [ImageWork("warm-up", None, i) for i in range(size)], self.device)
+            bisect.insort(self._warm_sizes(key), size)
+            log.info(
+                "warmed %dx%d at batch %d in %.1fs", shape.width, shape.height, size, time.perf_counter() - started
+            )
+
+    def _warm_sizes(self, key: CompatKey) -> list[int]:
+        return self._warmed.setdefault((key.width, key.height), [])
+
+    def _padded(self, key: CompatKey, images: list[ImageWork]) -> list[ImageWork]:
+        """Compiled mode: pad up to the next warmed batch size of this shape, if any."""
+        sizes = self._warmed.get((key.width, key.height)) if self.compiled else None
+        if not sizes:
+            return images
+        index = bisect.bisect_left(sizes, len(images))
+        if index == len(sizes):
+            return images
+        return images + [images[-1]] * (sizes[index] - len(images))
 
 
-def generate(pipe: DiffusionPipeline, key: CompatKey, images: list[ImageWork], device: str) -> list[Image.Image]:
-    """One pipeline call for all ``images``; each gets its own seeded generator."""
+def generate(
+    pipe: DiffusionPipeline,
+    key: CompatKey,
+    images: list[ImageWork],
+    device: str,
+    on_step: StepCallback | None = None,
+) -> np.ndarray:
+    """One pipeline call for all ``images``, each with its own seeded generator: a
+    ``(n, height, width, 3)`` uint8 array, rounded exactly as diffusers' PIL output is."""
     generator_device = "cpu" if device == "mps" else device
     generators = [torch.Generator(device=generator_device).manual_seed(w.seed) for w in images]
+
+    def step_end(pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
+        if on_step is not None and on_step(step + 1, key.steps):
+            pipeline._interrupt = True  # diffusers skips the remaining steps
+        return callback_kwargs
+
     try:
         with torch.inference_mode():
             out = pipe(
@@ -88,10 +162,26 @@ def generate(pipe: DiffusionPipeline, key: CompatKey, images: list[ImageWork], d
                 num_inference_steps=key.steps,
                 guidance_scale=key.guidance_scale,
                 generator=generators,
-                output_type="pil",
+                output_type="pt",
+                callback_on_step_end=step_end if on_step is not None else None,
+                callback_on_step_end_tensor_inputs=[],
             )
+            # (x * 255).round() in float32, as diffusers' numpy_to_pil does: the same bytes.
+            pixels = (out.images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+            return pixels.contiguous().cpu().numpy()
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelOutOfMemory(f"out of device memory at {len(images)} images: {exc}") from exc
     except Exception as exc:
+        if _device_lost(exc):
+            raise DeviceLost(f"{type(exc).__name__}: {exc}") from exc
         raise PipelineError(f"the pipeline failed: {type(exc).__name__}: {exc}") from exc
-    return list(out.images)
+
+
+def _device_lost(exc: Exception) -> bool:
+    """A CUDA error (illegal address, device-side assert, ...) poisons the process's
+    context: every later call fails too, so the engine must be replaced."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)

@@ -1,38 +1,55 @@
-"""The model thread: the one thread that loads, warms and runs the model, batch by batch.
+"""The runner: the worker's side of the model. It owns the batcher and feeds the engine.
 
 Task threads call ``ModelRunner.submit`` with one job's images and wait on the returned
-future. The model thread asks the batcher (``workers.batcher``) for the next batch
-whenever it is free, runs it as one model call, and hands each job its images. While it
-runs, task threads keep adding jobs, so the next batch is gathered during this one, and
-the last batch's PNGs are encoded and uploaded on the task threads meanwhile.
+future. A dispatcher thread asks the batcher (``workers.batcher``) for the next batch and
+sends it to the engine (``workers.engine``) while the previous one still runs, so the
+device never waits between calls: up to ``depth`` batches are in the engine at once, the
+running one and the next. A batch that is not full is held back until just before the
+engine is predicted to be free, so jobs arriving meanwhile still join it. The engine's
+events come back on its reader thread and resolve the jobs' futures.
 
-Torch is never touched from another thread: two thread teams fighting over the cores
-make every call about 2x slower (DESIGN.md, "Measured facts").
+Why the batcher lives here and not in the engine: it is pure Python that runs on every
+job's arrival, and the engine's thread must do nothing but drive the model; the engine
+only needs the next batch in hand when the current one ends (vLLM keeps its scheduler
+beside the model for step-level scheduling; a diffusion batch is seconds long, so one
+batch of look-ahead is enough).
 
-A failing call is split in halves and each half retried, down to the one job that fails;
-its neighbours succeed. An out-of-memory error also lowers that key's batch limit to half
-the failed batch for the rest of the worker's life.
+Failures:
+- a call that raises is split in halves and each half retried, down to the one job that
+  fails; its neighbours succeed. Out-of-memory also lowers that shape's batch limit to
+  half the failed batch for the rest of the worker's life;
+- the engine dying (kill -9, segfault, OOM killer, a device error): the batch that was
+  running fails its jobs with ``EngineCrashed`` (their crash count stays, see
+  ``on_batch_start``; ``workers.jobs`` runs them alone next, or fails them at the cap),
+  the batches still queued in the engine go back to the batcher, and a new engine starts.
+  If it cannot start, ``on_engine_lost`` is called (the worker shuts down and hands its
+  jobs back) and every waiting job is released.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from PIL import Image
+import numpy as np
 
-from tasks.errors import ModelOutOfMemory
+from tasks.errors import EngineCrashed, EngineStartFailed, ModelOutOfMemory, PipelineError
 from workers.batcher import Batch, Batcher, Request, Slice
-from workers.work import CompatKey, ImageWork, Model
+from workers.engine_client import Engine
+from workers.work import BatchKey, CompatKey, ImageWork
 
 log = logging.getLogger(__name__)
+
+#: A batch that is not full is sent this long before the engine is predicted to be free:
+#: enough for the message to be in the engine's inbox when the running call returns.
+DISPATCH_LEAD_S = 0.02
 
 
 class BatchObserver(Protocol):
@@ -42,6 +59,8 @@ class BatchObserver(Protocol):
 
     def waiting(self, images: int) -> None: ...
 
+    def engine_restarted(self) -> None: ...
+
 
 class JobReleased(Exception):
     """The worker is stopping and this job had not started: hand its message back."""
@@ -49,7 +68,7 @@ class JobReleased(Exception):
 
 @dataclass(frozen=True)
 class JobResult:
-    images: list[Image.Image]
+    images: list[np.ndarray]  # (height, width, 3) uint8 each
     batch_id: str  # the call its (last) images ran in
     batch_images: int  # images in that call
     batch_wait_s: float  # from submit until its first images started
@@ -58,58 +77,72 @@ class JobResult:
 
 @dataclass(eq=False)
 class _Pending:
-    key: CompatKey
     work: list[ImageWork]
     submitted: float
     tag: object = None
     future: Future = field(default_factory=Future)
-    images: dict[int, Image.Image] = field(default_factory=dict)
+    images: dict[int, np.ndarray] = field(default_factory=dict)
     first_start: float | None = None
     inference_s: float = 0.0
-    batch_id: str = ""
-    batch_images: int = 0
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """A batch sent to the engine: queued there until ``started_at`` is set."""
+
+    batch: Batch
+    started_at: float | None = None
+    step: int = 0
+
+    @property
+    def tags(self) -> list[object]:
+        return [s.request.payload.tag for s in self.batch.slices]
 
 
 class ModelRunner:
     def __init__(
         self,
-        load_model: Callable[[], Model],
-        warm_size: tuple[int, int],
+        engine: Engine,
         batcher: Batcher,
-        batch_key: Callable[[CompatKey, str], Hashable] = lambda key, queue: (queue, key),
         observer: BatchObserver | None = None,
         on_batch_start: Callable[[list[object]], None] | None = None,
         on_batch_end: Callable[[list[object]], None] | None = None,
+        on_engine_lost: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        depth: int = 2,
     ):
-        """``on_batch_start`` and ``on_batch_end`` get the tags of a batch's jobs around
-        the model call, on the model thread: the worker counts a crash for each job
-        before, and takes it back after, so the calls a worker died in stay counted."""
-        self._load_model = load_model
-        self._warm_size = warm_size
+        """``on_batch_start`` and ``on_batch_end`` get the tags of a batch's jobs when the
+        engine starts and ends its call: the worker counts a crash for each job before, and
+        takes it back after, so the calls an engine or a worker died in stay counted."""
+        self._engine = engine
         self._batcher = batcher
-        self._batch_key = batch_key
         self._observer = observer
         self._on_batch_start = on_batch_start
         self._on_batch_end = on_batch_end
+        self._on_engine_lost = on_engine_lost
         self._clock = clock
+        self._depth = depth
         self._cond = threading.Condition()
         self._stopping = False
-        self._ready = threading.Event()
-        self._load_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="model", daemon=True)
+        self._engine_up = False
+        self._inflight: dict[int, _InFlight] = {}
+        self._retries: deque[Batch] = deque()  # halves of a failed batch, before anything else
         self._batch_ids = itertools.count(1)
-        self._model: Model | None = None
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
         self.model_name = ""
+        self.engine_pid: int | None = None
+        self.restarts = 0
 
     # -- task-thread side ----------------------------------------------------------------
     def start(self, timeout_s: float | None = None) -> None:
-        """Start the model thread and block until the model is loaded and warm."""
-        self._thread.start()
-        if not self._ready.wait(timeout_s):
-            raise TimeoutError("the model did not load in time")
-        if self._load_error is not None:
-            raise RuntimeError(f"the model failed to load: {self._load_error}") from self._load_error
+        """Start the engine and block until its model is loaded and warm."""
+        try:
+            ready = self._engine.start(self, timeout_s)
+        except EngineStartFailed as exc:
+            raise RuntimeError(exc.message) from exc
+        self.model_name, self.engine_pid = ready.model_name, ready.pid
+        self._engine_up = True
+        self._dispatcher.start()
 
     def submit(
         self,
@@ -122,31 +155,30 @@ class ModelRunner:
     ) -> Future:
         """Queue one job's images; the future resolves to a ``JobResult``.
 
-        ``isolated`` runs the job in batches of its own: for a job that was in a batch
-        when a worker died, so a job that kills workers cannot take its neighbours along.
+        ``isolated`` runs the job in batches of its own: for a job that was in a call an
+        engine or a worker died in, so it cannot take its neighbours along.
         """
         now = self._clock()
-        pending = _Pending(key, list(images), now, tag)
-        batch_key = self._batch_key(key, queue)
-        if isolated:
-            batch_key = (batch_key, object())
+        pending = _Pending(list(images), now, tag)
+        batch_key = BatchKey(queue, key, alone=str(tag if tag is not None else id(pending)) if isolated else None)
         request = Request(batch_key, len(images), now, deadline, payload=pending)
         with self._cond:
             if self._stopping:
                 raise JobReleased("the worker is stopping")
             self._batcher.add(request)
             self._report_waiting()
-            self._cond.notify()
+            self._cond.notify_all()
         return pending.future
 
     def release_waiting(self) -> int:
-        """Fail every job that has not started with ``JobReleased``; the batch running now
-        finishes. Called when the worker is told to stop. Returns how many were released."""
+        """Fail every job that has not started with ``JobReleased``; the batches in the
+        engine finish. Called when the worker is told to stop. Returns how many."""
         with self._cond:
             self._stopping = True
-            released = self._batcher.drain()
+            released = self._batcher.drain() + [s for b in self._retries for s in b.slices]
+            self._retries.clear()
             self._report_waiting()
-            self._cond.notify()
+            self._cond.notify_all()
         for s in released:
             future = s.request.payload.future
             if not future.done():
@@ -154,68 +186,185 @@ class ModelRunner:
         return len({id(s.request) for s in released})
 
     def stop(self, timeout_s: float = 60) -> None:
-        """Finish the batches already queued, then end the model thread."""
+        """Finish the batches already queued, then end the engine."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout_s)
-
-    # -- model-thread side ---------------------------------------------------------------
-    def _main(self) -> None:
-        try:
-            model = self._load_model()
-            model.warm(*self._warm_size)
-            self._model = model
-            self.model_name = model.name
-            log.info(
-                "model %s loaded and warm on thread %s (pid %s)", model.name, threading.get_native_id(), os.getpid()
-            )
-        except BaseException as exc:  # surfaced by start()
-            self._load_error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        while (batch := self._next_batch()) is not None:
-            self._run(batch)
-
-    def _next_batch(self) -> Batch | None:
+            self._cond.notify_all()
+        if self._dispatcher.is_alive():
+            self._dispatcher.join(timeout_s)
         with self._cond:
-            while True:
-                if self._stopping and not len(self._batcher):
-                    return None
-                now = self._clock()
-                decision = self._batcher.next_batch(now if not self._stopping else float("inf"))
-                if decision.batch is not None:
-                    self._report_waiting()
-                    return decision.batch
-                timeout = None if decision.wake_at is None else max(0.0, decision.wake_at - now)
-                self._cond.wait(timeout)
+            self._cond.wait_for(lambda: not self._inflight or not self._engine_up, timeout_s)
+        self.release_waiting()  # anything left if the engine was gone
+        self._engine.stop(timeout_s)
 
-    def _run(self, batch: Batch) -> None:
-        slices = [s for s in batch.slices if not s.request.payload.future.done()]
-        if not slices:
-            return
-        pending0: _Pending = slices[0].request.payload
-        work = [w for s in slices for w in s.request.payload.work[s.start : s.start + s.count]]
-        tags = [s.request.payload.tag for s in slices]
-        self._hook(self._on_batch_start, tags)
-        started = self._clock()
+    # -- the dispatcher thread -----------------------------------------------------------
+    def _dispatch_loop(self) -> None:
+        while True:
+            with self._cond:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                if batch is _RESTART:
+                    pass
+                else:
+                    batch_id = next(self._batch_ids)
+                    self._inflight[batch_id] = _InFlight(batch)
+            if batch is _RESTART:
+                self._restart()
+                continue
+            work = [w for s in batch.slices for w in s.request.payload.work[s.start : s.start + s.count]]
+            self._engine.submit(batch_id, batch.key.compat, work)
+
+    def _next_batch(self) -> Batch | object | None:
+        """Under the lock: the next batch to send, ``_RESTART``, or None when stopped."""
+        while True:
+            if not self._engine_up:
+                if self._stopping:
+                    return None
+                return _RESTART
+            if len(self._inflight) >= self._depth:
+                self._cond.wait()
+                continue
+            if self._retries:
+                return self._retries.popleft()
+            if self._stopping and not len(self._batcher):
+                return None
+            now = self._clock()
+            if self._stopping:
+                decision = self._batcher.next_batch(float("inf"))
+            else:
+                decision = self._batcher.next_batch(now, not_before=self._busy_until())
+            if decision.batch is not None:
+                self._report_waiting()
+                live = tuple(s for s in decision.batch.slices if not s.request.payload.future.done())
+                if live:
+                    return Batch(decision.batch.key, live)
+                continue
+            self._cond.wait(None if decision.wake_at is None else max(0.0, decision.wake_at - now))
+
+    def _busy_until(self) -> float | None:
+        """When the engine is predicted to be free, less the dispatch lead; None when it
+        is idle now or a prediction is missing (send at once)."""
+        if not self._inflight:
+            return None
+        free_at = self._clock()
+        for flight in self._inflight.values():  # in the order they were sent
+            predicted = self._batcher.cost_model.predict(flight.batch.key.compat, flight.batch.images)
+            if predicted is None:
+                return None
+            if flight.started_at is not None:
+                free_at = max(free_at, flight.started_at + predicted)
+            else:
+                free_at += predicted
+        return free_at - DISPATCH_LEAD_S
+
+    def _restart(self) -> None:
         try:
-            images = self._model.run(pending0.key, work)
-        except Exception as exc:
-            self._hook(self._on_batch_end, tags)
-            self._retry_smaller(batch.key, slices, exc, out_of_memory=isinstance(exc, ModelOutOfMemory))
+            ready = self._engine.start(self)
+        except EngineStartFailed as exc:
+            log.critical("the engine could not be restarted: %s", exc.message)
+            self.release_waiting()
+            if self._on_engine_lost is not None:
+                self._on_engine_lost(exc.message)
             return
-        finished = self._clock()
-        self._hook(self._on_batch_end, tags)
-        batch_id = f"{os.getpid()}-{next(self._batch_ids)}"
-        self._batcher.cost_model.observe(batch.key, len(work), finished - started)
+        log.warning("a new engine is ready (pid %s)", ready.pid)
+        self.restarts += 1
         if self._observer:
-            self._observer.batch_done(len(work), started - min(s.arrival for s in slices), finished - started)
+            self._observer.engine_restarted()
+        with self._cond:
+            self.engine_pid = ready.pid
+            self._engine_up = True
+            self._cond.notify_all()
+
+    # -- engine events (its reader thread) -----------------------------------------------
+    def batch_started(self, batch_id: int) -> None:
+        with self._cond:
+            flight = self._inflight.get(batch_id)
+            if flight is None:
+                return
+            flight.started_at = self._clock()
+        self._hook(self._on_batch_start, flight.tags)
+
+    def batch_step(self, batch_id: int, step: int, total: int) -> None:
+        flight = self._inflight.get(batch_id)
+        if flight is not None:
+            flight.step = step
+
+    def batch_done(self, batch_id: int, images: np.ndarray, inference_s: float, canceled: bool) -> None:
+        with self._cond:
+            flight = self._inflight.pop(batch_id, None)
+            if flight is None:
+                return
+            batch = flight.batch
+            self._batcher.cost_model.observe(batch.key.compat, batch.images, inference_s)
+            self._cond.notify_all()
+        self._hook(self._on_batch_end, flight.tags)
+        started = flight.started_at if flight.started_at is not None else self._clock()
+        if self._observer:
+            self._observer.batch_done(batch.images, started - batch.oldest_arrival, inference_s)
+        if canceled or images is None:
+            for s in batch.slices:
+                if not s.request.payload.future.done():
+                    s.request.payload.future.set_exception(PipelineError("the batch was canceled"))
+            return
+        label = f"{self.engine_pid}-{batch_id}"
         offset = 0
-        for s in slices:
-            self._deliver(s, images[offset : offset + s.count], started, finished, batch_id, len(work))
+        for s in batch.slices:
+            self._deliver(s, images[offset : offset + s.count], started, inference_s, label, batch.images)
             offset += s.count
+
+    def batch_failed(self, batch_id: int, error: str, out_of_memory: bool) -> None:
+        with self._cond:
+            flight = self._inflight.pop(batch_id, None)
+            if flight is None:
+                return
+            retry = self._split(flight.batch, error, out_of_memory)
+            self._retries.extendleft(reversed(retry))
+            self._cond.notify_all()
+        self._hook(self._on_batch_end, flight.tags)
+        if self._observer:
+            self._observer.batch_failed()
+
+    def engine_died(self, reason: str) -> None:
+        with self._cond:
+            self._engine_up = False
+            lost, self._inflight = list(self._inflight.values()), {}
+            crashed = [f for f in lost if f.started_at is not None]
+            for flight in lost:
+                if flight.started_at is None:
+                    self._batcher.requeue(list(flight.batch.slices))
+            self._cond.notify_all()
+        log.error(
+            "%s: %d job(s) in its call fail this attempt, %d batch(es) waiting in it go back to the batcher",
+            reason,
+            sum(len(f.batch.slices) for f in crashed),
+            len(lost) - len(crashed),
+        )
+        for flight in crashed:
+            for s in flight.batch.slices:
+                future = s.request.payload.future
+                if not future.done():
+                    future.set_exception(EngineCrashed(reason))
+
+    # -- helpers --------------------------------------------------------------------------
+    def _split(self, batch: Batch, error: str, out_of_memory: bool) -> list[Batch]:
+        """Under the lock: the halves to retry; fails the job when it is alone."""
+        slices = list(batch.slices)
+        if out_of_memory and batch.images > 1:
+            self._batcher.lower_limit(batch.key, batch.images // 2)
+            log.warning("out of memory at %d images: batches of this shape now hold at most %d", batch.images,
+                        batch.images // 2)  # fmt: skip
+        if len(slices) == 1 and (not out_of_memory or slices[0].count == 1):
+            future = slices[0].request.payload.future
+            if not future.done():
+                future.set_exception(ModelOutOfMemory(error) if out_of_memory else PipelineError(error))
+            return []
+        if len(slices) == 1:  # one slice out of memory: halve the slice itself
+            s = slices[0]
+            half = s.count // 2
+            slices = [Slice(s.request, s.start, half, s.seq), Slice(s.request, s.start + half, s.count - half, s.seq)]
+        middle = len(slices) // 2
+        return [Batch(batch.key, tuple(part)) for part in (slices[:middle], slices[middle:])]
 
     @staticmethod
     def _hook(hook: Callable[[list[object]], None] | None, tags: list[object]) -> None:
@@ -226,36 +375,17 @@ class ModelRunner:
         except Exception:
             log.exception("batch hook failed; the batch goes on")
 
-    def _retry_smaller(self, key: Hashable, slices: list[Slice], exc: Exception, out_of_memory: bool) -> None:
-        if self._observer:
-            self._observer.batch_failed()
-        images = sum(s.count for s in slices)
-        if out_of_memory and images > 1:
-            self._batcher.lower_limit(key, images // 2)
-            log.warning("out of memory at %d images: batches of this key now hold at most %d", images, images // 2)
-        if len(slices) == 1 and (not out_of_memory or slices[0].count == 1):
-            future = slices[0].request.payload.future
-            if not future.done():
-                future.set_exception(exc)
-            return
-        if len(slices) == 1:  # one slice out of memory: halve the slice itself
-            s = slices[0]
-            half = s.count // 2
-            slices = [Slice(s.request, s.start, half, s.seq), Slice(s.request, s.start + half, s.count - half, s.seq)]
-        middle = len(slices) // 2
-        for part in (slices[:middle], slices[middle:]):
-            self._run(Batch(key=key, slices=tuple(part)))
-
     def _deliver(
-        self, s: Slice, images: list[Image.Image], started: float, finished: float, batch_id: str, batch_images: int
+        self, s: Slice, images: np.ndarray, started: float, inference_s: float, batch_id: str, batch_images: int
     ) -> None:
         pending: _Pending = s.request.payload
-        for offset, image in enumerate(images):
-            pending.images[s.start + offset] = image
+        if pending.future.done():
+            return
+        for offset in range(s.count):
+            pending.images[s.start + offset] = images[offset]
         if pending.first_start is None:
             pending.first_start = started
-        pending.inference_s += finished - started
-        pending.batch_id, pending.batch_images = batch_id, batch_images
+        pending.inference_s += inference_s
         if len(pending.images) == len(pending.work) and pending.future.set_running_or_notify_cancel():
             pending.future.set_result(
                 JobResult(
@@ -270,3 +400,6 @@ class ModelRunner:
     def _report_waiting(self) -> None:
         if self._observer:
             self._observer.waiting(self._batcher.waiting_images)
+
+
+_RESTART = object()

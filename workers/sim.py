@@ -8,27 +8,56 @@ overhead, scale-out over many workers and batching policies can be measured on a
 machine, or planned for a GPU not yet bought. ``sim:profile=NAME`` takes ``a`` and ``b``
 from a shipped profile (``workers/profiles/NAME.json``).
 
-Sleeping releases the GIL and uses no cores, like a GPU kernel. For fault tests, a prompt
-containing ``[[raise]]`` makes the call raise, and ``[[crash]]`` ends the worker process
-at once, as a driver fault would.
+Sleeping releases the GIL and uses no cores, like a GPU kernel. A call is cut into
+``steps`` equal parts with the engine's step callback between them (progress, cancel).
+
+For fault tests, a prompt containing ``[[raise]]`` makes the call raise; the others end
+the engine's process as a real model can: ``[[crash]]`` exits at once (a driver abort),
+``[[segfault]]`` dereferences a null pointer, ``[[device-lost]]`` raises the error a CUDA
+fault becomes, after which the engine exits for a fresh one.
+
+``host=0.3`` (0 to 1, default 0) makes that share of each call host work instead of
+sleep: pure-Python arithmetic that holds the GIL and burns a core, in slices of at most
+``HOST_SLICE`` (0.5 ms), each followed by its share of the call's sleep (near ``host=1``
+that share is shorter than a sleep's own overrun, so some slices run on into the next,
+handing the GIL over only at the interpreter's switch interval). It models a
+launch-bound GPU: an eager PyTorch pipeline whose step time is the Python that launches its
+kernels (argument parsing and dispatch, under the GIL) more than the kernels themselves, as
+with small models, small batches or a fast GPU. With ``host=0`` the model call competes
+with nothing, which flatters the fleet; with a host share, the worker's own work (encoding
+PNGs, uploads, job-store writes, the broker client) competes with the model for the GIL
+when the model runs on a thread of the worker's process, and for the cores when it runs in
+a process of its own, and slows it, as it would on a real GPU box. The host
+share is an amount of CPU time of the calling thread (``time.thread_time``), not a
+deadline: when nothing else competes a call still takes ``(a * images + b) * (1 + noise *
+N(0, 1))`` seconds, and when another thread holds the GIL or the core, the call takes
+longer, as a starved kernel launcher does.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
 
-from workers.work import CompatKey, ImageWork
+from tasks.errors import DeviceLost
+from tasks.settings import WarmShape
+from workers.work import CompatKey, ImageWork, StepCallback
 
 PROFILES = Path(__file__).parent / "profiles"
 RAISE_MARK = "[[raise]]"
 CRASH_MARK = "[[crash]]"
+SEGFAULT_MARK = "[[segfault]]"
+DEVICE_LOST_MARK = "[[device-lost]]"
+HOST_SLICE = 0.0005  # seconds: the longest stretch of host work that holds the GIL at once
 
 
 @dataclass(frozen=True)
@@ -36,13 +65,18 @@ class SimProfile:
     a: float  # seconds per image
     b: float  # seconds per call
     noise: float = 0.0  # relative standard deviation of a call's time
+    host: float = 0.0  # share of a call that is GIL-holding Python (kernel launches), 0..1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.host <= 1.0:  # also refuses NaN
+            raise ValueError(f"sim model: host= is the share of a call spent in Python, 0 to 1; got {self.host}")
 
     def seconds(self, images: int, rng: random.Random) -> float:
         return max(0.0, (self.a * images + self.b) * (1 + self.noise * rng.gauss(0, 1)))
 
     @classmethod
     def parse(cls, spec: str) -> SimProfile:
-        """``a=0.1,b=0.2,noise=0.05`` or ``profile=NAME[,noise=...]``."""
+        """``a=0.1,b=0.2,noise=0.05,host=0.3`` or ``profile=NAME[,noise=...][,host=...]``."""
         fields: dict[str, str] = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, sep, value = part.partition("=")
@@ -53,7 +87,7 @@ class SimProfile:
         if "profile" in fields:
             data = json.loads((PROFILES / f"{fields.pop('profile')}.json").read_text())
             values.update(a=data["a"], b=data["b"])
-        unknown = set(fields) - {"a", "b", "noise"}
+        unknown = set(fields) - {"a", "b", "noise", "host"}
         if unknown:
             raise ValueError(f"sim model: unknown field(s) {sorted(unknown)}")
         values.update({k: float(v) for k, v in fields.items()})
@@ -63,25 +97,87 @@ class SimProfile:
 
 
 class SimModel:
-    def __init__(self, profile: SimProfile, name: str, seed: int = 0):
+    """``sleep``, ``clock`` (wall) and ``cpu_clock`` (this thread's CPU time) are the real
+    ones unless a test passes fakes."""
+
+    def __init__(
+        self,
+        profile: SimProfile,
+        name: str,
+        seed: int = 0,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.perf_counter,
+        cpu_clock: Callable[[], float] = time.thread_time,
+    ):
         self.profile = profile
         self.name = name
         self._rng = random.Random(seed)
+        self._sleep = sleep
+        self._clock = clock
+        self._cpu_clock = cpu_clock
 
     @classmethod
     def from_ref(cls, model_ref: str) -> SimModel:
         return cls(SimProfile.parse(model_ref.removeprefix("sim:")), model_ref)
 
-    def warm(self, width: int, height: int) -> None:
+    def warm(self, shape: WarmShape) -> None:
         pass
 
-    def run(self, key: CompatKey, images: list[ImageWork]) -> list[Image.Image]:
-        if any(CRASH_MARK in w.prompt for w in images):
+    def run(self, key: CompatKey, images: list[ImageWork], on_step: StepCallback | None = None) -> np.ndarray:
+        prompts = " ".join(w.prompt for w in images)
+        if CRASH_MARK in prompts:
             os._exit(70)
-        time.sleep(self.profile.seconds(len(images), self._rng))
-        if any(RAISE_MARK in w.prompt for w in images):
+        if SEGFAULT_MARK in prompts:
+            ctypes.string_at(0)
+        if DEVICE_LOST_MARK in prompts:
+            raise DeviceLost("CUDA error: an illegal memory access was encountered (simulated)")
+        seconds = self.profile.seconds(len(images), self._rng)
+        steps = max(1, key.steps)
+        for step in range(1, steps + 1):
+            self._spend(seconds / steps)
+            if on_step is not None and on_step(step, steps):
+                break
+        if RAISE_MARK in prompts:
             raise RuntimeError("simulated model failure")
-        return [Image.new("RGB", (key.width, key.height), _colour(w.seed)) for w in images]
+        out = np.empty((len(images), key.height, key.width, 3), dtype=np.uint8)
+        out[...] = np.array([_colour(w.seed) for w in images], dtype=np.uint8)[:, None, None, :]
+        return out
+
+    def _spend(self, seconds: float) -> None:
+        """Take ``seconds``: the host share as GIL-holding slices of CPU work, each followed
+        by its share of the rest asleep. What the slices or the sleeps overrun is taken off
+        the next ones of their kind, so that uncontended the call lasts ``seconds``; time
+        lost to other threads is not made up, so contended it lasts longer. Host share is
+        this thread's CPU time outside the sleep calls (the loop's own overhead included)."""
+        host = self.profile.host * seconds
+        if host <= 0.0:
+            self._sleep(seconds)
+            return
+        slices = max(1, math.ceil(host / HOST_SLICE))
+        busy_each, asleep_each = host / slices, (seconds - host) / slices
+        busy_owed = asleep_owed = 0.0
+        mark = self._cpu_clock()
+        for _ in range(slices):
+            busy_owed += busy_each
+            used = _burn(mark, busy_owed, self._cpu_clock)
+            asleep_owed += asleep_each
+            if asleep_owed > 0.0:  # after an overrun, skip until it is paid off (sleep(0) costs ~70 us)
+                started = self._clock()
+                self._sleep(asleep_owed)
+                asleep_owed -= self._clock() - started
+                busy_owed -= used
+                mark = self._cpu_clock()
+
+
+def _burn(mark: float, seconds: float, cpu_clock: Callable[[], float]) -> float:
+    """Pure-Python arithmetic, holding the GIL, until ``cpu_clock`` (this thread's CPU
+    time) is ``seconds`` past ``mark``; returns how far past it is."""
+    x = 0
+    while (used := cpu_clock() - mark) < seconds:
+        for i in range(64):
+            x = (x + i * i) % 1_000_003
+    return used
 
 
 def _colour(seed: int) -> tuple[int, int, int]:

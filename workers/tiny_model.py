@@ -5,7 +5,8 @@ It goes through the real diffusers code path (``save_pretrained`` here,
 fleet runs and is tested on a CPU with nothing downloaded. The shapes are the
 reference workload of DESIGN.md: a 4-level VAE (latents 1/8 of the image side), a UNet
 with ``block_out_channels=(32, 64)`` and a 2-layer CLIP text encoder of width 32.
-Fixed seeds make every copy byte-identical.
+Fixed seeds make every copy byte-identical. ``workers.model_init`` writes it, and the
+real-sized SD 1.5 and SDXL shapes beside it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 SEED = 0
-MARKER = "model_index.json"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -39,10 +39,18 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
-def build_tokenizer(workdir: Path) -> CLIPTokenizer:
-    """A character-level CLIP tokenizer: every byte is a token, no merges."""
+def build_tokenizer(workdir: Path, vocab_size: int | None = None) -> CLIPTokenizer:
+    """A character-level CLIP tokenizer: every byte is a token, no merges.
+
+    With ``vocab_size``, unused tokens (never produced: there are no merges) pad the
+    vocabulary to that size and the two special tokens take the last ids, as in CLIP's
+    real 49408-token vocabulary, so the text encoder's embedding has its real shape.
+    """
     symbols = list(_bytes_to_unicode().values())
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    words = symbols + [s + "</w>" for s in symbols]
+    if vocab_size is not None:
+        words += [f"<|unused{i}|>" for i in range(len(words), vocab_size - 2)]
+    vocab = {s: i for i, s in enumerate(words)}
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     (workdir / "vocab.json").write_text(json.dumps(vocab))
@@ -112,25 +120,6 @@ def build_pipeline() -> StableDiffusionPipeline:
 
 def write_tiny_model(directory: Path, force: bool = False) -> bool:
     """Write the tiny pipeline to ``directory``; returns False if one is already there."""
-    directory = Path(directory)
-    if (directory / MARKER).exists() and not force:
-        return False
-    directory.mkdir(parents=True, exist_ok=True)
-    # Write beside, then move into place: a half-written model is never loaded.
-    with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
-        build_pipeline().save_pretrained(tmp)
-        for item in sorted(Path(tmp).iterdir(), key=lambda p: p.name == MARKER):
-            target = directory / item.name
-            if target.exists():
-                _remove(target)
-            item.rename(target)
-    return True
+    from workers.model_init import write_model  # it builds the tiny model from this module
 
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        for child in path.iterdir():
-            _remove(child)
-        path.rmdir()
-    else:
-        path.unlink()
+    return write_model(directory, arch="tiny", force=force)

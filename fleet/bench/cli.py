@@ -107,7 +107,8 @@ def _plan(args) -> int:
 
 
 def _batching(args) -> int:
-    from fleet.bench.batching import run
+    from fleet.bench.batching import CONFIGS, run
+    from fleet.bench.fleetrun import FleetConfig
 
     print(
         run(
@@ -117,6 +118,9 @@ def _batching(args) -> int:
             _ensure_model(args.model),
             args.device,
             Path(args.out) if args.out else None,
+            burst=not args.closed_loop,
+            configs=tuple(FleetConfig.parse(c) for c in args.config) or CONFIGS,
+            compile_mode=args.compile,
         )
     )
     return 0
@@ -188,5 +192,17 @@ def add_parser(sub) -> None:
     batching.add_argument("--out", help="write the raw figures here as JSON")
     batching.add_argument(
         "--closed-loop", action="store_true", help="keep submitting while batches run, instead of one burst"
+    )
+    batching.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="MAX_BATCH:MAX_WAIT_MS[:POLICY[:WORKERS[:ENGINE]]] (default: 8:0:fixed, 8:100:adaptive, 1:0:fixed)",
+    )
+    batching.add_argument(
+        "--compile",
+        choices=("reduce-overhead", "max-autotune", "default"),
+        help="also run a compiled fleet against the eager bare pipeline, and time its start with an empty and a "
+        "filled compile cache",
     )
     batching.set_defaults(func=_batching)

@@ -3,6 +3,7 @@ free ports, started fresh and stopped after, so configurations never share state
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,36 +18,48 @@ class FleetConfig:
     max_wait_ms: float = 0
     policy: str = "fixed"
     workers: int = 1
+    engine: str = "process"  # or "thread": the model on a thread of the worker process
+    compile: str = "off"
+    warm: str = ""  # FLEET_WARM_SHAPES; empty: the bench size at max_batch_images
 
     @property
     def label(self) -> str:
         wait = "adaptive" if self.policy == "adaptive" else f"wait {self.max_wait_ms:g} ms"
         workers = f", {self.workers} workers" if self.workers > 1 else ""
-        return f"batch {self.max_batch_images}, {wait}{workers}"
+        engine = ", model thread" if self.engine == "thread" else ""
+        compiled = f", compiled ({self.compile})" if self.compile != "off" else ""
+        return f"batch {self.max_batch_images}, {wait}{workers}{engine}{compiled}"
 
     def env(self) -> dict[str, str]:
-        return {
+        env = {
             "FLEET_MAX_BATCH_IMAGES": str(self.max_batch_images),
             "FLEET_MAX_WAIT_MS": str(self.max_wait_ms),
             "FLEET_BATCH_POLICY": self.policy,
+            "FLEET_ENGINE": self.engine,
+            "FLEET_COMPILE": self.compile,
         }
+        if self.warm:
+            env["FLEET_WARM_SHAPES"] = self.warm
+        return env
 
     @classmethod
     def parse(cls, text: str) -> FleetConfig:
-        """``8:50:fixed`` or ``8:200:adaptive:4`` (max batch, max wait ms, policy, workers)."""
+        """``8:50:fixed``, ``8:200:adaptive:4`` or ``8:0:fixed:1:thread`` (max batch, max wait
+        ms, policy, workers, engine)."""
         parts = text.split(":")
         return cls(int(parts[0]), float(parts[1]), parts[2] if len(parts) > 2 else "fixed",
-                   int(parts[3]) if len(parts) > 3 else 1)  # fmt: skip
+                   int(parts[3]) if len(parts) > 3 else 1, parts[4] if len(parts) > 4 else "process")  # fmt: skip
 
 
 @dataclass
 class RunningFleet:
     api_url: str
     redis_url: str
+    worker_start_s: float  # from launch until the first worker answers: load, warm, compile
 
 
 @contextmanager
-def running_fleet(model: str, config: FleetConfig, work_dir: Path, default_size: int = 64):
+def running_fleet(model: str, config: FleetConfig, work_dir: Path, default_size: int = 64, **extra_env: str):
     work_dir.mkdir(parents=True, exist_ok=True)
     redis_server = RedisServer(work_dir).start()
     storage = s3_env(work_dir)
@@ -60,14 +73,18 @@ def running_fleet(model: str, config: FleetConfig, work_dir: Path, default_size:
         "FLEET_WORKER_METRICS_PORT": "0",
         "FLEET_DEFAULT_WIDTH": str(default_size),
         "FLEET_DEFAULT_HEIGHT": str(default_size),
+        **extra_env,
     }
     processes = []
     try:
+        started = time.perf_counter()
         for index in range(config.workers):
-            processes.append(start_worker(env, work_dir, f"bench{index}-{free_port()}"))
+            name = f"bench{index}-{free_port()}"
+            processes.append(start_worker(env, work_dir, name, timeout_s=1800 if config.compile != "off" else 180))
+        worker_start_s = time.perf_counter() - started
         api, api_url = start_api(env, work_dir, workers=2)
         processes.append(api)
-        yield RunningFleet(api_url, redis_server.url)
+        yield RunningFleet(api_url, redis_server.url, worker_start_s)
     finally:
         for process in reversed(processes):
             process.stop()

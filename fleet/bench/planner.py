@@ -47,13 +47,14 @@ from pathlib import Path
 
 from workers.batcher import Batch, Batcher, BatchPolicy, CostModel, Request
 from workers.sim import PROFILES
+from workers.work import BatchKey, CompatKey
 
 WARMUP_FRACTION = 0.1
 MAX_UTILIZATION = 0.85
 # The adaptive policy recomputes its wake-up from the arrival rate at every call, so it
 # could keep asking for one a hair later; a real model thread's sleep is not finer anyway.
 MIN_SLEEP_S = 1e-3
-KEY = "job"  # one compat key: every simulated job can share a batch
+KEY = BatchKey("planned", CompatKey("planned", 512, 512, 20, 7.5))  # every simulated job can share a batch
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def simulate(
             w = fleet[index]
             batch, w.running = w.running, None
             assert batch is not None
-            w.batcher.cost_model.observe(KEY, batch.images, profile.seconds(batch.images))
+            w.batcher.cost_model.observe(KEY.compat, batch.images, profile.seconds(batch.images))
             w.load -= batch.images
             for s in batch.slices:
                 job = s.request.payload

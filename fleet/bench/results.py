@@ -37,6 +37,7 @@ class Summary:
     batch_sizes: dict[int, int]  # images per model call -> calls
     call_seconds: dict[int, float]  # images per model call -> mean duration of such calls
     steady_images_per_s: float  # between the 10th and 90th percentile of finish times
+    first_call_s: float = float("nan")  # the run's first model call: did it pay for initialisation?
 
     @property
     def images_per_s(self) -> float:
@@ -64,6 +65,7 @@ class Summary:
             "window_s": self.window_s,
             "images_per_s": self.images_per_s,
             "steady_images_per_s": self.steady_images_per_s,
+            "first_call_s": self.first_call_s,
             "jobs_per_s": self.jobs_per_s,
             "mean_batch_images": self.mean_batch,
             "batch_sizes": self.batch_sizes,
@@ -134,7 +136,17 @@ def summarize(run: LoadRun) -> Summary:
         batch_sizes=dict(sorted(collections.Counter(calls.values()).items())),
         call_seconds={n: statistics.fmean(v) for n, v in sorted(durations.items())},
         steady_images_per_s=_steady_rate(done),
+        first_call_s=_first_call(done),
     )
+
+
+def _first_call(done: list) -> float:
+    """The duration of the run's first model call (the job whose call started first)."""
+    timed = [s.job for s in done if s.job.started_at is not None and s.job.timings.inference_s is not None]
+    if not timed:
+        return float("nan")
+    first = min(timed, key=lambda job: job.started_at + (job.timings.batch_wait_s or 0.0))
+    return first.timings.inference_s
 
 
 def _steady_rate(done: list) -> float:

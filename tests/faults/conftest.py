@@ -24,6 +24,7 @@ from fleet.stack import (
     settings_from_env,
     start_api,
     start_s3,
+    start_slot_worker,
 )
 from fleet.stack import start_worker as start_worker_process
 from tasks.jobs import Job, JobState
@@ -132,6 +133,12 @@ class FaultFleet:
         worker = start_worker_process({**self.env, **env}, self.work_dir, name)
         self.workers.append(worker)
         return worker
+
+    def start_slot_worker(self, **env: str) -> tuple[Server, str]:
+        """``fleet worker`` as the README runs it; returns the worker and its name."""
+        worker, name = start_slot_worker({**self.env, **env}, self.work_dir, f"slot-worker-{free_port()}")
+        self.workers.append(worker)
+        return worker, name
 
     def start_api(self) -> str:
         self.api, self.api_url = start_api(self.env, self.work_dir)

@@ -4,10 +4,15 @@ reaches a terminal state, with its images stored once."""
 from __future__ import annotations
 
 import signal
+import socket
 
+import requests
+
+from fleet.processes import BIN, Server, free_port, port_open
 from tasks.celery import make_celery, publish_job
 from tasks.jobs import JobState
-from workers.sim import CRASH_MARK, RAISE_MARK
+from workers.celery import EXIT_NOT_STARTED
+from workers.sim import RAISE_MARK
 
 
 def test_a_worker_killed_mid_batch_loses_nothing(make_fleet, broker_kind):
@@ -60,28 +65,6 @@ def test_a_job_that_makes_the_model_raise_fails_alone(make_fleet):
     assert fleet.ledger.final[poison].attempts == 1
 
 
-def test_a_job_that_kills_its_worker_fails_after_the_cap_and_spares_its_neighbours(make_fleet):
-    fleet = make_fleet(FLEET_MAX_ATTEMPTS="2")
-    fleet.start_worker()
-    fleet.start_api()
-    ids = fleet.submit_many(4)
-    poison = fleet.submit(prompt=f"deadly {CRASH_MARK}").json()["id"]
-    ids += fleet.submit_many(4)
-    # A supervisor (Kubernetes, systemd) restarts workers that die.
-    restarts = 0
-    while not fleet.store.get(poison).state.terminal:
-        assert restarts < 6, "the poison job keeps killing workers"
-        fleet.wait_until(lambda: fleet.store.get(poison).state.terminal or not fleet.workers[-1].alive(), 60, "crash")
-        if not fleet.workers[-1].alive():
-            fleet.start_worker()
-            restarts += 1
-    fleet.settle(timeout_s=60)
-    fleet.check_ledger()
-    dead = fleet.ledger.final[poison]
-    assert dead.state is JobState.FAILED and "died 2 times" in dead.error
-    assert all(fleet.ledger.final[i].state is JobState.SUCCEEDED for i in ids)
-
-
 def test_the_same_message_twice_gives_one_set_of_images(make_fleet):
     fleet = make_fleet()
     worker = fleet.start_worker()
@@ -99,3 +82,45 @@ def test_the_same_message_twice_gives_one_set_of_images(make_fleet):
     fleet.settle()
     summary = fleet.check_ledger()
     assert summary["succeeded"] == 2
+
+
+def free_port_pair() -> int:
+    """A port whose successor is free too: two slots' metrics ports."""
+    for _ in range(50):
+        port = free_port()
+        if port < 65535 and not port_open(port + 1):
+            return port
+    raise RuntimeError("no two adjacent free ports")
+
+
+def test_the_readme_worker_command_twice_on_one_host_gives_two_workers_that_share_the_queue(make_fleet, broker_kind):
+    base = free_port_pair()
+    fleet = make_fleet(broker_kind, FLEET_WORKER_METRICS_PORT=str(base), FLEET_MAX_BATCH_IMAGES="4")
+    (_, first), (_, second) = fleet.start_slot_worker(), fleet.start_slot_worker()
+    assert {first, second} == {"worker0", "worker1"}
+    for port in (base, base + 1):
+        assert "fleet_batch_images" in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    fleet.start_api()
+    fleet.submit_many(32)
+    fleet.settle(timeout_s=90)
+    assert fleet.check_ledger()["succeeded"] == 32
+    ran = {job.worker.split("@")[0] for job in fleet.ledger.final.values()}
+    assert ran == {"worker0", "worker1"}, "both workers took jobs"
+
+
+def test_a_worker_that_cannot_start_never_takes_a_job(make_fleet, broker_kind):
+    taken = free_port()
+    fleet = make_fleet(broker_kind, FLEET_WORKER_METRICS_PORT=str(taken))
+    fleet.start_api()
+    ids = fleet.submit_many(4)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        doomed = Server("doomed", [str(BIN / "celery"), "-A", "workers", "worker", "-n", "doomed@%h"], env=fleet.env,
+                        log_dir=fleet.work_dir).start()  # fmt: skip
+        assert doomed.proc.wait(60) == EXIT_NOT_STARTED
+    assert f"metrics port {taken} is taken" in doomed.log()
+    assert all(state is JobState.QUEUED for state in fleet.store.states(ids).values())
+    fleet.start_worker(FLEET_WORKER_METRICS_PORT="0")
+    fleet.settle(timeout_s=60)
+    assert fleet.check_ledger()["succeeded"] == 4

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from workers.batcher import Batcher, BatchPolicy, CostModel, Request
+from workers.batcher import Batcher, BatchPolicy, CostModel, LruMap, Request
+from workers.work import BatchKey, CompatKey
 
-A, B = "key-a", "key-b"
+SHAPE_A, SHAPE_B = CompatKey("m", 64, 64, 20, 7.5), CompatKey("m", 128, 64, 20, 7.5)
+A, B = BatchKey("q", SHAPE_A), BatchKey("q", SHAPE_B)
 
 
 def batcher(max_images=4, wait_s=0.1, kind="fixed") -> Batcher:
@@ -98,7 +100,7 @@ def test_a_job_larger_than_the_limit_is_cut_into_slices():
 
 def test_a_deadline_flushes_early_enough_for_the_predicted_batch_time():
     b = batcher(max_images=8, wait_s=1.0)
-    b.cost_model.observe(A, 1, 0.2)
+    b.cost_model.observe(SHAPE_A, 1, 0.2)
     add(b, at=0.0, deadline=0.5)
     waiting = b.next_batch(0.0)
     assert waiting.batch is None and waiting.wake_at == pytest.approx(0.3)
@@ -107,7 +109,7 @@ def test_a_deadline_flushes_early_enough_for_the_predicted_batch_time():
 
 def test_without_a_deadline_the_same_batch_waits_the_full_max_wait():
     b = batcher(max_images=8, wait_s=1.0)
-    b.cost_model.observe(A, 1, 0.2)
+    b.cost_model.observe(SHAPE_A, 1, 0.2)
     add(b, at=0.0)
     assert b.next_batch(0.0).wake_at == pytest.approx(1.0)
 
@@ -142,17 +144,17 @@ def test_a_lowered_limit_applies_to_the_next_batches_of_that_key():
 def test_the_cost_model_fits_a_line_through_batch_times():
     model = CostModel()
     for n in (1, 2, 4, 8):
-        model.observe(A, n, 0.1 * n + 0.25)
-    a, b = model.coefficients(A)
+        model.observe(SHAPE_A, n, 0.1 * n + 0.25)
+    a, b = model.coefficients(SHAPE_A)
     assert a == pytest.approx(0.1) and b == pytest.approx(0.25)
-    assert model.predict(A, 6) == pytest.approx(0.85)
-    assert model.predict(B, 1) is None
+    assert model.predict(SHAPE_A, 6) == pytest.approx(0.85)
+    assert model.predict(SHAPE_B, 1) is None
 
 
 def adaptive(max_images=8, wait_s=1.0) -> Batcher:
     b = batcher(max_images=max_images, wait_s=wait_s, kind="adaptive")
     for n in (1, 8):  # the reference workload: 340 ms at batch 1, 1.1 s at batch 8
-        b.cost_model.observe(A, n, {1: 0.34, 8: 1.1}[n])
+        b.cost_model.observe(SHAPE_A, n, {1: 0.34, 8: 1.1}[n])
     return b
 
 
@@ -210,3 +212,51 @@ def test_policies_validate_their_limits():
         BatchPolicy(max_batch_images=0)
     with pytest.raises(ValueError):
         BatchPolicy(max_wait_s=-1)
+
+
+# -- while the model is busy, and per-key state ----------------------------------------
+
+
+def test_a_partial_batch_is_held_while_the_model_is_busy_and_newcomers_join_it():
+    b = batcher(max_images=4, wait_s=0)
+    first = add(b, at=0.0)
+    held = b.next_batch(0.0, not_before=0.5)
+    assert held.batch is None and held.wake_at == pytest.approx(0.5)
+    second = add(b, at=0.3)
+    assert requests_of(b.next_batch(0.5, not_before=0.5)) == [first, second]
+
+
+def test_a_full_batch_is_taken_at_once_even_while_the_model_is_busy():
+    b = batcher(max_images=2, wait_s=0)
+    jobs = [add(b, at=0.0), add(b, at=0.0)]
+    assert requests_of(b.next_batch(0.0, not_before=0.5)) == jobs
+
+
+def test_an_isolated_job_never_shares_a_batch_and_its_queue_keeps_its_policy():
+    policies = {"fast": BatchPolicy(max_batch_images=2, max_wait_s=0), "bulk": BatchPolicy(8, max_wait_s=10)}
+    b = Batcher(BatchPolicy(), policy_of=policies.__getitem__)
+    alone = BatchKey("fast", SHAPE_A, alone="job-1")
+    isolated = add(b, alone, at=0.0)
+    add(b, BatchKey("fast", SHAPE_A), at=0.0)
+    assert requests_of(b.next_batch(0.0)) == [isolated]
+    assert b.policy_of(alone) == policies["fast"]
+
+
+def test_a_lowered_limit_follows_the_shape_across_queues():
+    b = Batcher(BatchPolicy(max_batch_images=8, max_wait_s=0))
+    b.lower_limit(BatchKey("one", SHAPE_A), 2)
+    assert b.limit(BatchKey("other", SHAPE_A, alone="j")) == 2 and b.limit(BatchKey("one", SHAPE_B)) == 8
+
+
+def test_isolated_jobs_add_no_per_key_state():
+    b = batcher(max_images=1, wait_s=0)
+    for i in range(50):
+        add(b, BatchKey("q", SHAPE_A, alone=f"job-{i}"), at=i * 0.01)
+    assert len(b.arrivals._arrivals) == 1
+
+
+def test_per_key_maps_are_bounded_least_recently_used_first():
+    lru = LruMap(list, maxsize=3)
+    for key in "abcd":
+        lru.setdefault(key)
+    assert len(lru) == 3 and lru.get("a") is None and lru.get("d") == []

@@ -13,13 +13,14 @@ from tasks.settings import Settings
 from tasks.store import now
 from tests.workers.test_runner import FakeModel
 from workers.batcher import Batcher, BatchPolicy
+from workers.engine_client import fake_engine
 from workers.jobs import WorkerContext, run_job
 from workers.runner import ModelRunner
 
 
 @pytest.fixture(scope="module")
 def context(store, storage, settings):
-    runner = ModelRunner(lambda: FakeModel(fail_on="poison"), (8, 8), Batcher(BatchPolicy(8, 0)))
+    runner = ModelRunner(fake_engine(FakeModel(fail_on="poison")), Batcher(BatchPolicy(8, 0)))
     runner.start(timeout_s=5)
     yield WorkerContext(store=store, storage=storage, runner=runner, settings=settings)
     runner.stop()

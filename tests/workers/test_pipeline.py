@@ -1,10 +1,13 @@
-"""The real tiny diffusers pipeline, on CPU: sizes, per-image seeds and determinism."""
+"""The real tiny diffusers pipeline, on CPU: sizes, per-image seeds, determinism, the
+per-step callback, and warm-up of each configured shape."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from tasks.settings import WarmShape
+from workers.engine import EngineConfig
 from workers.jobs import encode_png
 from workers.pipeline import DiffusersModel, load_pipeline
 from workers.work import CompatKey, ImageWork
@@ -12,7 +15,7 @@ from workers.work import CompatKey, ImageWork
 
 @pytest.fixture(scope="module")
 def model(tiny_model) -> DiffusersModel:
-    return DiffusersModel.load(str(tiny_model), "cpu")
+    return DiffusersModel.load(EngineConfig(str(tiny_model), device="cpu"))
 
 
 def key(model, width=64, height=64) -> CompatKey:
@@ -25,7 +28,7 @@ def pixels(image) -> np.ndarray:
 
 def test_images_have_the_requested_size(model):
     images = model.run(key(model, 64, 96), [ImageWork("a", None, 1), ImageWork("b", "blurry", 2)])
-    assert [im.size for im in images] == [(64, 96), (64, 96)]
+    assert images.shape == (2, 96, 64, 3) and images.dtype == np.uint8
 
 
 def test_the_same_seed_gives_the_same_bytes(model):
@@ -51,6 +54,30 @@ def test_alone_versus_in_a_batch_of_8_differs_by_at_most_one_level(model):
     alone = model.run(key(model), [target])[0]
     batched = model.run(key(model), [ImageWork(f"n{i}", None, i) for i in range(7)] + [target])[-1]
     assert np.abs(pixels(alone) - pixels(batched)).max() <= 1
+
+
+def test_the_images_are_the_bytes_diffusers_would_have_made_as_pil(model):
+    job = [ImageWork("a cat", None, 3)]
+    ours = model.run(key(model), job)[0]
+    theirs = model.pipe(
+        prompt=["a cat"], negative_prompt=[""], width=64, height=64, num_inference_steps=4, guidance_scale=7.5,
+        generator=[__import__("torch").Generator().manual_seed(3)], output_type="pil",
+    ).images[0]  # fmt: skip
+    assert np.array_equal(ours, np.asarray(theirs))
+
+
+def test_the_step_callback_sees_every_step_and_can_stop_the_call(model):
+    seen = []
+    model.run(key(model), [ImageWork("a", None, 1)], on_step=lambda step, total: seen.append((step, total)) and False)
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    stopped = []
+    model.run(key(model), [ImageWork("a", None, 1)], on_step=lambda step, total: stopped.append(step) or True)
+    assert stopped == [1], "after a stop no further step runs"
+
+
+def test_warming_records_the_batch_sizes_of_each_shape(model):
+    model.warm(WarmShape(64, 64, (1, 2)))
+    assert model._warmed[(64, 64)] == [1, 2]
 
 
 def test_a_missing_model_directory_says_what_to_do(tmp_path):

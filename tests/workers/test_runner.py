@@ -1,16 +1,21 @@
-"""The model thread: one thread loads, warms and runs the model; jobs batch together; a
-failing batch is split so only the bad job fails; out-of-memory halves the batch."""
+"""The runner and the engine loop, on an in-process engine with a fake model: one thread
+loads, warms and runs the model; jobs batch together; the next batch waits in the engine
+while one runs; a failing batch is split so only the bad job fails; out-of-memory halves
+the batch."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import numpy as np
 import pytest
-from PIL import Image
 
-from tasks.errors import ModelOutOfMemory
+from tasks.errors import ModelOutOfMemory, PipelineError
+from tasks.settings import WarmShape
 from workers.batcher import Batcher, BatchPolicy
+from workers.engine import EngineConfig
+from workers.engine_client import ThreadEngine, fake_engine
 from workers.runner import ModelRunner
 from workers.work import CompatKey, ImageWork
 
@@ -29,10 +34,11 @@ class FakeModel:
         self.memory_images = memory_images
         self.call_s = call_s
 
-    def warm(self, width, height):
+    def warm(self, shape):
         self.threads.add(threading.get_ident())
+        self.warmed = shape
 
-    def run(self, key, images):
+    def run(self, key, images, on_step=None):
         self.threads.add(threading.get_ident())
         self.calls.append([w.prompt for w in images])
         time.sleep(self.call_s)
@@ -40,13 +46,19 @@ class FakeModel:
             raise ModelOutOfMemory(f"{len(images)} images do not fit")
         if any(w.prompt == self.fail_on for w in images):
             raise ValueError("bad prompt")
-        return [Image.new("RGB", (key.width, key.height), (w.seed % 256, 0, 0)) for w in images]
+        out = np.zeros((len(images), key.height, key.width, 3), dtype=np.uint8)
+        out[:, :, :, 0] = np.array([w.seed % 256 for w in images], dtype=np.uint8)[:, None, None]
+        return out
 
 
 def make_runner(model: FakeModel, max_images=8, wait_s=0.05) -> ModelRunner:
-    runner = ModelRunner(lambda: model, (8, 8), Batcher(BatchPolicy(max_images, wait_s)))
+    runner = ModelRunner(fake_engine(model), Batcher(BatchPolicy(max_images, wait_s)))
     runner.start(timeout_s=5)
     return runner
+
+
+def red(result, index=0) -> int:
+    return int(result.images[index][0, 0, 0])
 
 
 def work(prompt: str, count: int = 1, seed: int = 0) -> list[ImageWork]:
@@ -69,7 +81,7 @@ def test_a_burst_runs_in_full_batches_and_each_job_gets_its_own_images():
     results = [f.result(5) for f in futures]
     runner.stop()
     assert [len(call) for call in model.calls] == [4, 4]
-    assert [r.images[0].getpixel((0, 0))[0] for r in results] == list(range(8))
+    assert [red(r) for r in results] == list(range(8))
     assert len({r.batch_id for r in results}) == 2 and {r.batch_images for r in results} == {4}
 
 
@@ -78,7 +90,7 @@ def test_a_failing_batch_is_split_so_only_the_bad_job_fails():
     runner = make_runner(model, max_images=8, wait_s=0.5)
     names = ["a", "b", "poison", "c", "d"]
     futures = {name: runner.submit(KEY, work(name)) for name in names}
-    with pytest.raises(ValueError, match="bad prompt"):
+    with pytest.raises(PipelineError, match="bad prompt"):
         futures["poison"].result(5)
     for name in ("a", "b", "c", "d"):
         assert len(futures[name].result(5).images) == 1
@@ -103,7 +115,7 @@ def test_a_multi_image_job_that_does_not_fit_in_memory_is_split_within_itself():
     runner = make_runner(model, max_images=4, wait_s=0)
     result = runner.submit(KEY, work("big", 4)).result(5)
     runner.stop()
-    assert len(result.images) == 4 and [im.getpixel((0, 0))[0] for im in result.images] == [0, 1, 2, 3]
+    assert len(result.images) == 4 and [red(result, i) for i in range(4)] == [0, 1, 2, 3]
 
 
 def test_stop_finishes_the_work_already_queued():
@@ -115,9 +127,125 @@ def test_stop_finishes_the_work_already_queued():
 
 
 def test_a_model_that_cannot_load_fails_start():
-    def load():
+    def load(config):
         raise FileNotFoundError("no model here")
 
-    runner = ModelRunner(load, (8, 8), Batcher(BatchPolicy()))
+    runner = ModelRunner(ThreadEngine(EngineConfig("broken"), load=load), Batcher(BatchPolicy()))
     with pytest.raises(RuntimeError, match="no model here"):
         runner.start(timeout_s=5)
+
+
+def test_the_engine_warms_each_configured_shape_before_it_is_ready():
+    model = FakeModel()
+    shape = WarmShape(16, 24, (1, 8))
+    runner = ModelRunner(
+        ThreadEngine(EngineConfig("fake", warm=(shape,)), load=lambda c: model), Batcher(BatchPolicy())
+    )
+    runner.start(timeout_s=5)
+    runner.stop()
+    assert model.warmed == shape
+
+
+class ScriptedEngine:
+    """An engine the test drives by hand: it records what the runner sends and the test
+    plays the engine's events back."""
+
+    def __init__(self, fail_restart: bool = False):
+        self.sent: list[tuple[int, list[str]]] = []
+        self.starts = 0
+        self.fail_restart = fail_restart
+        self.events = None
+        self.sent_event = threading.Condition()
+
+    def start(self, events, timeout_s=None):
+        from tasks.errors import EngineStartFailed
+        from workers.engine import Ready
+
+        self.starts += 1
+        if self.starts > 1 and self.fail_restart:
+            raise EngineStartFailed("the device is gone")
+        self.events = events
+        return Ready("scripted", 1000 + self.starts, 0.0, 0.0)
+
+    def submit(self, batch_id, key, work):
+        with self.sent_event:
+            self.sent.append((batch_id, [w.prompt for w in work]))
+            self.sent_event.notify_all()
+
+    def cancel(self, batch_id):
+        pass
+
+    def stop(self, timeout_s=60):
+        pass
+
+    def wait_sent(self, count: int) -> list[tuple[int, list[str]]]:
+        with self.sent_event:
+            assert self.sent_event.wait_for(lambda: len(self.sent) >= count, 5), f"only {self.sent} sent"
+        return self.sent
+
+    def finish(self, batch_id: int, images: int) -> None:
+        self.events.batch_done(batch_id, np.zeros((images, 8, 8, 3), np.uint8), 0.01, False)
+
+
+def scripted_runner(engine, max_images=2, **kwargs) -> ModelRunner:
+    runner = ModelRunner(engine, Batcher(BatchPolicy(max_images, 0)), **kwargs)
+    runner.start(timeout_s=5)
+    return runner
+
+
+def test_the_next_batch_is_in_the_engine_before_the_running_one_ends():
+    engine = ScriptedEngine()
+    runner = scripted_runner(engine)
+    futures = [runner.submit(KEY, work(f"p{i}")) for i in range(6)]
+    first, second = engine.wait_sent(2)
+    engine.events.batch_started(first[0])
+    time.sleep(0.1)
+    assert len(engine.sent) == 2, "no more than the running batch and the next one are in the engine"
+    engine.finish(first[0], 2)
+    third = engine.wait_sent(3)[2]
+    assert [first[1], second[1], third[1]] == [["p0", "p1"], ["p2", "p3"], ["p4", "p5"]]
+    for batch_id, _ in engine.sent[1:]:
+        engine.events.batch_started(batch_id)
+        engine.finish(batch_id, 2)
+    assert all(len(f.result(5).images) == 1 for f in futures)
+    runner.stop()
+
+
+def test_when_the_engine_dies_its_running_jobs_crash_and_its_queued_jobs_run_on_the_next_engine():
+    from tasks.errors import EngineCrashed
+
+    engine = ScriptedEngine()
+    counted: list[list[object]] = []
+    runner = scripted_runner(engine, on_batch_start=counted.append)
+    running = [runner.submit(KEY, work(f"r{i}"), tag=f"r{i}") for i in range(2)]
+    queued = [runner.submit(KEY, work(f"q{i}"), tag=f"q{i}") for i in range(2)]
+    first, _ = engine.wait_sent(2)
+    engine.events.batch_started(first[0])
+    engine.events.engine_died("the engine was killed by SIGKILL")
+    for future in running:
+        with pytest.raises(EngineCrashed, match="SIGKILL"):
+            future.result(5)
+    resent = engine.wait_sent(3)[2]
+    assert engine.starts == 2 and resent[1] == ["q0", "q1"] and runner.restarts == 1
+    assert counted == [["r0", "r1"]], "only the batch that was running counts a crash"
+    engine.events.batch_started(resent[0])
+    engine.finish(resent[0], 2)
+    assert all(len(f.result(5).images) == 1 for f in queued)
+    runner.stop()
+
+
+def test_an_engine_that_cannot_restart_releases_the_waiting_jobs_and_stops_the_worker():
+    from workers.runner import JobReleased
+
+    engine = ScriptedEngine(fail_restart=True)
+    lost: list[str] = []
+    runner = scripted_runner(engine, max_images=1, depth=1, on_engine_lost=lost.append)
+    first = runner.submit(KEY, work("a"))
+    engine.wait_sent(1)
+    waiting = runner.submit(KEY, work("b"))
+    engine.events.batch_started(1)
+    engine.events.engine_died("the engine exited after a device error")
+    with pytest.raises(JobReleased):
+        waiting.result(5)
+    assert first.exception(5) is not None
+    assert lost == ["the device is gone"]
