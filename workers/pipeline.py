@@ -76,7 +76,9 @@ def compile_unet(pipe: DiffusionPipeline, mode: str, cache_dir: str = "") -> Non
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     import torch._dynamo
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # One graph per warmed shape: let the compiler keep more than its default 8.
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.unet = torch.compile(pipe.unet, mode=None if mode == "default" else mode, fullgraph=True, dynamic=False)
 

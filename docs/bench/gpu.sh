@@ -22,6 +22,10 @@ COMPILE=${COMPILE:-reduce-overhead}
 MODEL=${MODEL:-/tmp/fleet-$ARCH}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# Every fleet's process logs (the worker's has the engine's load, warm-up and compile times),
+# packed into one file at the end.
+export FLEET_BENCH_LOGS="$OUT/fleet-logs"
+trap 'tar czf "$OUT/fleet-logs.tgz" -C "$OUT" fleet-logs 2>/dev/null && rm -rf "$FLEET_BENCH_LOGS"' EXIT
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"

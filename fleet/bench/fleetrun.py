@@ -3,6 +3,9 @@ free ports, started fresh and stopped after, so configurations never share state
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -85,8 +88,25 @@ def running_fleet(model: str, config: FleetConfig, work_dir: Path, default_size:
         api, api_url = start_api(env, work_dir, workers=2)
         processes.append(api)
         yield RunningFleet(api_url, redis_server.url, worker_start_s)
+    except BaseException:
+        for log in sorted(work_dir.glob("*.log")):
+            print(f"--- last lines of {log.name} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+        raise
     finally:
         for process in reversed(processes):
             process.stop()
         s3.stop()
         redis_server.stop()
+        keep_logs(work_dir, config)
+
+
+def keep_logs(work_dir: Path, config: FleetConfig) -> None:
+    """``FLEET_BENCH_LOGS=DIR`` keeps every fleet's process logs (engine start, warm-up and
+    compile times are in the worker's)."""
+    target = os.environ.get("FLEET_BENCH_LOGS")
+    if not target:
+        return
+    stem = re.sub(r"[^a-z0-9]+", "-", config.label.lower()).strip("-") + time.strftime("-%H%M%S")
+    Path(target).mkdir(parents=True, exist_ok=True)
+    for log in work_dir.glob("*.log"):
+        shutil.copy(log, Path(target) / f"{stem}-{log.name}")
