@@ -174,9 +174,16 @@ class Settings(BaseSettings):
 
     @property
     def warm(self) -> tuple[WarmShape, ...]:
-        return WarmShape.parse_list(self.warm_shapes) or (
-            WarmShape(self.default_width, self.default_height, (self.max_batch_images,)),
-        )
+        """The configured shapes, else the default size at every batch size up to
+        ``max_batch_images`` (eager: on an H200 a batch size never run before cost its first
+        call 1 s more, and warming them all takes seconds), or at 1 and the largest when
+        compiled (each compiles for a minute; the sizes between are padded up)."""
+        configured = WarmShape.parse_list(self.warm_shapes)
+        if configured:
+            return configured
+        largest = self.max_batch_images
+        sizes = tuple(sorted({1, largest})) if self.compile != "off" else tuple(range(1, largest + 1))
+        return (WarmShape(self.default_width, self.default_height, sizes),)
 
     @property
     def metrics_port(self) -> int:

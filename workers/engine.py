@@ -134,8 +134,8 @@ class Inbox(Protocol):
         ...
 
 
-def image_bytes(batch: RunBatch) -> int:
-    return len(batch.work) * batch.key.height * batch.key.width * 3
+def image_bytes(key: CompatKey, images: int) -> int:
+    return images * key.height * key.width * 3
 
 
 def images_view(buffer, batch: RunBatch) -> np.ndarray:

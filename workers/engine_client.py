@@ -149,8 +149,7 @@ class ProcessEngine:
         return message
 
     def submit(self, batch_id: int, key: CompatKey, work: list[ImageWork]) -> None:
-        batch = RunBatch(batch_id, key, tuple(work))
-        block = shared_memory.SharedMemory(create=True, size=max(1, image_bytes(batch)))
+        block = shared_memory.SharedMemory(create=True, size=max(1, image_bytes(key, len(work))))
         batch = RunBatch(batch_id, key, tuple(work), output=block.name)
         with self._blocks_lock:
             self._blocks[batch_id] = (block, batch)

@@ -204,16 +204,14 @@ class ModelRunner:
                 batch = self._next_batch()
                 if batch is None:
                     return
-                if batch is _RESTART:
-                    pass
-                else:
+                if batch is not _RESTART:
                     batch_id = next(self._batch_ids)
-                    self._inflight[batch_id] = _InFlight(batch)
+                    self._inflight[batch_id] = _InFlight(batch)  # before the engine can answer
             if batch is _RESTART:
                 self._restart()
-                continue
-            work = [w for s in batch.slices for w in s.request.payload.work[s.start : s.start + s.count]]
-            self._engine.submit(batch_id, batch.key.compat, work)
+            else:
+                work = [w for s in batch.slices for w in s.request.payload.work[s.start : s.start + s.count]]
+                self._engine.submit(batch_id, batch.key.compat, work)
 
     def _next_batch(self) -> Batch | object | None:
         """Under the lock: the next batch to send, ``_RESTART``, or None when stopped."""

@@ -37,3 +37,17 @@ $B bench sweep --model sim:profile=tiny-cpu-64 --mix reference-64 --config 8:0:f
 $B bench plan --profile tiny-cpu-64 --rate 30 --p95 1.5 | tee $OUT/plan-case2-recommendation.txt
 $B bench sweep --model sim:profile=tiny-cpu-64 --mix reference-64 --config 8:50:adaptive:3 --rates 30 --jobs 900 \
     --out $OUT/plan-case2
+
+# 8. The engine process against the model thread (FLEET_ENGINE=thread, the earlier design),
+#    on the reference workload and on the host-share simulated GPU (half of each call is
+#    GIL-holding Python, as an eager pipeline launching kernels), closed loop at saturation.
+$B bench batching --size 128 --steps 20 --jobs 96 --closed-loop --config 8:0:fixed --config 8:0:fixed:1:thread \
+    --config 1:0:fixed --config 1:0:fixed:1:thread --out $OUT/engine-128.json
+$B bench batching --model "sim:a=0.035,b=0.3,host=0.5" --size 64 --steps 20 --jobs 96 --closed-loop \
+    --config 8:0:fixed --config 8:0:fixed:1:thread --config 1:0:fixed --config 1:0:fixed:1:thread \
+    --out $OUT/hostshare-64.json
+
+# 9. PNG compression level against encode time and size at 512x512.
+.venv/bin/python docs/bench/png_levels.py
+
+# GPU rows (section 7 of BENCHMARKS.md): on a GPU host, bash docs/bench/gpu.sh

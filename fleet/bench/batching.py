@@ -137,7 +137,11 @@ def report(size: int, steps: int, pairs: list[Pair], compiled: Compiled | None =
             f"| {sizes} | {s.phases['inference']['mean'] * 1000:.0f} ms vs {bare_call * 1000:.0f} ms (batch {limit}) "
             f"| {s.first_call_s * 1000:.0f} ms |"
         )
-    fixed = {p.point.config.max_batch_images: p for p in pairs if p.point.config.policy == "fixed"}
+    fixed = {
+        p.point.config.max_batch_images: p
+        for p in pairs
+        if p.point.config.policy == "fixed" and p.point.config.engine == "process"
+    }
     if 8 in fixed and 1 in fixed:
         bare_gain = fixed[8].bare_images_per_s / fixed[1].bare_images_per_s
         fleet_gain = fixed[8].point.summary.images_per_s / fixed[1].point.summary.images_per_s

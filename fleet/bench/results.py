@@ -36,7 +36,7 @@ class Summary:
     phases: dict[str, dict[str, float]]  # phase -> {"p50": seconds, ...}
     batch_sizes: dict[int, int]  # images per model call -> calls
     call_seconds: dict[int, float]  # images per model call -> mean duration of such calls
-    steady_images_per_s: float  # between the 10th and 90th percentile of finish times
+    steady_images_per_s: float  # after the ramp-up, in whole model calls (``_steady_rate``)
     first_call_s: float = float("nan")  # the run's first model call: did it pay for initialisation?
 
     @property
@@ -150,11 +150,20 @@ def _first_call(done: list) -> float:
 
 
 def _steady_rate(done: list) -> float:
-    """Images/s once the run is under way: the ramp-up (workers idle until the first jobs
-    arrive, a first batch smaller than the rest) and the drain are left out."""
-    finishes = sorted((s.job.finished_at, len(s.job.image_keys)) for s in done)
-    if len(finishes) < 10:
+    """Images/s once the run is under way, counted in whole model calls: the first quarter
+    of the calls (the ramp-up: an idle worker starts the first arrivals in small batches)
+    is left out, and the rate is the images of the remaining calls over the time from the
+    end of the last left-out call to the end of the last call. Counting whole calls matters:
+    a batch's images all finish together, so a window cut through calls miscounts them."""
+    calls: dict[str, list] = collections.defaultdict(list)
+    for s in done:
+        if s.job.batch:
+            calls[s.job.batch["id"]].append(s.job)
+    ends = sorted(
+        (max(job.finished_at for job in jobs), sum(len(job.image_keys) for job in jobs)) for jobs in calls.values()
+    )
+    skip = max(1, -(-len(ends) // 4))
+    if len(ends) <= skip:
         return float("nan")
-    low, high = int(len(finishes) * 0.1), int(len(finishes) * 0.9)
-    span = finishes[high][0] - finishes[low][0]
-    return sum(n for _, n in finishes[low + 1 : high + 1]) / span if span > 0 else float("nan")
+    span = ends[-1][0] - ends[skip - 1][0]
+    return sum(images for _, images in ends[skip:]) / span if span > 0 else float("nan")

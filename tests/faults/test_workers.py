@@ -3,12 +3,13 @@ reaches a terminal state, with its images stored once."""
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 
 import requests
 
-from fleet.processes import BIN, Server, free_port, port_open
+from fleet.processes import BIN, Server, free_port
 from tasks.celery import make_celery, publish_job
 from tasks.jobs import JobState
 from workers.celery import EXIT_NOT_STARTED
@@ -85,12 +86,23 @@ def test_the_same_message_twice_gives_one_set_of_images(make_fleet):
 
 
 def free_port_pair() -> int:
-    """A port whose successor is free too: two slots' metrics ports."""
-    for _ in range(50):
-        port = free_port()
-        if port < 65535 and not port_open(port + 1):
+    """A port whose successor is free too (two slots' metrics ports), below the ephemeral
+    range, where the kernel would hand the successor to some client connection meanwhile."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000, 2)
+        if all(bindable(p) for p in (port, port + 1)):
             return port
     raise RuntimeError("no two adjacent free ports")
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def test_the_readme_worker_command_twice_on_one_host_gives_two_workers_that_share_the_queue(make_fleet, broker_kind):

@@ -76,3 +76,17 @@ def test_a_load_run_against_the_fleet_reports_every_phase(api_url, settings, spe
 def test_following_jobs_through_the_api_works_without_redis(api_url):
     run = run_load(api_url, RequestMix.load("reference-64"), LoadSpec(concurrency=2, jobs=3))
     assert summarize(run).jobs_succeeded == 3
+
+
+def test_the_steady_rate_counts_whole_calls_after_the_ramp():
+    """Calls of 8 every second after two small ramp-up calls: 8 images/s, whatever the ramp."""
+    from types import SimpleNamespace
+
+    from fleet.bench.results import _steady_rate
+
+    def job(call: str, finished: float):
+        return SimpleNamespace(job=SimpleNamespace(batch={"id": call}, finished_at=finished, image_keys=["k"]))
+
+    done = [job("ramp-a", 0.5), job("ramp-b", 1.07)]
+    done += [job(f"c{n}", 2.0 + n + i * 0.01) for n in range(6) for i in range(8)]
+    assert _steady_rate(done) == pytest.approx(8.0, rel=0.02)

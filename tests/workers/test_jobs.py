@@ -3,7 +3,9 @@ and stored PNGs, failures carry a reason, and a duplicate delivery does nothing 
 
 from __future__ import annotations
 
+import dataclasses
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
@@ -64,3 +66,20 @@ def test_a_duplicate_delivery_of_a_finished_job_does_nothing(context, store):
 
 def test_a_message_for_an_expired_job_is_dropped(context):
     assert run_job(context, new_job_id(), worker="w1") == "MISSING"
+
+
+def test_the_images_of_a_job_are_stored_side_by_side_at_the_configured_png_level(context, store, storage):
+    """A multi-image job's PNGs go through the upload pool, at FLEET_PNG_COMPRESS_LEVEL."""
+    sizes = {}
+    for level in (0, 9):
+        ctx = dataclasses.replace(
+            context,
+            settings=context.settings.model_copy(update={"png_compress_level": level}),
+            uploads=ThreadPoolExecutor(4),
+        )
+        job = submit(store, prompt="levels", num_images=3)
+        assert run_job(ctx, job.id, worker="w1") == "SUCCEEDED"
+        sizes[level] = [len(storage.get(key)) for key in store.get(job.id).image_keys]
+        ctx.uploads.shutdown()
+    assert all(size >= 16 * 24 * 3 for size in sizes[0]), "level 0 stores the raw pixels"
+    assert max(sizes[9]) < min(sizes[0]) / 4
