@@ -145,7 +145,9 @@ def _generate(ctx: WorkerContext, job: Job, queue: str) -> JobResult:
             return future.result()
         except EngineCrashed as exc:
             current = ctx.retrying(lambda: ctx.store.get(job.id), "reading the job")
-            crashes = current.crashes if current is not None else crashes + 1
+            # The store counted it when the call started; never less than one more than
+            # before, so a lost count cannot loop a poison job forever.
+            crashes = max(current.crashes if current is not None else 0, crashes + 1)
             if crashes >= ctx.settings.max_attempts:
                 raise JobError(_gave_up(crashes)) from exc
             log.warning("job %s was in a call the engine died in (%d so far): running it alone", job.id, crashes)

@@ -125,13 +125,19 @@ def test_a_worker_that_cannot_start_never_takes_a_job(make_fleet, broker_kind):
     fleet = make_fleet(broker_kind, FLEET_WORKER_METRICS_PORT=str(taken))
     fleet.start_api()
     ids = fleet.submit_many(4)
+
+    def doomed(name: str, **env: str) -> Server:
+        args = [str(BIN / "celery"), "-A", "workers", "worker", "-n", f"{name}@%h"]
+        worker = Server(name, args, env={**fleet.env, **env}, log_dir=fleet.work_dir).start()
+        assert worker.proc.wait(60) == EXIT_NOT_STARTED
+        return worker
+
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", taken))
         squatter.listen()
-        doomed = Server("doomed", [str(BIN / "celery"), "-A", "workers", "worker", "-n", "doomed@%h"], env=fleet.env,
-                        log_dir=fleet.work_dir).start()  # fmt: skip
-        assert doomed.proc.wait(60) == EXIT_NOT_STARTED
-    assert f"metrics port {taken} is taken" in doomed.log()
+        assert f"metrics port {taken} is taken" in doomed("port-taken").log()
+    no_model = doomed("no-model", FLEET_WORKER_METRICS_PORT="0", FLEET_MODEL=str(fleet.work_dir / "no-such-model"))
+    assert "fleet model init" in no_model.log(), "the engine's load error says what to do"
     assert all(state is JobState.QUEUED for state in fleet.store.states(ids).values())
     fleet.start_worker(FLEET_WORKER_METRICS_PORT="0")
     fleet.settle(timeout_s=60)
