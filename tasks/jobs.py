@@ -171,6 +171,42 @@ class Timings:
     total_s: float | None = None
 
 
+@dataclass(frozen=True)
+class BatchInfo:
+    """The model call a job's (last) images ran in."""
+
+    id: str
+    images: int
+
+
+@dataclass(frozen=True)
+class JobUpdate:
+    """Fields a state change writes along with the new state; ``None`` leaves a field as it
+    is. The one place that knows how each field is encoded in the job's Redis hash."""
+
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    worker: str | None = None
+    task_id: str | None = None
+    image_keys: list[str] | None = None
+    timings: Timings | None = None
+    batch: BatchInfo | None = None
+
+    def to_redis(self) -> dict[str, str]:
+        encode = {
+            "started_at": repr,
+            "finished_at": repr,
+            "error": str,
+            "worker": str,
+            "task_id": str,
+            "image_keys": json.dumps,
+            "timings": lambda timings: json.dumps(asdict(timings)),
+            "batch": lambda batch: json.dumps(asdict(batch)),
+        }
+        return {name: encode[name](value) for name, value in vars(self).items() if value is not None}
+
+
 @dataclass
 class Job:
     """A job record as stored and as returned by ``GET /v1/jobs/<id>``."""
@@ -200,17 +236,18 @@ class Job:
             "attempts": str(self.attempts),
             "crashes": str(self.crashes),
             "queue": self.queue,
-            "image_keys": json.dumps(self.image_keys),
-            "timings": json.dumps(asdict(self.timings)),
-            "batch": json.dumps(self.batch),
         }
-        for name in ("started_at", "finished_at"):
-            if getattr(self, name) is not None:
-                raw[name] = repr(getattr(self, name))
-        for name in ("error", "worker", "task_id"):
-            if getattr(self, name) is not None:
-                raw[name] = getattr(self, name)
-        return raw
+        update = JobUpdate(
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            error=self.error,
+            worker=self.worker,
+            task_id=self.task_id,
+            image_keys=self.image_keys,
+            timings=self.timings,
+            batch=BatchInfo(**self.batch) if self.batch else None,
+        )
+        return raw | update.to_redis()
 
     @classmethod
     def from_redis(cls, raw: dict[str, str]) -> Job:

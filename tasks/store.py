@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import redis
 
 from tasks.errors import DependencyUnavailable
-from tasks.jobs import TRANSITIONS, Job, JobState
+from tasks.jobs import TRANSITIONS, Job, JobState, JobUpdate
 
 KEY_PREFIX = "fleet:job:"
 #: Jobs not yet taken by a worker: id -> when to publish their message (again) if still
@@ -38,6 +38,14 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {1, ARGV[1]}
 """
 
+#: Add ARGV[2] to field ARGV[1] of each existing record: a counter never creates a record
+#: (one without its id, state or TTL) for a job that expired or was never there.
+_COUNT_LUA = """
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then redis.call('HINCRBY', key, ARGV[1], ARGV[2]) end
+end
+"""
+
 
 def _sources(target: JobState) -> str:
     return ",".join(s.value for s, targets in TRANSITIONS.items() if target in targets)
@@ -54,6 +62,7 @@ class JobStore:
         self._redis = client
         self._ttl_s = ttl_s
         self._transition = client.register_script(_TRANSITION_LUA)
+        self._count = client.register_script(_COUNT_LUA)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -105,19 +114,16 @@ class JobStore:
         self._count_crashes(job_ids, -1)
 
     def _count_crashes(self, job_ids: list[str], delta: int) -> None:
-        with self._errors(), self._redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hincrby(self.key(job_id), "crashes", delta)
-            pipe.execute()
+        if job_ids:
+            with self._errors():
+                self._count(keys=[self.key(i) for i in job_ids], args=["crashes", delta])
 
     def release(self, job_id: str) -> None:
         """Undo a claim for a job handed back unstarted (worker shutdown): the next
         delivery is not counted as a retry. The state stays RUNNING: it never goes back."""
         with self._errors():
-            with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hincrby(self.key(job_id), "attempts", -1)
-                pipe.hdel(self.key(job_id), "worker")
-                pipe.execute()
+            self._count(keys=[self.key(job_id)], args=["attempts", -1])
+            self._redis.hdel(self.key(job_id), "worker")
 
     @contextmanager
     def _errors(self):
@@ -147,10 +153,10 @@ class JobStore:
             pipe.zrem(OUTBOX_KEY, job_id)
             pipe.execute()
 
-    def transition(self, job_id: str, target: JobState, **fields: str) -> TransitionResult:
-        """Move a job to ``target`` if its current state allows it, writing ``fields`` too."""
+    def transition(self, job_id: str, target: JobState, update: JobUpdate | None = None) -> TransitionResult:
+        """Move a job to ``target`` if its current state allows it, writing ``update`` too."""
         args: list[str] = [target.value, _sources(target), str(self._ttl_s), job_id]
-        for name, value in fields.items():
+        for name, value in (update or JobUpdate()).to_redis().items():
             args += [name, value]
         with self._errors():
             applied, state = self._transition(keys=[self.key(job_id), OUTBOX_KEY], args=args)

@@ -18,17 +18,16 @@ What can go wrong, and what happens (docs/RELIABILITY.md has the tests):
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from tasks.errors import DependencyUnavailable, EngineCrashed, FleetError, JobError
-from tasks.jobs import Job, JobState, Timings
+from tasks.jobs import BatchInfo, Job, JobState, JobUpdate, Timings
 from tasks.settings import Settings
 from tasks.storage import ObjectStorage, image_key
 from tasks.store import JobStore, TransitionResult, now
@@ -85,7 +84,7 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
         return _fail(ctx, job_id, _gave_up(job.crashes))
 
     started_at = now()
-    claimed = _record(ctx, job_id, JobState.RUNNING, started_at=repr(started_at), worker=worker, task_id=task_id)
+    claimed = _record(ctx, job_id, JobState.RUNNING, JobUpdate(started_at=started_at, worker=worker, task_id=task_id))
     if not claimed.applied:
         return claimed.state.value if claimed.state else "MISSING"
 
@@ -119,10 +118,12 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
         ctx,
         job_id,
         JobState.SUCCEEDED,
-        finished_at=repr(finished_at),
-        image_keys=json.dumps(keys),
-        timings=json.dumps(asdict(timings)),
-        batch=json.dumps({"id": result.batch_id, "images": result.batch_images}),
+        JobUpdate(
+            finished_at=finished_at,
+            image_keys=keys,
+            timings=timings,
+            batch=BatchInfo(result.batch_id, result.batch_images),
+        ),
     )
     return _finished(ctx, done)
 
@@ -173,9 +174,9 @@ def _upload(ctx: WorkerContext, job_id: str, result: JobResult) -> tuple[list[st
     return keys, upload_s
 
 
-def _record(ctx: WorkerContext, job_id: str, target: JobState, **fields: str) -> TransitionResult:
+def _record(ctx: WorkerContext, job_id: str, target: JobState, update: JobUpdate) -> TransitionResult:
     try:
-        return ctx.retrying(lambda: ctx.store.transition(job_id, target, **fields), f"recording {target.value}")
+        return ctx.retrying(lambda: ctx.store.transition(job_id, target, update), f"recording {target.value}")
     except DependencyUnavailable as exc:
         raise HandBack(f"job store unavailable: {exc.message}") from exc
 
@@ -195,4 +196,4 @@ def _finished(ctx: WorkerContext, done: TransitionResult) -> str:
 
 
 def _fail(ctx: WorkerContext, job_id: str, reason: str) -> str:
-    return _finished(ctx, _record(ctx, job_id, JobState.FAILED, finished_at=repr(now()), error=reason))
+    return _finished(ctx, _record(ctx, job_id, JobState.FAILED, JobUpdate(finished_at=now(), error=reason)))

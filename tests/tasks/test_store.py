@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.jobs import Job, JobState, new_job_id, parse_request
+from tasks.jobs import BatchInfo, Job, JobState, JobUpdate, Timings, new_job_id, parse_request
 from tasks.settings import Settings
 
 
@@ -30,17 +30,17 @@ def test_records_expire_after_the_ttl(store, job, settings):
 
 
 def test_running_counts_attempts_and_a_redelivery_is_a_second_attempt(store, job):
-    assert store.transition(job.id, JobState.RUNNING, worker="a").applied
-    assert store.transition(job.id, JobState.RUNNING, worker="b").applied
+    assert store.transition(job.id, JobState.RUNNING, JobUpdate(worker="a")).applied
+    assert store.transition(job.id, JobState.RUNNING, JobUpdate(worker="b")).applied
     record = store.get(job.id)
     assert (record.state, record.attempts, record.worker) == (JobState.RUNNING, 2, "b")
 
 
 def test_a_finished_job_never_moves_again(store, job):
     store.transition(job.id, JobState.RUNNING)
-    assert store.transition(job.id, JobState.SUCCEEDED, error="").applied
+    assert store.transition(job.id, JobState.SUCCEEDED, JobUpdate(error="")).applied
     for target in (JobState.RUNNING, JobState.FAILED, JobState.SUCCEEDED, JobState.QUEUED):
-        result = store.transition(job.id, target, error="late")
+        result = store.transition(job.id, target, JobUpdate(error="late"))
         assert not result.applied and result.state is JobState.SUCCEEDED
     assert store.get(job.id).error == ""
 
@@ -53,3 +53,26 @@ def test_queued_cannot_jump_to_succeeded(store, job):
 def test_transition_of_a_missing_job_applies_nothing(store):
     result = store.transition(new_job_id(), JobState.RUNNING)
     assert not result.applied and result.state is None
+
+
+def test_counters_never_create_a_record_for_a_job_that_is_not_there(store, redis_client):
+    """Counting a crash or releasing a claim of an expired job leaves no id-less, TTL-less hash."""
+    ghost = new_job_id()
+    store.enter_model([ghost])
+    store.release(ghost)
+    assert not redis_client.exists(store.key(ghost))
+
+
+def test_an_update_is_stored_typed_and_read_back_as_it_was_written(store, job):
+    """Timestamps, keys, timings and the batch go in as values and come back equal."""
+    update = JobUpdate(
+        finished_at=1234.5,
+        image_keys=[f"jobs/{job.id}/0.png"],
+        timings=Timings(queue_wait_s=0.25, inference_s=1.5),
+        batch=BatchInfo("7-3", 8),
+    )
+    store.transition(job.id, JobState.RUNNING)
+    assert store.transition(job.id, JobState.SUCCEEDED, update).applied
+    record = store.get(job.id)
+    assert record.finished_at == 1234.5 and record.image_keys == update.image_keys
+    assert record.timings == update.timings and record.batch == {"id": "7-3", "images": 8}
