@@ -9,10 +9,10 @@ from datetime import datetime, timezone
 from flask import Blueprint, jsonify, request, url_for
 
 from app.services import services
-from tasks.celery import publish_job
-from tasks.errors import DependencyUnavailable, MalformedBody, NotFound, UnsupportedMediaType
+from tasks.errors import MalformedBody, NotFound, UnsupportedMediaType
 from tasks.jobs import Job, JobState, new_job_id, parse_request
 from tasks.store import now
+from tasks.submit import submit_job
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
@@ -31,22 +31,7 @@ def submit():
     spec = parse_request(body, svc.settings)
 
     job = Job(id=new_job_id(), state=JobState.QUEUED, spec=spec, created_at=now(), queue=svc.settings.queue)
-    settings = svc.settings
-    # With an outbox entry: if this process dies before publishing, a sweeper publishes it.
-    svc.store.create(job, publish_by=job.created_at + settings.outbox_grace_s)
-    try:
-        publish_job(svc.celery, job.id, job.queue, settings.publish_timeout_s)
-    except DependencyUnavailable:
-        # The client is told the job was not accepted, so no record may stay QUEUED.
-        try:
-            svc.store.delete(job.id)
-        except DependencyUnavailable:
-            pass  # the sweeper will publish it after all; the job still completes
-        raise
-    try:
-        svc.store.published(job.id, republish_at=now() + settings.republish_after_s)
-    except DependencyUnavailable:
-        pass  # the sweeper may publish it once more: a duplicate is harmless
+    submit_job(svc.store, svc.celery, svc.settings, job)
     response = jsonify(job_view(job))
     response.status_code = 202
     response.headers["Location"] = url_for("jobs.status", job_id=job.id)

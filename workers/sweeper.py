@@ -17,11 +17,11 @@ import time
 
 from celery import Celery
 
-from tasks.celery import publish_job
 from tasks.errors import DependencyUnavailable
 from tasks.jobs import JobState
 from tasks.settings import Settings
 from tasks.store import JobStore
+from tasks.submit import publish
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,7 @@ def sweep_once(store: JobStore, celery_app: Celery, settings: Settings, now: flo
         if job is None or job.state is not JobState.QUEUED:
             store.forget_outbox(job_id)  # expired, or taken by a worker
             continue
-        publish_job(celery_app, job_id, job.queue or settings.queue, settings.publish_timeout_s)
-        store.published(job_id, republish_at=now + settings.republish_after_s)
+        publish(store, celery_app, settings, job_id, job.queue)
         log.warning("published job %s again: QUEUED with no worker taking it", job_id)
         published += 1
     return published
