@@ -7,7 +7,7 @@ import logging
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from tasks.errors import DependencyUnavailable, FleetError, PayloadTooLarge
+from tasks.errors import DependencyUnavailable, FleetError, PayloadTooLarge, error_body
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
-        response = jsonify({"error": {"code": code, "message": exc.description, "field": None}})
+        response = jsonify(error_body(code, exc.description or ""))
         response.status_code = exc.code or 500
         if exc.code == 405 and exc.valid_methods:
             response.headers["Allow"] = ", ".join(exc.valid_methods)

@@ -6,7 +6,7 @@ from flask import Blueprint, jsonify
 
 from app.services import services
 from tasks.celery import ping_broker
-from tasks.errors import DependencyUnavailable
+from tasks.errors import DependencyUnavailable, error_body
 
 bp = Blueprint("health", __name__)
 
@@ -34,14 +34,7 @@ def readyz():
             results[name] = exc.message
             failing.append(name)
     if failing:
-        body = {
-            "error": {
-                "code": "unavailable",
-                "message": f"not ready: {', '.join(failing)} unavailable",
-                "field": None,
-            },
-            "checks": results,
-        }
+        body = error_body("unavailable", f"not ready: {', '.join(failing)} unavailable") | {"checks": results}
         response = jsonify(body)
         response.status_code = 503
         response.headers["Retry-After"] = "5"

@@ -26,6 +26,11 @@ Every API error renders as ``{"error": {"code", "message", "field"}}``.
 from __future__ import annotations
 
 
+def error_body(code: str, message: str, field: str | None = None) -> dict:
+    """The one shape of every API error."""
+    return {"error": {"code": code, "message": message, "field": field}}
+
+
 class FleetError(Exception):
     status = 500
     code = "internal"
@@ -36,7 +41,7 @@ class FleetError(Exception):
         self.field = field
 
     def to_dict(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+        return error_body(self.code, self.message, self.field)
 
 
 class RequestError(FleetError):

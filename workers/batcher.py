@@ -54,6 +54,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
+from workers.cost import CostProfile
 from workers.work import BatchKey, CompatKey
 
 RATE_WINDOW_S = 10.0
@@ -170,18 +171,14 @@ class CostModel:
         samples = self._samples.get(key)
         if not samples:
             return None
-        n = len(samples)
-        mean_x = sum(x for x, _ in samples) / n
-        mean_y = sum(y for _, y in samples) / n
-        var_x = sum((x - mean_x) ** 2 for x, _ in samples)
-        if var_x == 0:
+        fit = CostProfile.fit(samples)
+        if fit is None:
             # One batch size seen so far: a neutral prior (at batch 1, half the call is
             # fixed overhead) until a second size is seen.
-            per_call = mean_y / (mean_x + 1)
+            images = samples[-1][0]
+            per_call = sum(y for _, y in samples) / len(samples) / (images + 1)
             return per_call, per_call
-        a = sum((x - mean_x) * (y - mean_y) for x, y in samples) / var_x
-        b = mean_y - a * mean_x
-        return max(a, 0.0), max(b, 0.0)
+        return max(fit.a, 0.0), max(fit.b, 0.0)
 
     def predict(self, key: CompatKey, images: int) -> float | None:
         fit = self.coefficients(key)

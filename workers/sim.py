@@ -44,15 +44,14 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from tasks.errors import DeviceLost
 from tasks.settings import WarmShape
+from workers.cost import PROFILES, CostProfile
 from workers.work import CompatKey, ImageWork, StepCallback
 
-PROFILES = Path(__file__).parent / "profiles"
 RAISE_MARK = "[[raise]]"
 CRASH_MARK = "[[crash]]"
 SEGFAULT_MARK = "[[segfault]]"
@@ -61,9 +60,7 @@ HOST_SLICE = 0.0005  # seconds: the longest stretch of host work that holds the 
 
 
 @dataclass(frozen=True)
-class SimProfile:
-    a: float  # seconds per image
-    b: float  # seconds per call
+class SimProfile(CostProfile):
     noise: float = 0.0  # relative standard deviation of a call's time
     host: float = 0.0  # share of a call that is GIL-holding Python (kernel launches), 0..1
 
@@ -71,8 +68,9 @@ class SimProfile:
         if not 0.0 <= self.host <= 1.0:  # also refuses NaN
             raise ValueError(f"sim model: host= is the share of a call spent in Python, 0 to 1; got {self.host}")
 
-    def seconds(self, images: int, rng: random.Random) -> float:
-        return max(0.0, (self.a * images + self.b) * (1 + self.noise * rng.gauss(0, 1)))
+    def draw(self, images: int, rng: random.Random) -> float:
+        """One call's time: the profile's, with its noise."""
+        return max(0.0, self.seconds(images) * (1 + self.noise * rng.gauss(0, 1)))
 
     @classmethod
     def parse(cls, spec: str) -> SimProfile:
@@ -132,7 +130,7 @@ class SimModel:
             ctypes.string_at(0)
         if DEVICE_LOST_MARK in prompts:
             raise DeviceLost("CUDA error: an illegal memory access was encountered (simulated)")
-        seconds = self.profile.seconds(len(images), self._rng)
+        seconds = self.profile.draw(len(images), self._rng)
         steps = max(1, key.steps)
         for step in range(1, steps + 1):
             self._spend(seconds / steps)

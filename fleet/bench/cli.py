@@ -78,6 +78,12 @@ def _plot(args) -> int:
 def _plan(args) -> int:
     from fleet.bench.planner import Profile, ideal, plan
 
+    def fitted(points: dict[int, float]) -> Profile:
+        fit = Profile.fit(points.items())
+        if fit is None:
+            raise SystemExit("fleet bench plan: --fit needs call times at two batch sizes at least")
+        return fit
+
     if args.fit and args.fit.endswith(".json"):
         data = json.loads(Path(args.fit).read_text())
         if isinstance(data, list):  # a sweep: the model calls measured inside the fleet
@@ -85,12 +91,12 @@ def _plan(args) -> int:
             for point in data:
                 for n, seconds in point["summary"]["call_seconds"].items():
                     calls.setdefault(int(n), []).append(seconds)
-            profile = Profile.fit({n: sum(v) / len(v) for n, v in calls.items()})
+            profile = fitted({n: sum(v) / len(v) for n, v in calls.items()})
         else:  # what `fleet bench bare --out` wrote
-            profile = Profile.fit({int(n): row["per_call_s"] for n, row in data.items()})
+            profile = fitted({int(n): row["per_call_s"] for n, row in data.items()})
     elif args.fit:
         points = dict(item.split(":") for item in args.fit.split(","))
-        profile = Profile.fit({int(n): float(t) for n, t in points.items()})
+        profile = fitted({int(n): float(t) for n, t in points.items()})
     else:
         profile = Profile.load(args.profile)
     result = plan(profile, args.rate, args.p95, images_per_job=args.images_per_job)

@@ -37,16 +37,15 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import math
 import random
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
-from pathlib import Path
 
+from fleet.bench.stats import percentile
 from workers.batcher import Batch, Batcher, BatchPolicy, CostModel, Request
-from workers.sim import PROFILES
+from workers.cost import CostProfile as Profile
 from workers.work import BatchKey, CompatKey
 
 WARMUP_FRACTION = 0.1
@@ -55,35 +54,6 @@ MAX_UTILIZATION = 0.85
 # could keep asking for one a hair later; a real model thread's sleep is not finer anyway.
 MIN_SLEEP_S = 1e-3
 KEY = BatchKey("planned", CompatKey("planned", 512, 512, 20, 7.5))  # every simulated job can share a batch
-
-
-@dataclass(frozen=True)
-class Profile:
-    a: float  # seconds per image
-    b: float  # seconds per call
-
-    def seconds(self, images: int) -> float:
-        return self.a * images + self.b
-
-    @classmethod
-    def load(cls, name_or_path: str | Path) -> Profile:
-        """A shipped profile by name (``tiny-cpu-128``) or any JSON file with ``a`` and ``b``."""
-        path = Path(name_or_path)
-        if path.suffix != ".json":
-            path = PROFILES / f"{name_or_path}.json"
-        data = json.loads(path.read_text())
-        return cls(float(data["a"]), float(data["b"]))
-
-    @classmethod
-    def fit(cls, points: dict[int, float]) -> Profile:
-        """Least squares over ``{batch size: seconds per call}``; needs two sizes at least."""
-        if len(points) < 2:
-            raise ValueError("fit needs call times at two batch sizes at least")
-        n = len(points)
-        mean_x = sum(points) / n
-        mean_y = sum(points.values()) / n
-        a = sum((x - mean_x) * (y - mean_y) for x, y in points.items()) / sum((x - mean_x) ** 2 for x in points)
-        return cls(a, mean_y - a * mean_x)
 
 
 def saturation_throughput(profile: Profile, max_batch_images: int, workers: int = 1) -> float:
@@ -105,24 +75,15 @@ class SimResult:
 
     @property
     def p50(self) -> float:
-        return _percentile(self.latencies, 0.50)
+        return percentile(self.latencies, 50)
 
     @property
     def p95(self) -> float:
-        return _percentile(self.latencies, 0.95)
+        return percentile(self.latencies, 95)
 
     @property
     def p99(self) -> float:
-        return _percentile(self.latencies, 0.99)
-
-
-def _percentile(ordered: tuple[float, ...], q: float) -> float:
-    if not ordered:
-        return math.nan
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+        return percentile(self.latencies, 99)
 
 
 class _MemoCostModel(CostModel):

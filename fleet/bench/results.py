@@ -8,21 +8,11 @@ import statistics
 from dataclasses import dataclass
 
 from fleet.bench.load import LoadRun
+from fleet.bench.stats import percentile
 from tasks.jobs import JobState
 
 PERCENTILES = (50, 90, 95, 99)
 PHASES = ("queue_wait", "batch_wait", "inference", "upload", "overhead", "end_to_end", "client_end_to_end")
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * p / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 @dataclass

@@ -69,7 +69,7 @@ def test_a_call_reports_each_step_and_stops_when_the_callback_asks():
 def test_noise_varies_call_times_around_the_mean():
     profile = SimProfile(0.1, 0.1, noise=0.1)
     rng = random.Random(0)
-    times = [profile.seconds(1, rng) for _ in range(2000)]
+    times = [profile.draw(1, rng) for _ in range(2000)]
     assert 0.19 < sum(times) / len(times) < 0.21 and min(times) < 0.19 < 0.21 < max(times)
 
 
