@@ -13,6 +13,7 @@ from tasks.errors import MalformedBody, NotFound, UnsupportedMediaType
 from tasks.jobs import Job, JobState, new_job_id, parse_request
 from tasks.store import now
 from tasks.submit import submit_job
+from tasks.views import ImageLink, JobView
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
@@ -47,35 +48,11 @@ def status(job_id: str):
 
 
 def job_view(job: Job) -> dict:
-    view = {
-        "id": job.id,
-        "state": job.state.value,
-        "request": job.spec.model_dump(),
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-        "attempts": job.attempts,
-        "crashes": job.crashes,
-        "timings": job.timings.__dict__,
-        "batch": job.batch or None,
-        "worker": job.worker,
-        "task_id": job.task_id,
-        "error": job.error,
-        "images": [],
-    }
+    images = []
     if job.state is JobState.SUCCEEDED:
         storage = services().storage
         for key in job.image_keys:
             signed = storage.presign(key)
-            view["images"].append(
-                {
-                    "url": signed.url,
-                    "expires_in_s": signed.expires_in_s,
-                    "expires_at": _iso(now() + signed.expires_in_s),
-                }
-            )
-    return view
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+            expires_at = datetime.fromtimestamp(now() + signed.expires_in_s, timezone.utc)
+            images.append(ImageLink(url=signed.url, expires_in_s=signed.expires_in_s, expires_at=expires_at))
+    return JobView.of(job, images).model_dump(mode="json")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 
 from tasks.jobs import JobRequest
+from tasks.views import JobView
 
 bp = Blueprint("openapi", __name__)
 
@@ -22,35 +23,6 @@ _ERROR = {
                 "field": {"type": ["string", "null"]},
             },
         }
-    },
-}
-
-_JOB = {
-    "type": "object",
-    "required": ["id", "state", "request", "created_at", "timings", "images"],
-    "properties": {
-        "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
-        "state": {"type": "string", "enum": ["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELED"]},
-        "request": {"type": "object"},
-        "created_at": {"type": "string", "format": "date-time"},
-        "started_at": {"type": ["string", "null"], "format": "date-time"},
-        "finished_at": {"type": ["string", "null"], "format": "date-time"},
-        "attempts": {"type": "integer"},
-        "timings": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
-        "batch": {"type": ["object", "null"]},
-        "worker": {"type": ["string", "null"]},
-        "error": {"type": ["string", "null"]},
-        "images": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "url": {"type": "string", "format": "uri"},
-                    "expires_in_s": {"type": "integer"},
-                    "expires_at": {"type": "string", "format": "date-time"},
-                },
-            },
-        },
     },
 }
 
@@ -109,8 +81,18 @@ def spec() -> dict:
                 }
             },
         },
-        "components": {"schemas": {"JobRequest": JobRequest.model_json_schema(), "Job": _JOB, "Error": _ERROR}},
+        "components": {"schemas": {**_schemas(JobRequest=JobRequest, Job=JobView), "Error": _ERROR}},
     }
+
+
+def _schemas(**models) -> dict:
+    """The models' JSON schemas, with the models they use as components of their own."""
+    schemas: dict = {}
+    for name, model in models.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[name] = schema
+    return schemas
 
 
 @bp.get("/openapi.json")

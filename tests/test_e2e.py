@@ -75,3 +75,17 @@ def test_the_record_shows_the_request_with_defaults_filled_in(api_url, settings)
         settings.default_steps,
     )
     assert isinstance(request["seed"], int)
+
+
+def test_the_view_clients_get_is_the_record_the_fleet_keeps(api_url, store):
+    """The API's job view, read back as the load generator does, names the stored image keys,
+    and the OpenAPI document describes it from the same model."""
+    from tasks.views import JobView
+
+    job_id = submit(api_url, prompt="view", num_images=2, seed=3, steps=4)
+    view = JobView.model_validate(wait_done(api_url, job_id))
+    record = store.get(job_id)
+    assert view.to_job().image_keys == record.image_keys == [f"jobs/{job_id}/0.png", f"jobs/{job_id}/1.png"]
+    assert view.to_job().timings == record.timings and view.batch.images == record.batch["images"]
+    schemas = requests.get(f"{api_url}/openapi.json", timeout=10).json()["components"]["schemas"]
+    assert set(schemas["Job"]["properties"]) == set(JobView.model_fields)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from fleet.bench.mix import RequestMix
 from tasks.jobs import Job, JobState
 from tasks.store import JobStore
+from tasks.views import JobView
 
 POLL_S = 0.02
 
@@ -185,26 +186,4 @@ def run_load(api_url: str, mix: RequestMix, spec: LoadSpec, redis_url: str | Non
 
 def _job_from_view(view: dict) -> Job | None:
     """A job record rebuilt from the API's view of it (when Redis is out of reach)."""
-    from datetime import datetime
-
-    from tasks.jobs import GenerationSpec, Timings
-
-    def ts(value: str | None) -> float | None:
-        return datetime.fromisoformat(value).timestamp() if value else None
-
-    if "id" not in view:
-        return None
-    return Job(
-        id=view["id"],
-        state=JobState(view["state"]),
-        spec=GenerationSpec(**view["request"]),
-        created_at=ts(view["created_at"]),
-        started_at=ts(view.get("started_at")),
-        finished_at=ts(view.get("finished_at")),
-        attempts=view.get("attempts", 0),
-        error=view.get("error"),
-        worker=view.get("worker"),
-        image_keys=[f"{view['id']}/{i}" for i in range(len(view.get("images", [])))],
-        timings=Timings(**view.get("timings", {})),
-        batch=view.get("batch") or {},
-    )
+    return JobView.model_validate(view).to_job() if "id" in view else None

@@ -1,0 +1,98 @@
+"""The job as clients see it: one model for the API's responses, its OpenAPI document and
+the load generator that reads them back."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime, timezone
+
+from pydantic import BaseModel, Field
+
+from tasks.jobs import GenerationSpec, Job, JobState, Timings
+from tasks.storage import image_key
+
+
+class ImageLink(BaseModel):
+    """A presigned download URL of one image, signed when the job was read."""
+
+    url: str
+    expires_in_s: int
+    expires_at: datetime
+
+
+class BatchView(BaseModel):
+    """The model call the job's (last) images ran in."""
+
+    id: str
+    images: int
+
+
+class TimingsView(BaseModel):
+    """Seconds spent in each phase of a finished job."""
+
+    queue_wait_s: float | None = None
+    batch_wait_s: float | None = None
+    inference_s: float | None = None
+    upload_s: float | None = None
+    total_s: float | None = None
+
+
+class JobView(BaseModel):
+    """The body of ``GET /v1/jobs/<id>`` and of the ``202`` that accepts a job."""
+
+    id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    state: JobState
+    request: GenerationSpec
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+    crashes: int = 0
+    timings: TimingsView = TimingsView()
+    batch: BatchView | None = None
+    worker: str | None = None
+    task_id: str | None = None
+    error: str | None = None
+    images: list[ImageLink] = []
+
+    @classmethod
+    def of(cls, job: Job, images: list[ImageLink] | None = None) -> JobView:
+        return cls(
+            id=job.id,
+            state=job.state,
+            request=job.spec,
+            created_at=_utc(job.created_at),
+            started_at=_utc(job.started_at),
+            finished_at=_utc(job.finished_at),
+            attempts=job.attempts,
+            crashes=job.crashes,
+            timings=TimingsView(**asdict(job.timings)),
+            batch=BatchView(**job.batch) if job.batch else None,
+            worker=job.worker,
+            task_id=job.task_id,
+            error=job.error,
+            images=images or [],
+        )
+
+    def to_job(self) -> Job:
+        """The record this view shows (what a client without job-store access knows)."""
+        return Job(
+            id=self.id,
+            state=self.state,
+            spec=self.request,
+            created_at=self.created_at.timestamp(),
+            started_at=self.started_at.timestamp() if self.started_at else None,
+            finished_at=self.finished_at.timestamp() if self.finished_at else None,
+            attempts=self.attempts,
+            crashes=self.crashes,
+            error=self.error,
+            worker=self.worker,
+            task_id=self.task_id,
+            image_keys=[image_key(self.id, index) for index in range(len(self.images))],
+            timings=Timings(**self.timings.model_dump()),
+            batch=self.batch.model_dump() if self.batch else {},
+        )
+
+
+def _utc(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
