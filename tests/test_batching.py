@@ -8,7 +8,7 @@ import collections
 import pytest
 import requests
 
-from tests.test_e2e import submit, wait_done
+from tests.helpers import submit, wait_done
 
 pytestmark = pytest.mark.e2e
 

@@ -4,39 +4,14 @@ download through presigned URLs with a plain HTTP client."""
 from __future__ import annotations
 
 import io
-import time
 
 import pytest
 import requests
 from PIL import Image
 
+from tests.helpers import download, submit, wait_done
+
 pytestmark = pytest.mark.e2e
-
-
-def submit(api_url: str, **body) -> str:
-    response = requests.post(f"{api_url}/v1/jobs", json=body, timeout=10)
-    assert response.status_code == 202, response.text
-    assert response.headers["Location"].endswith(response.json()["id"])
-    return response.json()["id"]
-
-
-def wait_done(api_url: str, job_id: str, timeout_s: float = 120) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = requests.get(f"{api_url}/v1/jobs/{job_id}", timeout=10).json()
-        if job["state"] in ("SUCCEEDED", "FAILED", "CANCELED"):
-            return job
-        time.sleep(0.1)
-    raise TimeoutError(f"job {job_id} still {job['state']} after {timeout_s}s")
-
-
-def download(job: dict) -> list[bytes]:
-    blobs = []
-    for image in job["images"]:
-        response = requests.get(image["url"], timeout=10)
-        assert response.status_code == 200
-        blobs.append(response.content)
-    return blobs
 
 
 def test_jobs_of_several_shapes_succeed_and_download_as_pngs_of_their_size(api_url):

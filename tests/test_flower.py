@@ -6,7 +6,7 @@ import pytest
 import requests
 
 from fleet.processes import BIN, Server, wait_for
-from tests.test_e2e import submit, wait_done
+from tests.helpers import submit, wait_done
 
 pytestmark = pytest.mark.e2e
 

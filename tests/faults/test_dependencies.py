@@ -7,8 +7,14 @@ import time
 
 import requests
 
+from fleet.processes import Server
 from tasks.jobs import Job, JobState, new_job_id, parse_request
 from tasks.store import KEY_PREFIX, OUTBOX_KEY, now
+
+
+def retried(worker: Server, what: str, reason: str) -> bool:
+    """The worker logged a retry with backoff of ``what`` failing for ``reason``."""
+    return any(what in line and reason in line and "retrying in" in line for line in worker.log().splitlines())
 
 
 def test_broker_restarted_while_jobs_are_queued(make_fleet, broker_kind):
@@ -91,8 +97,8 @@ def test_storage_down_while_a_batch_finishes_is_retried(make_fleet):
     fleet.start_api()
     fleet.stop_s3()
     fleet.submit_many(6)
-    fleet.wait_until(fleet.running_batch, 30, "a batch running")
-    time.sleep(3)  # uploads fail and back off
+    worker = fleet.workers[-1]
+    fleet.wait_until(lambda: retried(worker, "uploading jobs/", "storage is unavailable"), 60, "an upload retried")
     fleet.start_s3()
     fleet.settle(timeout_s=60)
     assert fleet.check_ledger()["succeeded"] == 6
@@ -121,7 +127,8 @@ def test_job_store_down_while_a_batch_finishes_is_retried(make_fleet, store_redi
     fleet.submit_many(8)
     fleet.wait_until(fleet.running_batch, 30, "a batch running")
     store_redis.stop()
-    time.sleep(2)
+    worker = fleet.workers[-1]
+    fleet.wait_until(lambda: retried(worker, "", "job store is unavailable"), 60, "a job-store call retried")
     store_redis.start()
     fleet.settle(timeout_s=90)
     assert fleet.check_ledger()["succeeded"] == 8
@@ -134,6 +141,6 @@ def test_job_records_expire_after_their_ttl(make_fleet):
     job_id = fleet.submit().json()["id"]
     fleet.settle()
     assert 0 < fleet.store.ttl(job_id) <= 3
-    time.sleep(3.5)
-    response = requests.get(f"{fleet.api_url}/v1/jobs/{job_id}", timeout=10)
-    assert response.status_code == 404
+    status = lambda: requests.get(f"{fleet.api_url}/v1/jobs/{job_id}", timeout=10).status_code  # noqa: E731
+    assert status() == 200
+    fleet.wait_until(lambda: status() == 404, 10, "the record to expire")

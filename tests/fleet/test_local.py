@@ -83,7 +83,10 @@ def test_fleet_up_runs_the_printed_curl_example_and_stops_cleanly_on_ctrl_c(tmp_
         assert image.format == "PNG"
     finally:
         up.signal(signal.SIGINT)
-        up.proc.wait(60)
-    assert up.proc.returncode is not None
+        try:
+            up.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+    assert up.proc.poll() is not None, "fleet up was still running 60 s after Ctrl-C"
     wait_for(lambda: not any(port_open(p) for p in ports.values()), 30, "every port closed")
     up.stop()

@@ -11,8 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from tasks.errors import ModelOutOfMemory, PipelineError
+from tasks.errors import PipelineError
 from tasks.settings import WarmShape
+from tests.helpers import FakeModel
 from workers.batcher import Batcher, BatchPolicy
 from workers.engine import EngineConfig
 from workers.engine_client import ThreadEngine, fake_engine
@@ -20,35 +21,6 @@ from workers.runner import ModelRunner
 from workers.work import CompatKey, ImageWork
 
 KEY = CompatKey("fake", 8, 8, 1, 1.0)
-
-
-class FakeModel:
-    """Sleeps a little per call; fails on a poison prompt or above a memory limit."""
-
-    name = "fake"
-
-    def __init__(self, fail_on: str | None = None, memory_images: int = 1000, call_s: float = 0.02):
-        self.threads: set[int] = set()
-        self.calls: list[list[str]] = []
-        self.fail_on = fail_on
-        self.memory_images = memory_images
-        self.call_s = call_s
-
-    def warm(self, shape):
-        self.threads.add(threading.get_ident())
-        self.warmed = shape
-
-    def run(self, key, images, on_step=None):
-        self.threads.add(threading.get_ident())
-        self.calls.append([w.prompt for w in images])
-        time.sleep(self.call_s)
-        if len(images) > self.memory_images:
-            raise ModelOutOfMemory(f"{len(images)} images do not fit")
-        if any(w.prompt == self.fail_on for w in images):
-            raise ValueError("bad prompt")
-        out = np.zeros((len(images), key.height, key.width, 3), dtype=np.uint8)
-        out[:, :, :, 0] = np.array([w.seed % 256 for w in images], dtype=np.uint8)[:, None, None]
-        return out
 
 
 def make_runner(model: FakeModel, max_images=8, wait_s=0.05) -> ModelRunner:

@@ -1,0 +1,67 @@
+"""Helpers the tests share: the HTTP client side of a job, and a fake model for the runner
+and the engine loop."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import requests
+
+from tasks.errors import ModelOutOfMemory
+
+
+def submit(api_url: str, **body) -> str:
+    response = requests.post(f"{api_url}/v1/jobs", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    assert response.headers["Location"].endswith(response.json()["id"])
+    return response.json()["id"]
+
+
+def wait_done(api_url: str, job_id: str, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = requests.get(f"{api_url}/v1/jobs/{job_id}", timeout=10).json()
+        if job["state"] in ("SUCCEEDED", "FAILED", "CANCELED"):
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} still {job['state']} after {timeout_s}s")
+
+
+def download(job: dict) -> list[bytes]:
+    blobs = []
+    for image in job["images"]:
+        response = requests.get(image["url"], timeout=10)
+        assert response.status_code == 200
+        blobs.append(response.content)
+    return blobs
+
+
+class FakeModel:
+    """Sleeps a little per call; fails on a poison prompt or above a memory limit."""
+
+    name = "fake"
+
+    def __init__(self, fail_on: str | None = None, memory_images: int = 1000, call_s: float = 0.02):
+        self.threads: set[int] = set()
+        self.calls: list[list[str]] = []
+        self.fail_on = fail_on
+        self.memory_images = memory_images
+        self.call_s = call_s
+
+    def warm(self, shape):
+        self.threads.add(threading.get_ident())
+        self.warmed = shape
+
+    def run(self, key, images, on_step=None):
+        self.threads.add(threading.get_ident())
+        self.calls.append([w.prompt for w in images])
+        time.sleep(self.call_s)
+        if len(images) > self.memory_images:
+            raise ModelOutOfMemory(f"{len(images)} images do not fit")
+        if any(w.prompt == self.fail_on for w in images):
+            raise ValueError("bad prompt")
+        out = np.zeros((len(images), key.height, key.width, 3), dtype=np.uint8)
+        out[:, :, :, 0] = np.array([w.seed % 256 for w in images], dtype=np.uint8)[:, None, None]
+        return out
