@@ -73,9 +73,6 @@ def engine_config(settings: Settings) -> EngineConfig:
     env = {}
     if settings.worker_slot is not None and settings.device in ("auto", "cuda"):
         env["CUDA_VISIBLE_DEVICES"] = slot_device(settings.worker_slot, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    if settings.compile != "off":  # before torch is imported: the compilers read them once
-        env["TORCHINDUCTOR_CACHE_DIR"] = str((settings.compile_cache / "inductor").resolve())
-        env["TRITON_CACHE_DIR"] = str((settings.compile_cache / "triton").resolve())
     return EngineConfig(
         model_ref=settings.model_ref,
         device=settings.device,

@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -59,8 +60,19 @@ class EngineConfig:
     warm: tuple[WarmShape, ...] = ()
     compile: str = "off"  # off | reduce-overhead | max-autotune | default
     compile_cache_dir: str = ""
-    #: Environment set in the engine before torch is imported (device pinning, caches).
+    #: Environment set in the engine before torch is imported (device pinning).
     env: tuple[tuple[str, str], ...] = ()
+
+    def environment(self) -> dict[str, str]:
+        """What the engine sets before torch is imported: ``env``, and in compiled mode the
+        compilers' caches (read once, when the compilers load)."""
+        environment = dict(self.env)
+        if self.compile != "off":
+            environment |= {"TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+            if self.compile_cache_dir:
+                environment["TORCHINDUCTOR_CACHE_DIR"] = str(Path(self.compile_cache_dir) / "inductor")
+                environment["TRITON_CACHE_DIR"] = str(Path(self.compile_cache_dir) / "triton")
+        return environment
 
 
 # -- worker -> engine ---------------------------------------------------------------------
@@ -266,8 +278,7 @@ def _load_model(config: EngineConfig) -> Model:
 # -- the engine process ---------------------------------------------------------------------
 def serve(conn, config: EngineConfig, worker_pid: int) -> None:
     """The engine process's entry point (``multiprocessing`` spawn target)."""
-    for name, value in config.env:
-        os.environ[name] = value
+    os.environ.update(config.environment())
     _die_with(worker_pid)
     # The worker decides when the engine stops: Ctrl-C reaches the whole process group and
     # a supervisor's SIGTERM must let the running batch finish (warm shutdown); the worker

@@ -251,6 +251,7 @@ class ThreadEngine:
         self._thread: threading.Thread | None = None
 
     def start(self, events: EngineEvents, timeout_s: float | None = None) -> Ready:
+        os.environ.update(self.config.environment())  # this process is the engine's
         inbox = self._inbox = _QueueInbox()
         answer: queue.SimpleQueue = queue.SimpleQueue()
 

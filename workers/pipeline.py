@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -66,14 +65,10 @@ def load_pipeline(model_ref: str, device: str, dtype: torch.dtype) -> DiffusionP
     return pipe.to(device)
 
 
-def compile_unet(pipe: DiffusionPipeline, mode: str, cache_dir: str = "") -> None:
-    """``torch.compile`` the UNet in channels-last; artefacts go to ``cache_dir`` so a
-    restarted or scaled-out worker reuses them."""
-    if cache_dir:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir) / "inductor"))
-        os.environ.setdefault("TRITON_CACHE_DIR", str(Path(cache_dir) / "triton"))
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+def compile_unet(pipe: DiffusionPipeline, mode: str) -> None:
+    """``torch.compile`` the UNet in channels-last. Its artefacts go to the cache the
+    engine's environment names (``EngineConfig.environment``), so a restarted or
+    scaled-out worker reuses them."""
     import torch._dynamo
 
     # One graph per warmed shape: let the compiler keep more than its default 8.
@@ -99,7 +94,7 @@ class DiffusersModel:
         pipe = load_pipeline(config.model_ref, device, select_dtype(device, config.dtype))
         compiled = config.compile != "off"
         if compiled:
-            compile_unet(pipe, config.compile, config.compile_cache_dir)
+            compile_unet(pipe, config.compile)
         log.info("loaded %s on %s%s", config.model_ref, device, f", UNet compiled ({config.compile})" * compiled)
         return cls(pipe, device, config.model_ref, compiled)
 

@@ -16,7 +16,7 @@ def test_a_slot_takes_the_slot_th_visible_gpu():
 def test_the_engine_is_pinned_and_given_its_compile_cache_before_torch_loads(tmp_path):
     """A slotted worker's engine gets CUDA_VISIBLE_DEVICES; compiled mode gets its caches."""
     settings = Settings(worker_slot=1, compile="reduce-overhead", compile_cache_dir=str(tmp_path))
-    env = dict(engine_config(settings).env)
+    env = engine_config(settings).environment()
     assert env["CUDA_VISIBLE_DEVICES"] in ("1", "-1") or "," not in env["CUDA_VISIBLE_DEVICES"]
     assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
-    assert "CUDA_VISIBLE_DEVICES" not in dict(engine_config(Settings(device="cpu", worker_slot=1)).env)
+    assert "CUDA_VISIBLE_DEVICES" not in engine_config(Settings(device="cpu", worker_slot=1)).environment()
