@@ -1,19 +1,35 @@
-"""``POST /v1/jobs`` accepts a job; ``GET /v1/jobs/<id>`` reports it, with download URLs."""
+"""The job routes.
+
+- ``POST /v1/jobs`` accepts a job (202 + ``Location``); with ``Prefer: wait=N`` it holds
+  the request until the job ends (200) or N seconds pass (202); ``Cancel-After`` cancels
+  it if no model call has started it in time.
+- ``GET /v1/jobs/<id>`` reports a job (with ``Prefer: wait=N``: once it ends, or after N s).
+- ``GET /v1/jobs/<id>/events`` streams its state changes and progress as Server-Sent Events.
+- ``POST /v1/jobs/<id>/cancel`` cancels it.
+
+Waiting never polls: it sleeps on the process's one job-event subscription
+(``tasks.events``). Under gunicorn's gevent worker (``fleet web``) a waiting request is a
+greenlet, not a thread, so a thousand waiters cost memory, not the API's capacity.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 
-from flask import Blueprint, jsonify, request, url_for
+from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 
-from app.services import services
+from app.services import Services, services
+from app.waiting import event_stream, parse_prefer_wait, wait_until_done
+from tasks.cancel import cancel, cancel_if_overdue, parse_duration
 from tasks.errors import MalformedBody, NotFound, UnsupportedMediaType
 from tasks.jobs import Job, JobState, new_job_id, parse_request
 from tasks.store import now
 from tasks.submit import submit_job
-from tasks.views import ImageLink, JobView
+from tasks.views import ImageLink, JobView, PlaceInLine
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
@@ -30,29 +46,83 @@ def submit():
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedBody(f"the body is not valid JSON: {exc}") from None
     spec = parse_request(body, svc.settings)
-
-    job = Job(id=new_job_id(), state=JobState.QUEUED, spec=spec, created_at=now(), queue=svc.settings.queue)
-    submit_job(svc.store, svc.celery, svc.settings, job)
+    wait_s = parse_prefer_wait(request.headers.get("Prefer"))
+    cancel_after = request.headers.get("Cancel-After")
+    created = now()
+    job = Job(
+        id=new_job_id(),
+        state=JobState.QUEUED,
+        spec=spec,
+        created_at=created,
+        queue=svc.settings.queue,
+        cancel_at=created + parse_duration(cancel_after) if cancel_after is not None else None,
+    )
+    # Subscribed before the job exists: its end cannot slip between submit and wait.
+    with svc.events.watch(job.id) if wait_s else nullcontext() as events:
+        submit_job(svc.store, svc.celery, svc.settings, job)
+        if events is not None:
+            job = wait_until_done(svc.store, job, events, wait_s)
     response = jsonify(job_view(job))
-    response.status_code = 202
     response.headers["Location"] = url_for("jobs.status", job_id=job.id)
+    response.status_code = 200 if job.state.terminal else 202
+    if wait_s:
+        response.headers["Preference-Applied"] = f"wait={wait_s:g}"
     return response
 
 
 @bp.get("/<job_id>")
 def status(job_id: str):
-    job = services().store.get(job_id) if _JOB_ID.match(job_id) else None
+    svc = services()
+    wait_s = parse_prefer_wait(request.headers.get("Prefer"))
+    with svc.events.watch(job_id) if wait_s and _JOB_ID.match(job_id) else nullcontext() as events:
+        job = find_job(svc, job_id)
+        if events is not None:
+            job = wait_until_done(svc.store, job, events, wait_s)
+    response = jsonify(job_view(job))
+    if wait_s:
+        response.headers["Preference-Applied"] = f"wait={wait_s:g}"
+    return response
+
+
+@bp.get("/<job_id>/events")
+def events(job_id: str):
+    svc = services()
+    job = find_job(svc, job_id)  # a 404 before the stream starts
+    stream = event_stream(svc, job, lambda current: job_view(current))
+    response = Response(stream_with_context(stream), mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"  # nginx: pass events through at once
+    return response
+
+
+@bp.post("/<job_id>/cancel")
+def cancel_job(job_id: str):
+    svc = services()
+    return jsonify(job_view(cancel(svc.store, find_job(svc, job_id))))
+
+
+def find_job(svc: Services, job_id: str) -> Job:
+    job = svc.store.get(job_id) if _JOB_ID.match(job_id) else None
     if job is None:
         raise NotFound(f"no job '{job_id}' (it may have expired)", field="job_id")
-    return jsonify(job_view(job))
+    return cancel_if_overdue(svc.store, job)
 
 
 def job_view(job: Job) -> dict:
+    svc = services()
     images = []
     if job.state is JobState.SUCCEEDED:
-        storage = services().storage
         for key in job.image_keys:
-            signed = storage.presign(key)
+            signed = svc.storage.presign(key)
             expires_at = datetime.fromtimestamp(now() + signed.expires_in_s, timezone.utc)
             images.append(ImageLink(url=signed.url, expires_in_s=signed.expires_in_s, expires_at=expires_at))
-    return JobView.of(job, images).model_dump(mode="json")
+    place = None
+    if job.state is JobState.QUEUED:
+        position, jobs_per_s = svc.store.place_in_line(job)
+        if position is not None:
+            start = time.time() + (position + 1) / jobs_per_s if jobs_per_s else None
+            place = PlaceInLine(
+                position=position,
+                estimated_start_at=datetime.fromtimestamp(start, timezone.utc) if start else None,
+            )
+    return JobView.of(job, images, place).model_dump(mode="json")

@@ -9,6 +9,7 @@ from celery import Celery
 from flask import current_app
 
 from tasks.celery import make_celery
+from tasks.events import EventHub
 from tasks.settings import Settings
 from tasks.storage import ObjectStorage, make_storage
 from tasks.store import JobStore
@@ -20,6 +21,8 @@ class Services:
     store: JobStore
     storage: ObjectStorage
     celery: Celery
+    #: The process's one job-event subscription: what waiting requests sleep on.
+    events: EventHub
 
 
 def make_services(settings: Settings) -> Services:
@@ -31,6 +34,7 @@ def make_services(settings: Settings) -> Services:
         store=JobStore(client, ttl_s=settings.job_ttl_s),
         storage=make_storage(settings),
         celery=make_celery(settings),
+        events=EventHub(lambda: client),
     )
 
 

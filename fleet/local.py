@@ -110,13 +110,20 @@ def serve_s3() -> int:
     return 0
 
 
+#: Requests one API process serves at once (waiting and streaming ones included).
+WEB_CONNECTIONS = 1000
+
+
 def exec_web(workers: int = 2) -> int:
     settings = get_settings()
     args = [
         sys.executable, "-m", "gunicorn",
         "--bind", f"{settings.api_host}:{settings.api_port}",
         "--workers", str(workers),
-        "--threads", "4",
+        # gevent: a request held by `Prefer: wait` or an event stream is a greenlet asleep
+        # on the job-event subscription, not a thread: waiting clients cannot starve it.
+        "--worker-class", "gevent",
+        "--worker-connections", str(WEB_CONNECTIONS),
         "--access-logfile", "-",
         "app:create_app()",
     ]  # fmt: skip

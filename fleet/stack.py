@@ -136,8 +136,8 @@ def start_slot_worker(env: dict[str, str], work_dir: Path, label: str) -> tuple[
     return server, found[0]
 
 
-def start_api(env: dict[str, str], work_dir: Path, workers: int = 1) -> tuple[Server, str]:
-    server = Server("api", [str(BIN / "fleet"), "web", "--workers", str(workers)], env=env, log_dir=work_dir).start()
+def start_api(env: dict[str, str], work_dir: Path, workers: int = 1, name: str = "api") -> tuple[Server, str]:
+    server = Server(name, [str(BIN / "fleet"), "web", "--workers", str(workers)], env=env, log_dir=work_dir).start()
     url = f"http://127.0.0.1:{env['FLEET_API_PORT']}"
     wait_for(lambda: requests.get(f"{url}/readyz", timeout=2).status_code == 200, 60, "api", server.proc)
     return server, url

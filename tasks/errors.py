@@ -8,11 +8,13 @@
      │    ├── ValidationFailed   (422: wrong type, unknown field, out of bounds)
      │    ├── PayloadTooLarge    (413)
      │    ├── UnsupportedMediaType (415)
-     │    └── NotFound           (404)
+     │    ├── NotFound           (404)
+     │    └── Conflict           (409: e.g. canceling a job that already finished)
      ├── DependencyUnavailable   -> HTTP 503: broker, job store or storage unreachable
      ├── JobError                a job cannot run; it ends FAILED with this reason
      │    ├── PipelineError      the model call raised
-     │    └── ModelOutOfMemory   the model call ran out of device memory (batch is halved)
+     │    ├── ModelOutOfMemory   the model call ran out of device memory (batch is halved)
+     │    └── JobCanceled        canceled by its client or its Cancel-After deadline
      └── EngineError             the engine process, not the job
           ├── EngineStartFailed  the model did not load or warm: the worker never consumes
           ├── EngineCrashed      the engine died in a call this job was in (counted, as a
@@ -74,6 +76,11 @@ class NotFound(RequestError):
     code = "not_found"
 
 
+class Conflict(RequestError):
+    status = 409
+    code = "conflict"
+
+
 class DependencyUnavailable(FleetError):
     status = 503
     code = "unavailable"
@@ -94,6 +101,12 @@ class PipelineError(JobError):
 
 class ModelOutOfMemory(JobError):
     code = "out_of_memory"
+
+
+class JobCanceled(JobError):
+    """Canceled by its client, or not started before its ``Cancel-After`` deadline."""
+
+    code = "canceled"
 
 
 class EngineError(FleetError):

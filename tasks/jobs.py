@@ -226,6 +226,9 @@ class Job:
     image_keys: list[str] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
     batch: dict[str, Any] = field(default_factory=dict)
+    step: int = 0  # denoising steps done in its current model call, of ``total_steps``
+    total_steps: int = 0
+    cancel_at: float | None = None  # canceled if not started by then (``Cancel-After``)
 
     def to_redis(self) -> dict[str, str]:
         raw = {
@@ -237,6 +240,8 @@ class Job:
             "crashes": str(self.crashes),
             "queue": self.queue,
         }
+        if self.cancel_at is not None:
+            raw["cancel_at"] = repr(self.cancel_at)
         update = JobUpdate(
             started_at=self.started_at,
             finished_at=self.finished_at,
@@ -270,4 +275,7 @@ class Job:
             image_keys=json.loads(raw.get("image_keys", "[]")),
             timings=Timings(**json.loads(raw.get("timings", "{}"))),
             batch=json.loads(raw.get("batch", "{}")),
+            step=int(raw.get("step", 0)),
+            total_steps=int(raw.get("total_steps", 0)),
+            cancel_at=opt_float("cancel_at"),
         )

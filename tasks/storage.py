@@ -64,6 +64,15 @@ class ObjectStorage:
         except (BotoCoreError, ClientError) as exc:
             raise DependencyUnavailable("storage", str(exc)) from exc
 
+    def delete(self, keys: list[str]) -> None:
+        """Remove objects (the images of a job canceled while they were uploading)."""
+        if not keys:
+            return
+        try:
+            self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True})
+        except (BotoCoreError, ClientError) as exc:
+            raise DependencyUnavailable("storage", str(exc)) from exc
+
     def list_keys(self, prefix: str) -> list[str]:
         listed = self._s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
         return sorted(obj["Key"] for obj in listed.get("Contents", []))

@@ -14,14 +14,22 @@ from dataclasses import dataclass
 import redis
 
 from tasks.errors import DependencyUnavailable
+from tasks.events import CHANNEL
 from tasks.jobs import TRANSITIONS, Job, JobState, JobUpdate
 
 KEY_PREFIX = "fleet:job:"
 #: Jobs not yet taken by a worker: id -> when to publish their message (again) if still
 #: QUEUED then. A worker's claim removes the entry. See ``workers.sweeper``.
 OUTBOX_KEY = "fleet:outbox"
+#: Per queue (the name follows): QUEUED jobs by position, for a job's place in line.
+QUEUED_PREFIX = "fleet:queued:"
+#: Per queue: jobs that SUCCEEDED in the last ``THROUGHPUT_WINDOW_S``, by finish time: the
+#: measured throughput a queued job's estimated start is predicted from.
+FINISHED_PREFIX = "fleet:finished:"
+THROUGHPUT_WINDOW_S = 120
 
 _TRANSITION_LUA = """
+local THROUGHPUT_WINDOW_S = $WINDOW
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return {0, ''} end
 if not string.find(',' .. ARGV[2] .. ',', ',' .. current .. ',', 1, true) then
@@ -29,14 +37,22 @@ if not string.find(',' .. ARGV[2] .. ',', ',' .. current .. ',', 1, true) then
 end
 if ARGV[1] == 'RUNNING' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 redis.call('ZREM', KEYS[2], ARGV[4])  -- delivered or finished: published for sure
-if #ARGV > 4 then
-  redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 5))
+if #ARGV > 5 then
+  redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 6))
 else
   redis.call('HSET', KEYS[1], 'state', ARGV[1])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+local queue = redis.call('HGET', KEYS[1], 'queue') or ''
+if current == 'QUEUED' then redis.call('ZREM', KEYS[3] .. queue, ARGV[4]) end
+if ARGV[1] == 'SUCCEEDED' then
+  local finished = KEYS[4] .. queue
+  redis.call('ZADD', finished, ARGV[5], ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', finished, '-inf', ARGV[5] - THROUGHPUT_WINDOW_S)
+end
+redis.call('PUBLISH', KEYS[5], cjson.encode({job_id = ARGV[4], kind = 'state', state = ARGV[1]}))
 return {1, ARGV[1]}
-"""
+""".replace("$WINDOW", str(THROUGHPUT_WINDOW_S))
 
 #: Add ARGV[2] to field ARGV[1] of each existing record: a counter never creates a record
 #: (one without its id, state or TTL) for a job that expired or was never there.
@@ -47,8 +63,26 @@ end
 """
 
 
-def _sources(target: JobState) -> str:
-    return ",".join(s.value for s, targets in TRANSITIONS.items() if target in targets)
+#: For each existing job that is RUNNING: record its progress and tell its waiters.
+_PROGRESS_LUA = """
+for i, key in ipairs(KEYS) do
+  if i > 1 and redis.call('HGET', key, 'state') == 'RUNNING' then
+    redis.call('HSET', key, 'step', ARGV[1], 'total_steps', ARGV[2])
+    local event = {job_id = string.sub(key, #ARGV[3] + 1), kind = 'progress', step = tonumber(ARGV[1]),
+                   total = tonumber(ARGV[2])}
+    redis.call('PUBLISH', KEYS[1], cjson.encode(event))
+  end
+end
+"""
+#: Jobs with a ``Cancel-After`` deadline, by that deadline: the sweeper cancels those
+#: still QUEUED when it passes.
+CANCEL_AFTER_KEY = "fleet:cancel-after"
+
+
+def _sources(target: JobState, only_from: frozenset[JobState] | None = None) -> str:
+    return ",".join(
+        s.value for s, targets in TRANSITIONS.items() if target in targets and (only_from is None or s in only_from)
+    )
 
 
 @dataclass(frozen=True)
@@ -63,6 +97,7 @@ class JobStore:
         self._ttl_s = ttl_s
         self._transition = client.register_script(_TRANSITION_LUA)
         self._count = client.register_script(_COUNT_LUA)
+        self._progress = client.register_script(_PROGRESS_LUA)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -82,6 +117,9 @@ class JobStore:
                 pipe.hset(self.key(job.id), mapping=job.to_redis())
                 pipe.expire(self.key(job.id), self._ttl_s)
                 pipe.zadd(OUTBOX_KEY, {job.id: publish_by})
+                pipe.zadd(QUEUED_PREFIX + job.queue, {job.id: job.created_at})
+                if job.cancel_at is not None:
+                    pipe.zadd(CANCEL_AFTER_KEY, {job.id: job.cancel_at})
                 pipe.execute()
 
     def published(self, job_id: str, republish_at: float) -> None:
@@ -147,21 +185,58 @@ class JobStore:
             raw = pipe.execute()
         return {i: JobState(s.decode()) if s else None for i, s in zip(job_ids, raw, strict=True)}
 
-    def delete(self, job_id: str) -> None:
+    def delete(self, job: Job) -> None:
         with self._errors(), self._redis.pipeline(transaction=True) as pipe:
+            job_id = job.id
             pipe.delete(self.key(job_id))
+            pipe.zrem(QUEUED_PREFIX + job.queue, job_id)
             pipe.zrem(OUTBOX_KEY, job_id)
+            pipe.zrem(CANCEL_AFTER_KEY, job_id)
             pipe.execute()
 
-    def transition(self, job_id: str, target: JobState, update: JobUpdate | None = None) -> TransitionResult:
-        """Move a job to ``target`` if its current state allows it, writing ``update`` too."""
-        args: list[str] = [target.value, _sources(target), str(self._ttl_s), job_id]
+    def transition(
+        self,
+        job_id: str,
+        target: JobState,
+        update: JobUpdate | None = None,
+        only_from: frozenset[JobState] | None = None,
+    ) -> TransitionResult:
+        """Move a job to ``target`` if its current state allows it (and is one of
+        ``only_from``, when given), writing ``update`` too. Publishes a ``state`` event."""
+        args: list[str] = [target.value, _sources(target, only_from), str(self._ttl_s), job_id, repr(time.time())]
         for name, value in (update or JobUpdate()).to_redis().items():
             args += [name, value]
+        keys = [self.key(job_id), OUTBOX_KEY, QUEUED_PREFIX, FINISHED_PREFIX, CHANNEL]
         with self._errors():
-            applied, state = self._transition(keys=[self.key(job_id), OUTBOX_KEY], args=args)
+            applied, state = self._transition(keys=keys, args=args)
         state = state.decode() if isinstance(state, bytes) else state
         return TransitionResult(bool(applied), JobState(state) if state else None)
+
+    def progress(self, job_ids: list[str], step: int, total: int) -> None:
+        """The model call these jobs are in finished ``step`` of ``total``."""
+        if job_ids:
+            with self._errors():
+                self._progress(keys=[CHANNEL] + [self.key(i) for i in job_ids], args=[step, total, KEY_PREFIX])
+
+    def place_in_line(self, job: Job) -> tuple[int | None, float | None]:
+        """A QUEUED job's position among the QUEUED jobs of its queue (0: next) and the
+        images per second that queue finished over the last ``THROUGHPUT_WINDOW_S``."""
+        now_s = time.time()
+        with self._errors(), self._redis.pipeline(transaction=False) as pipe:
+            pipe.zrank(QUEUED_PREFIX + job.queue, job.id)
+            pipe.zcount(FINISHED_PREFIX + job.queue, now_s - THROUGHPUT_WINDOW_S, "+inf")
+            position, finished = pipe.execute()
+        return position, finished / THROUGHPUT_WINDOW_S
+
+    def due_for_canceling(self, now: float, limit: int = 100) -> list[str]:
+        """Jobs whose ``Cancel-After`` deadline has passed (whatever their state)."""
+        with self._errors():
+            ids = self._redis.zrangebyscore(CANCEL_AFTER_KEY, "-inf", now, start=0, num=limit)
+        return [i.decode() for i in ids]
+
+    def forget_cancel_after(self, job_id: str) -> None:
+        with self._errors():
+            self._redis.zrem(CANCEL_AFTER_KEY, job_id)
 
     def ttl(self, job_id: str) -> int:
         with self._errors():

@@ -26,7 +26,7 @@ def submit_job(store: JobStore, celery_app: Celery, settings: Settings, job: Job
         publish(store, celery_app, settings, job.id, job.queue)
     except DependencyUnavailable:
         try:
-            store.delete(job.id)
+            store.delete(job)
         except DependencyUnavailable:
             pass  # the sweeper will publish it after all; the job still completes
         raise

@@ -27,6 +27,22 @@ class BatchView(BaseModel):
     images: int
 
 
+class ProgressView(BaseModel):
+    """Denoising steps done in the model call a RUNNING job is in."""
+
+    step: int
+    total: int
+
+
+class PlaceInLine(BaseModel):
+    """Where a QUEUED job stands: ``position`` jobs of its queue are ahead of it, and at
+    the rate that queue finished jobs lately it should start around ``estimated_start_at``
+    (null when nothing finished lately to measure)."""
+
+    position: int
+    estimated_start_at: datetime | None = None
+
+
 class TimingsView(BaseModel):
     """Seconds spent in each phase of a finished job."""
 
@@ -54,9 +70,12 @@ class JobView(BaseModel):
     task_id: str | None = None
     error: str | None = None
     images: list[ImageLink] = []
+    progress: ProgressView | None = None
+    place_in_line: PlaceInLine | None = None
+    cancel_at: datetime | None = None
 
     @classmethod
-    def of(cls, job: Job, images: list[ImageLink] | None = None) -> JobView:
+    def of(cls, job: Job, images: list[ImageLink] | None = None, place: PlaceInLine | None = None) -> JobView:
         return cls(
             id=job.id,
             state=job.state,
@@ -72,6 +91,9 @@ class JobView(BaseModel):
             task_id=job.task_id,
             error=job.error,
             images=images or [],
+            progress=ProgressView(step=job.step, total=job.total_steps) if job.total_steps else None,
+            place_in_line=place,
+            cancel_at=_utc(job.cancel_at),
         )
 
     def to_job(self) -> Job:
@@ -91,6 +113,9 @@ class JobView(BaseModel):
             image_keys=[image_key(self.id, index) for index in range(len(self.images))],
             timings=Timings(**self.timings.model_dump()),
             batch=self.batch.model_dump() if self.batch else {},
+            step=self.progress.step if self.progress else 0,
+            total_steps=self.progress.total if self.progress else 0,
+            cancel_at=self.cancel_at.timestamp() if self.cancel_at else None,
         )
 
 

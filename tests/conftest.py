@@ -100,3 +100,12 @@ def api_url(fleet_env, work_dir, worker) -> str:
     server, url = start_api(fleet_env, work_dir)
     yield url
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def idle_api(fleet_env, work_dir) -> str:
+    """An API whose queue no worker consumes: its jobs stay QUEUED until canceled."""
+    env = {**fleet_env, "FLEET_QUEUE": "fleet.idle", "FLEET_API_PORT": str(free_port())}
+    server, url = start_api(env, work_dir, name="idle-api")
+    yield url
+    server.stop()

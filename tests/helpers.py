@@ -3,6 +3,7 @@ and the engine loop."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -19,14 +20,32 @@ def submit(api_url: str, **body) -> str:
     return response.json()["id"]
 
 
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELED")
+
+
 def wait_done(api_url: str, job_id: str, timeout_s: float = 120) -> dict:
+    """The job once it ended: the API holds each GET until then (``Prefer: wait``)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = requests.get(f"{api_url}/v1/jobs/{job_id}", timeout=10).json()
-        if job["state"] in ("SUCCEEDED", "FAILED", "CANCELED"):
+    while (left := deadline - time.monotonic()) > 0:
+        wait = f"wait={min(60, max(1, int(left)))}"
+        job = requests.get(f"{api_url}/v1/jobs/{job_id}", headers={"Prefer": wait}, timeout=70).json()
+        if job["state"] in TERMINAL:
             return job
-        time.sleep(0.1)
     raise TimeoutError(f"job {job_id} still {job['state']} after {timeout_s}s")
+
+
+def sse(response: requests.Response):
+    """The (event, data) pairs of a Server-Sent Events response, as they arrive."""
+    name, data = "message", []
+    for line in response.iter_lines(decode_unicode=True):
+        if line == "":
+            if data:
+                yield name, json.loads("\n".join(data))
+            name, data = "message", []
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
 
 
 def download(job: dict) -> list[bytes]:

@@ -251,10 +251,19 @@ class Batcher:
         self._waiting.extend(slices)
         self._waiting.sort(key=lambda s: s.seq)
 
+    def remove(self, request: Request) -> list[Slice]:
+        """Take the waiting slices of ``request`` out (its job was canceled)."""
+        removed = [s for s in self._waiting if s.request is request]
+        self._waiting = [s for s in self._waiting if s.request is not request]
+        return removed
+
     def drain(self) -> list[Slice]:
         """Take every waiting slice out (the worker is stopping)."""
         drained, self._waiting = self._waiting, []
         return drained
+
+    def waiting_slices(self) -> list[Slice]:
+        return list(self._waiting)
 
     @property
     def waiting_images(self) -> int:

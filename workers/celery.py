@@ -25,10 +25,12 @@ from celery.exceptions import Reject, WorkerShutdown
 from celery.signals import celeryd_after_setup, worker_shutdown, worker_shutting_down
 
 from tasks.celery import GENERATE_TASK, app
+from tasks.events import EventHub
 from tasks.settings import Settings, get_settings
 from tasks.storage import make_storage
 from tasks.store import JobStore
 from workers.batcher import Batcher, BatchPolicy
+from workers.cancels import CancelListener
 from workers.engine import EngineConfig
 from workers.engine_client import ProcessEngine, ThreadEngine
 from workers.jobs import HandBack, WorkerContext, run_job
@@ -122,8 +124,11 @@ def make_context(settings: Settings) -> WorkerContext:
         on_batch_start=store.enter_model,
         on_batch_end=store.leave_model,
         on_engine_lost=_shut_down,
+        on_batch_step=lambda job_ids, step, total: store.progress(job_ids, step, total),
     )
     runner.start()
+    cancels = CancelListener(EventHub(lambda: client), runner)
+    cancels.start()
     return WorkerContext(
         store=store,
         storage=make_storage(settings),
@@ -131,6 +136,7 @@ def make_context(settings: Settings) -> WorkerContext:
         settings=settings,
         metrics=metrics,
         uploads=ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload"),
+        cancels=cancels,
     )
 
 
@@ -174,6 +180,8 @@ def _stop_model(**_) -> None:
     if _sweeper is not None:
         _sweeper.stop()
     if _context is not None:
+        if _context.cancels is not None:
+            _context.cancels.stop()
         _context.runner.stop()
         if _context.uploads is not None:
             _context.uploads.shutdown()

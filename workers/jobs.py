@@ -12,7 +12,10 @@ What can go wrong, and what happens (docs/RELIABILITY.md has the tests):
 - storage or the job store are down: retried with backoff for ``retry_window_s``; then
   the job ends FAILED (storage), or its message is handed back for later (job store,
   since nothing could be recorded);
-- the worker is stopping and the job had not started: its message is handed back.
+- the worker is stopping and the job had not started: its message is handed back;
+- the job is canceled (``tasks.cancel``): it stops or leaves its batch, stores nothing and
+  stays CANCELED; one whose ``Cancel-After`` deadline passes before a call starts it ends
+  CANCELED too.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from tasks.errors import DependencyUnavailable, EngineCrashed, FleetError, JobError
+from tasks.cancel import cancel_if_overdue
+from tasks.errors import DependencyUnavailable, EngineCrashed, FleetError, JobCanceled, JobError
 from tasks.jobs import BatchInfo, Job, JobState, JobUpdate, Timings
 from tasks.settings import Settings
 from tasks.storage import ObjectStorage, image_key
 from tasks.store import JobStore, TransitionResult, now
+from workers.cancels import CancelListener
 from workers.metrics import WorkerMetrics
 from workers.retry import with_retries
 from workers.runner import JobReleased, JobResult, ModelRunner
@@ -52,6 +57,8 @@ class WorkerContext:
     metrics: WorkerMetrics | None = None
     #: Encodes and uploads the images of a multi-image job side by side.
     uploads: ThreadPoolExecutor | None = None
+    #: Drops jobs canceled through the API from the runner (``workers.cancels``).
+    cancels: CancelListener | None = None
 
     def retrying(self, call, what: str):
         return with_retries(call, self.settings.retry_window_s, self.settings.retry_backoff_s, what)
@@ -77,8 +84,9 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
     if job is None:
         log.warning("job %s has no record (expired?); dropping its message", job_id)
         return "MISSING"
+    job = ctx.retrying(lambda: cancel_if_overdue(ctx.store, job), "canceling an overdue job")
     if job.state.terminal:
-        return job.state.value  # a duplicate delivery of a finished job
+        return job.state.value  # a duplicate delivery of a finished (or canceled) job
 
     if job.crashes >= ctx.settings.max_attempts:
         return _fail(ctx, job_id, _gave_up(job.crashes))
@@ -93,6 +101,8 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
     except JobReleased as exc:
         _release(ctx, job_id)
         raise HandBack(str(exc)) from exc
+    except JobCanceled as exc:  # by its client (already CANCELED) or its deadline
+        return _finished(ctx, _record(ctx, job_id, JobState.CANCELED, JobUpdate(finished_at=now(), error=exc.message)))
     except FleetError as exc:
         return _fail(ctx, job_id, exc.message)
     except Exception as exc:
@@ -103,8 +113,9 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
         keys, upload_s = _upload(ctx, job_id, result)
     except DependencyUnavailable as exc:
         return _fail(ctx, job_id, f"could not store the images for {ctx.settings.retry_window_s:.0f}s: {exc.message}")
-    if keys is None:
-        return "SUCCEEDED"  # a duplicate run finished it meanwhile
+    if keys is None:  # a duplicate run finished it, or its client canceled it, meanwhile
+        latest = ctx.retrying(lambda: ctx.store.get(job_id), "reading the job")
+        return latest.state.value if latest else "MISSING"
 
     finished_at = now()
     timings = Timings(
@@ -125,6 +136,8 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
             batch=BatchInfo(result.batch_id, result.batch_images),
         ),
     )
+    if not done.applied and done.state is JobState.CANCELED:
+        _discard(ctx, job_id, keys)
     return _finished(ctx, done)
 
 
@@ -137,11 +150,14 @@ def _generate(ctx: WorkerContext, job: Job, queue: str) -> JobResult:
     key = CompatKey(ctx.runner.model_name, spec.width, spec.height, spec.steps, spec.guidance_scale)
     work = [ImageWork(spec.prompt, spec.negative_prompt, spec.image_seed(i)) for i in range(spec.num_images)]
     deadline = None
-    if spec.deadline_ms is not None:  # wall clock -> the runner's monotonic clock
-        deadline = time.monotonic() + job.created_at + spec.deadline_ms / 1000 - time.time()
+    if spec.deadline_ms is not None:
+        deadline = _monotonic(job.created_at + spec.deadline_ms / 1000)
+    expires_at = _monotonic(job.cancel_at) if job.cancel_at is not None else None
     crashes = job.crashes
     while True:
-        future = ctx.runner.submit(key, work, queue=queue, deadline=deadline, tag=job.id, isolated=crashes > 0)
+        future = ctx.runner.submit(
+            key, work, queue=queue, deadline=deadline, tag=job.id, isolated=crashes > 0, expires_at=expires_at
+        )
         try:
             return future.result()
         except EngineCrashed as exc:
@@ -152,6 +168,19 @@ def _generate(ctx: WorkerContext, job: Job, queue: str) -> JobResult:
             if crashes >= ctx.settings.max_attempts:
                 raise JobError(_gave_up(crashes)) from exc
             log.warning("job %s was in a call the engine died in (%d so far): running it alone", job.id, crashes)
+
+
+def _monotonic(wall_clock: float) -> float:
+    """A wall-clock time (the job store's) on the runner's monotonic clock."""
+    return time.monotonic() + wall_clock - time.time()
+
+
+def _discard(ctx: WorkerContext, job_id: str, keys: list[str]) -> None:
+    """The job was canceled while its images uploaded: a CANCELED job stores nothing."""
+    try:
+        ctx.retrying(lambda: ctx.storage.delete(keys), "deleting a canceled job's images")
+    except DependencyUnavailable as exc:
+        log.warning("job %s was canceled but its images could not be deleted: %s", job_id, exc.message)
 
 
 def _upload(ctx: WorkerContext, job_id: str, result: JobResult) -> tuple[list[str] | None, float]:

@@ -40,7 +40,8 @@ from typing import Protocol
 
 import numpy as np
 
-from tasks.errors import EngineCrashed, EngineStartFailed, ModelOutOfMemory, PipelineError
+from tasks.cancel import NOT_STARTED_IN_TIME
+from tasks.errors import EngineCrashed, EngineStartFailed, JobCanceled, ModelOutOfMemory, PipelineError
 from workers.batcher import Batch, Batcher, Request, Slice
 from workers.engine_client import Engine
 from workers.work import BatchKey, CompatKey, ImageWork
@@ -80,6 +81,7 @@ class _Pending:
     work: list[ImageWork]
     submitted: float
     tag: object = None
+    expires_at: float | None = None  # canceled if no call has started it by then
     future: Future = field(default_factory=Future)
     images: dict[int, np.ndarray] = field(default_factory=dict)
     first_start: float | None = None
@@ -108,18 +110,21 @@ class ModelRunner:
         on_batch_start: Callable[[list[object]], None] | None = None,
         on_batch_end: Callable[[list[object]], None] | None = None,
         on_engine_lost: Callable[[str], None] | None = None,
+        on_batch_step: Callable[[list[object], int, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         depth: int = 2,
     ):
         """``on_batch_start`` and ``on_batch_end`` get the tags of a batch's jobs when the
         engine starts and ends its call: the worker counts a crash for each job before, and
-        takes it back after, so the calls an engine or a worker died in stay counted."""
+        takes it back after, so the calls an engine or a worker died in stay counted.
+        ``on_batch_step`` gets them with (step, total) at every step boundary of a call."""
         self._engine = engine
         self._batcher = batcher
         self._observer = observer
         self._on_batch_start = on_batch_start
         self._on_batch_end = on_batch_end
         self._on_engine_lost = on_engine_lost
+        self._on_batch_step = on_batch_step
         self._clock = clock
         self._depth = depth
         self._cond = threading.Condition()
@@ -152,14 +157,16 @@ class ModelRunner:
         deadline: float | None = None,
         tag: object = None,
         isolated: bool = False,
+        expires_at: float | None = None,
     ) -> Future:
         """Queue one job's images; the future resolves to a ``JobResult``.
 
         ``isolated`` runs the job in batches of its own: for a job that was in a call an
-        engine or a worker died in, so it cannot take its neighbours along.
+        engine or a worker died in, so it cannot take its neighbours along. A job no call
+        has started by ``expires_at`` fails with ``JobCanceled``.
         """
         now = self._clock()
-        pending = _Pending(list(images), now, tag)
+        pending = _Pending(list(images), now, tag, expires_at)
         batch_key = BatchKey(queue, key, alone=str(tag if tag is not None else id(pending)) if isolated else None)
         request = Request(batch_key, len(images), now, deadline, payload=pending)
         with self._cond:
@@ -169,6 +176,42 @@ class ModelRunner:
             self._report_waiting()
             self._cond.notify_all()
         return pending.future
+
+    def cancel(self, tag: object, reason: str) -> bool:
+        """Drop the job tagged ``tag``; its future fails with ``JobCanceled``. Waiting, it
+        never runs. In a batch of its own (queued in the engine or running), the engine
+        stops that call at its next step boundary. In a batch it shares, the call goes on
+        for its neighbours and this job's images are discarded. True if it was here."""
+
+        def mine(s: Slice) -> bool:
+            return s.request.payload.tag == tag
+
+        with self._cond:
+            dropped = [s for s in self._batcher.waiting_slices() if mine(s)]
+            for request in {id(s.request): s.request for s in dropped}.values():
+                self._batcher.remove(request)
+            retries: deque[Batch] = deque()
+            for batch in self._retries:
+                dropped += [s for s in batch.slices if mine(s)]
+                rest = tuple(s for s in batch.slices if not mine(s))
+                if rest:
+                    retries.append(Batch(batch.key, rest))
+            self._retries = retries
+            stop = []
+            for batch_id, flight in self._inflight.items():
+                ours = [s for s in flight.batch.slices if mine(s)]
+                dropped += ours
+                if ours and len(ours) == len(flight.batch.slices):
+                    stop.append(batch_id)
+            self._report_waiting()
+            self._cond.notify_all()
+        for batch_id in stop:
+            self._engine.cancel(batch_id)
+        futures = {id(s.request.payload): s.request.payload.future for s in dropped}
+        for future in futures.values():
+            if not future.done():
+                future.set_exception(JobCanceled(reason))
+        return bool(futures)
 
     def release_waiting(self) -> int:
         """Fail every job that has not started with ``JobReleased``; the batches in the
@@ -234,11 +277,23 @@ class ModelRunner:
                 decision = self._batcher.next_batch(now, not_before=self._busy_until())
             if decision.batch is not None:
                 self._report_waiting()
-                live = tuple(s for s in decision.batch.slices if not s.request.payload.future.done())
+                live = tuple(s for s in decision.batch.slices if self._runnable(s, now))
                 if live:
                     return Batch(decision.batch.key, live)
                 continue
             self._cond.wait(None if decision.wake_at is None else max(0.0, decision.wake_at - now))
+
+    @staticmethod
+    def _runnable(s: Slice, now: float) -> bool:
+        """False for a slice whose job has failed or been canceled, or whose ``expires_at``
+        passed before any call started it (then it is canceled here)."""
+        pending: _Pending = s.request.payload
+        if pending.future.done():
+            return False
+        if pending.expires_at is not None and pending.first_start is None and now >= pending.expires_at:
+            pending.future.set_exception(JobCanceled(NOT_STARTED_IN_TIME))
+            return False
+        return True
 
     def _busy_until(self) -> float | None:
         """When the engine is predicted to be free, less the dispatch lead; None when it
@@ -287,6 +342,8 @@ class ModelRunner:
         flight = self._inflight.get(batch_id)
         if flight is not None:
             flight.step = step
+            if self._on_batch_step is not None:
+                self._hook(lambda tags: self._on_batch_step(tags, step, total), flight.tags)
 
     def batch_done(self, batch_id: int, images: np.ndarray, inference_s: float, canceled: bool) -> None:
         with self._cond:
@@ -303,7 +360,7 @@ class ModelRunner:
         if canceled or images is None:
             for s in batch.slices:
                 if not s.request.payload.future.done():
-                    s.request.payload.future.set_exception(PipelineError("the batch was canceled"))
+                    s.request.payload.future.set_exception(JobCanceled("the batch was canceled"))
             return
         label = f"{self.engine_pid}-{batch_id}"
         offset = 0

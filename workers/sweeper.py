@@ -17,6 +17,7 @@ import time
 
 from celery import Celery
 
+from tasks.cancel import cancel_if_overdue
 from tasks.errors import DependencyUnavailable
 from tasks.jobs import JobState
 from tasks.settings import Settings
@@ -41,6 +42,18 @@ def sweep_once(store: JobStore, celery_app: Celery, settings: Settings, now: flo
     return published
 
 
+def cancel_overdue(store: JobStore, now: float | None = None) -> int:
+    """Cancel every QUEUED job whose ``Cancel-After`` deadline has passed; returns how many."""
+    now = time.time() if now is None else now
+    canceled = 0
+    for job_id in store.due_for_canceling(now):
+        job = store.get(job_id)
+        if job is not None and cancel_if_overdue(store, job, now).state is JobState.CANCELED:
+            canceled += job.state is JobState.QUEUED
+        store.forget_cancel_after(job_id)  # started, finished or expired: its runner decides
+    return canceled
+
+
 class Sweeper:
     def __init__(self, store: JobStore, celery_app: Celery, settings: Settings):
         self._store = store
@@ -62,5 +75,6 @@ class Sweeper:
             try:
                 if self._store.try_lock("outbox-sweeper", int(interval * 2)):
                     sweep_once(self._store, self._celery, self._settings)
+                    cancel_overdue(self._store)
             except DependencyUnavailable as exc:
                 log.warning("outbox sweep skipped: %s", exc)

@@ -1,0 +1,109 @@
+"""Waiting for a job without polling: ``Prefer: wait`` and the Server-Sent Events stream.
+
+Both sleep on a queue fed by the process's one job-event subscription
+(``tasks.events.EventHub``) and read the job from the store only when an event says it
+changed, so a waiting client costs no Redis reads and no CPU while nothing happens.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import time
+from collections.abc import Callable, Iterator
+
+from app.services import Services
+from tasks.cancel import cancel_if_overdue
+from tasks.errors import DependencyUnavailable, ValidationFailed
+from tasks.events import JobEvent
+from tasks.jobs import Job, JobState
+from tasks.store import JobStore
+
+#: The longest a request may be held (``Prefer: wait=N`` asks for N, at most this).
+MAX_WAIT_S = 60
+#: A comment line this often keeps proxies from closing a quiet stream, and lets the
+#: server notice a client that went away.
+KEEPALIVE_S = 15.0
+
+_WAIT = re.compile(r"^wait(?:\s*=\s*\"?([^\";]*)\"?)?$", re.IGNORECASE)
+
+
+def parse_prefer_wait(header: str | None) -> float | None:
+    """The ``wait`` preference of a ``Prefer`` header (RFC 7240) in seconds, capped at
+    ``MAX_WAIT_S``; a bare ``wait`` asks for the most. None when absent."""
+    for preference in (header or "").split(","):
+        match = _WAIT.match(preference.split(";")[0].strip())
+        if not match:
+            continue
+        if match[1] is None or not match[1].strip():
+            return float(MAX_WAIT_S)
+        try:
+            seconds = float(match[1])
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds < float("inf"):
+            raise ValidationFailed(f"'Prefer: wait' must be a number of seconds (at most {MAX_WAIT_S})", "Prefer")
+        return min(seconds, MAX_WAIT_S) or None
+    return None
+
+
+def wait_until_done(store: JobStore, job: Job, events: queue.Queue, wait_s: float) -> Job:
+    """The job once it has ended, or as it is after ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    job = store.get(job.id) or job  # it may have ended before we subscribed
+    while not job.state.terminal:
+        timeout = _timeout(job, deadline - time.monotonic())
+        if timeout <= 0:
+            break
+        try:
+            event: JobEvent = events.get(timeout=timeout)
+        except queue.Empty:
+            job = cancel_if_overdue(store, job)  # its Cancel-After deadline may have come
+            continue
+        if event.kind != "progress":
+            job = store.get(job.id) or job
+    return job
+
+
+def event_stream(svc: Services, job: Job, render: Callable[[Job], dict]) -> Iterator[str]:
+    """``state`` events (the whole job, as ``GET`` shows it) on every change of state and
+    ``progress`` events (``{"id", "step", "total"}``) at every step, until the job ends."""
+    yield f"retry: {int(KEEPALIVE_S * 1000)}\n\n"
+    try:
+        with svc.events.watch(job.id) as events:
+            current = svc.store.get(job.id) or job
+            yield _event("state", render(current))
+            while not current.state.terminal:
+                try:
+                    event: JobEvent = events.get(timeout=_timeout(current, KEEPALIVE_S))
+                except queue.Empty:
+                    latest = cancel_if_overdue(svc.store, current)
+                    if latest.state is not current.state:
+                        current = latest
+                        yield _event("state", render(current))
+                    else:
+                        yield ": keepalive\n\n"
+                    continue
+                if event.kind == "progress":
+                    yield _event("progress", {"id": job.id, "step": event.step, "total": event.total})
+                    continue
+                latest = svc.store.get(job.id)
+                if latest is None:
+                    return  # expired
+                if event.kind == "state" or latest.state is not current.state:
+                    current = latest
+                    yield _event("state", render(current))
+    except DependencyUnavailable as exc:
+        yield _event("error", exc.to_dict())
+
+
+def _timeout(job: Job, limit: float) -> float:
+    """How long to sleep: ``limit``, or less if a QUEUED job's ``Cancel-After`` comes first."""
+    if job.cancel_at is None or job.state is not JobState.QUEUED:
+        return limit
+    return max(0.0, min(limit, job.cancel_at - time.time() + 0.01))
+
+
+def _event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
