@@ -9,6 +9,7 @@ once without holding up a single job.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 
@@ -47,4 +48,7 @@ def deliver_webhook(self, message: dict) -> None:
         delivery = attempt(delivery, _settings)
         if delivery is None:
             return
-    raise self.retry(args=[asdict(delivery)], countdown=min(max(0.0, delivery.due_at - time.time()), MAX_HOP_S))
+    # Whole seconds, at least one: RabbitMQ's native delayed delivery routes a countdown by
+    # its whole seconds and refuses zero (rounding down would bring the message back early).
+    countdown = max(1, math.ceil(min(delivery.due_at - time.time(), MAX_HOP_S)))
+    raise self.retry(args=[asdict(delivery)], countdown=countdown)
