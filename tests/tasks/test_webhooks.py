@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import socket
 import ssl
 import subprocess
@@ -20,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from fleet.processes import free_port, wait_for
-from fleet.stack import settings_from_env, start_hooks
+from fleet.stack import RabbitMQ, rabbitmq_available, settings_from_env, start_hooks
 from tasks import webhooks
 from tasks.celery import make_celery
 from tasks.destinations import resolve_destination
@@ -454,6 +455,20 @@ def strict_hooks(redis_server, work_dir):
     hooks.stop()
 
 
+@pytest.fixture(scope="module")
+def rabbitmq_hooks(redis_server, work_dir):
+    if not rabbitmq_available():
+        if os.environ.get("CI"):
+            pytest.fail("RabbitMQ is not installed: .ci/run installs Debian's rabbitmq-server")
+        pytest.skip("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
+    rabbitmq = RabbitMQ(work_dir).start()
+    env = hooks_env(redis_server, work_dir, "test.webhooks.rabbitmq", allow_private=True)
+    hooks = Hooks({**env, "FLEET_BROKER_URL": rabbitmq.url}, work_dir, "hooks-rabbitmq")
+    yield hooks
+    hooks.stop()
+    rabbitmq.stop()
+
+
 def test_every_event_is_signed_retried_under_the_same_id_and_accepted_once(hooks, receiver):
     """start, progress and completed arrive verified; the one answered 500 comes again with
     the same webhook-id and body and a valid signature, and each id is accepted once."""
@@ -492,3 +507,12 @@ def test_by_default_a_loopback_receiver_is_never_contacted(strict_hooks, receive
     strict_hooks.wait_logged(delivery_id, "a loopback address")
     assert not receiver.hits(delivery_id=delivery_id)
     assert sum(delivery_id in line for line in strict_hooks.server.log().splitlines()) == 1
+
+
+def test_on_rabbitmq_the_retry_waits_in_the_broker_and_arrives(rabbitmq_hooks, receiver):
+    """The backoff goes through RabbitMQ's native delayed delivery (a quorum queue behind a
+    topic exchange, as job_queue declares it), which counts whole seconds and refuses zero."""
+    delivery_id = rabbitmq_hooks.send(receiver.url("/flaky"), "progress", step=3)
+    wait_for(lambda: receiver.accepted(delivery_id), 60, "the retried delivery", rabbitmq_hooks.server.proc)
+    rabbitmq_hooks.wait_logged(delivery_id, "delivered (HTTP 204) at attempt 2")
+    assert [(r.status, r.valid) for r in receiver.hits(delivery_id=delivery_id)] == [(500, True), (204, True)]
