@@ -5,6 +5,7 @@ fleet model init [DIR]   write the tiny local model (default: FLEET_STATE_DIR/mo
 fleet redis | s3         the embedded servers ``fleet up`` starts when none is configured
 fleet web | flower       the API (gunicorn) and Flower, configured from FLEET_* settings
 fleet worker [--gpu N]   a Celery worker in a free slot of this host: one per GPU
+fleet hooks              the webhook delivery worker (no model, no GPU)
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ def _worker(args: argparse.Namespace) -> int:
     return exec_worker(args.gpu, celery_args)
 
 
+def _hooks(args: argparse.Namespace) -> int:
+    from fleet.local import exec_hooks
+
+    celery_args = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args
+    return exec_hooks(celery_args)
+
+
 def _flower(args: argparse.Namespace) -> int:
     from fleet.local import exec_flower
 
@@ -119,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--gpu", type=int, metavar="N", help="this slot (GPU N) instead of the first free one")
     worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="-- then arguments for celery worker")
     worker.set_defaults(func=_worker)
+    hooks = sub.add_parser(
+        "hooks",
+        help="run the webhook delivery worker",
+        description="Runs `celery -A tasks.webhook_worker worker` as hooks@host: it consumes only FLEET_WEBHOOK_QUEUE "
+        "with FLEET_WEBHOOK_THREADS threads and loads no model. Arguments after -- go to Celery.",
+    )
+    hooks.add_argument("celery_args", nargs=argparse.REMAINDER, help="-- then arguments for celery worker")
+    hooks.set_defaults(func=_hooks)
 
     from fleet.bench.cli import add_parser as add_bench_parser
 

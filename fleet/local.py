@@ -152,6 +152,18 @@ def exec_worker(slot: int | None, celery_args: list[str]) -> int:
     return 1
 
 
+def exec_hooks(celery_args: list[str]) -> int:
+    """The webhook delivery worker (``tasks.webhook_worker``): only the webhook queue, no model."""
+    args = [
+        sys.executable, "-m", "celery", "-A", "tasks.webhook_worker", "worker",
+        "--loglevel", "INFO",
+        "--hostname", "hooks@%h",
+        *celery_args,
+    ]  # fmt: skip
+    os.execv(sys.executable, args)
+    return 1
+
+
 def exec_flower() -> int:
     settings = get_settings()
     args = [
@@ -197,13 +209,14 @@ def wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
 
 
 def wait_worker(timeout_s: float, stop: threading.Event) -> bool:
-    """Until a worker answers a Celery ping (it does once its model is loaded and warm)."""
+    """Until a GPU worker (``workerN@host``, as ``fleet worker`` names it) answers a Celery
+    ping: it does once its model is loaded and warm. ``hooks@host`` answers at once."""
     from tasks.celery import app
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.is_set():
         try:
-            if app.control.ping(timeout=1.0):
+            if any(name.startswith("worker") for reply in app.control.ping(timeout=1.0) for name in reply):
                 return True
         except Exception:
             pass

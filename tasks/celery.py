@@ -2,6 +2,7 @@
 
 ``celery -A tasks`` finds ``app`` here (Flower uses it); the worker extends it in
 ``workers.celery``. Messages carry only a job id: the job itself lives in the job store.
+A webhook delivery's message carries the delivery itself (``tasks.webhooks``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tasks.errors import DependencyUnavailable
 from tasks.settings import Settings, get_settings
 
 GENERATE_TASK = "fleet.generate"
+WEBHOOK_TASK = "fleet.webhook"
 
 
 def job_queue(settings: Settings, name: str) -> Queue:
@@ -55,6 +57,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app = Celery("fleet", broker=settings.effective_broker_url, set_as_current=False)
     queues = [job_queue(settings, settings.queue)]
     queues += [job_queue(settings, name) for name in settings.queue_policies if name != settings.queue]
+    if settings.webhook_queue in {queue.name for queue in queues}:
+        raise ValueError(f"FLEET_WEBHOOK_QUEUE '{settings.webhook_queue}' must not be a job queue")
+    queues.append(job_queue(settings, settings.webhook_queue))
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -72,12 +77,17 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_track_started=True,
         task_default_queue=settings.queue,
         task_queues=queues,
+        task_routes={WEBHOOK_TASK: {"queue": settings.webhook_queue}},
         task_create_missing_queues=True,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a worker outlives a broker restart
         broker_transport_options=broker_options(settings),
         broker_connection_timeout=settings.publish_timeout_s,
     )
+    # Declared with the others, so whoever publishes first creates it right (a quorum queue
+    # on RabbitMQ), but consumed only by the worker that selects it (`fleet hooks`): a GPU
+    # worker has no webhook task and would drop its messages.
+    app.amqp.queues.deselect(settings.webhook_queue)
     return app
 
 

@@ -6,6 +6,8 @@
      ├── RequestError            -> HTTP 4xx, names the offending field
      │    ├── MalformedBody      (400: not a JSON object)
      │    ├── ValidationFailed   (422: wrong type, unknown field, out of bounds)
+     │    │    └── ForbiddenDestination  a webhook URL that reaches a loopback, private,
+     │    │                              link-local or metadata address
      │    ├── PayloadTooLarge    (413)
      │    ├── UnsupportedMediaType (415)
      │    ├── NotFound           (404)
@@ -54,6 +56,13 @@ class RequestError(FleetError):
 class ValidationFailed(RequestError):
     status = 422
     code = "invalid"
+
+
+class ForbiddenDestination(ValidationFailed):
+    code = "forbidden_destination"
+
+    def __init__(self, message: str, field: str | None = "webhook"):
+        super().__init__(message, field)
 
 
 class MalformedBody(RequestError):

@@ -127,6 +127,18 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(1, ge=0, le=9)
     upload_threads: int = Field(8, gt=0)
 
+    # -- webhooks (docs/WEBHOOKS.md) ------------------------------------------------------
+    # The master key every owner's signing secret is derived from: change it anywhere but
+    # your laptop (changing it changes every owner's secret).
+    webhook_signing_key: str = Field("dev-webhook-signing-key-change-me", min_length=1)
+    # Deliver to loopback, private, link-local and metadata addresses: local receivers only.
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_backoff_s: float = Field(5.0, gt=0)  # first wait between attempts; doubles up to an hour
+    webhook_retry_window_s: float = Field(86400.0, ge=0)  # no attempt starts later than this after the first
+    webhook_queue: str = "fleet.webhooks"
+    webhook_threads: int = Field(16, gt=0)  # deliveries `fleet hooks` makes at once
+
     # -- local fleet and monitoring ------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = 8000
