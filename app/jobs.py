@@ -26,10 +26,11 @@ from app.services import Services, services
 from app.waiting import event_stream, parse_prefer_wait, wait_until_done
 from tasks.cancel import cancel, cancel_if_overdue, parse_duration
 from tasks.errors import MalformedBody, NotFound, UnsupportedMediaType
-from tasks.jobs import Job, JobState, new_job_id, parse_request
+from tasks.jobs import Job, JobOptions, JobState, new_job_id, to_spec, validate_request
 from tasks.store import now
 from tasks.submit import submit_job
-from tasks.views import ImageLink, JobView, PlaceInLine
+from tasks.views import PlaceInLine, render
+from tasks.webhooks import check_webhook_url
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
@@ -45,7 +46,11 @@ def submit():
         body = json.loads(request.get_data(cache=False) or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedBody(f"the body is not valid JSON: {exc}") from None
-    spec = parse_request(body, svc.settings)
+    job_request = validate_request(body)
+    spec = to_spec(job_request, svc.settings)
+    options = JobOptions.of(job_request, svc.settings)
+    if options.webhook is not None:
+        check_webhook_url(options.webhook, svc.settings)
     wait_s = parse_prefer_wait(request.headers.get("Prefer"))
     cancel_after = request.headers.get("Cancel-After")
     created = now()
@@ -54,8 +59,11 @@ def submit():
         state=JobState.QUEUED,
         spec=spec,
         created_at=created,
-        queue=svc.settings.queue,
+        queue=svc.settings.queue_for(options.service_class),
         cancel_at=created + parse_duration(cancel_after) if cancel_after is not None else None,
+        priority=options.priority,
+        webhook=options.webhook,
+        webhook_events=options.webhook_events,
     )
     # Subscribed before the job exists: its end cannot slip between submit and wait.
     with svc.events.watch(job.id) if wait_s else nullcontext() as events:
@@ -110,12 +118,6 @@ def find_job(svc: Services, job_id: str) -> Job:
 
 def job_view(job: Job) -> dict:
     svc = services()
-    images = []
-    if job.state is JobState.SUCCEEDED:
-        for key in job.image_keys:
-            signed = svc.storage.presign(key)
-            expires_at = datetime.fromtimestamp(now() + signed.expires_in_s, timezone.utc)
-            images.append(ImageLink(url=signed.url, expires_in_s=signed.expires_in_s, expires_at=expires_at))
     place = None
     if job.state is JobState.QUEUED:
         position, jobs_per_s = svc.store.place_in_line(job)
@@ -125,4 +127,4 @@ def job_view(job: Job) -> dict:
                 position=position,
                 estimated_start_at=datetime.fromtimestamp(start, timezone.utc) if start else None,
             )
-    return JobView.of(job, images, place).model_dump(mode="json")
+    return render(job, svc.storage, place)

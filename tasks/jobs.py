@@ -12,7 +12,7 @@ import json
 import math
 import secrets
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
 
@@ -49,6 +49,14 @@ def can_move(current: JobState, target: JobState) -> bool:
     return target in TRANSITIONS[current]
 
 
+#: What a job's webhook may be sent for: it started, each step, it ended.
+WebhookEvent = Literal["start", "progress", "completed"]
+WEBHOOK_EVENTS: tuple[str, ...] = ("start", "progress", "completed")
+OUTPUT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+#: Priorities within a queue, highest first where the broker orders by them.
+MAX_PRIORITY = 9
+
+
 class JobRequest(BaseModel):
     """The body of ``POST /v1/jobs``. Types are strict: ``"64"`` is not a width."""
 
@@ -63,6 +71,12 @@ class JobRequest(BaseModel):
     seed: StrictInt | None = None
     num_images: StrictInt = 1
     deadline_ms: StrictInt | None = None
+    output_format: Literal["png", "webp", "jpeg"] = "png"
+    output_quality: StrictInt | None = None
+    service_class: Literal["interactive", "batch"] | None = None
+    priority: StrictInt | None = None
+    webhook: StrictStr | None = None
+    webhook_events: list[WebhookEvent] | None = None
 
 
 class GenerationSpec(BaseModel):
@@ -79,6 +93,12 @@ class GenerationSpec(BaseModel):
     seed: int
     num_images: int
     deadline_ms: int | None = None  # best effort: the batcher flushes early rather than miss it
+    output_format: Literal["png", "webp", "jpeg"] = "png"
+    output_quality: int | None = None  # webp and jpeg; None: the worker's default
+
+    @property
+    def content_type(self) -> str:
+        return OUTPUT_TYPES[self.output_format]
 
     def image_seed(self, index: int) -> int:
         """The seed of image ``index``: its noise never depends on its batch neighbours."""
@@ -89,15 +109,13 @@ MAX_SEED = 2**63 - 1
 MAX_DEADLINE_MS = 3_600_000
 
 
-def parse_request(body: Any, settings: Settings) -> GenerationSpec:
-    """Validate a request body against the schema and the configured bounds.
-
-    Raises ``ValidationFailed`` naming the first offending field.
-    """
+def validate_request(body: Any) -> JobRequest:
+    """Check a request body against the schema; ``ValidationFailed`` names the first
+    offending field."""
     if not isinstance(body, dict):
         raise ValidationFailed("the body must be a JSON object", field=None)
     try:
-        request = JobRequest.model_validate(body)
+        return JobRequest.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         field_name = str(first["loc"][0]) if first["loc"] else None
@@ -109,6 +127,14 @@ def parse_request(body: Any, settings: Settings) -> GenerationSpec:
             message = f"'{field_name}': {first['msg']}"
         raise ValidationFailed(message, field=field_name) from None
 
+
+def parse_request(body: Any, settings: Settings) -> GenerationSpec:
+    """Validate a request body against the schema and the configured bounds: what the
+    worker runs. Raises ``ValidationFailed`` naming the first offending field."""
+    return to_spec(validate_request(body), settings)
+
+
+def to_spec(request: JobRequest, settings: Settings) -> GenerationSpec:
     spec = GenerationSpec(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -121,9 +147,35 @@ def parse_request(body: Any, settings: Settings) -> GenerationSpec:
         seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
         num_images=request.num_images,
         deadline_ms=request.deadline_ms,
+        output_format=request.output_format,
+        output_quality=request.output_quality,
     )
     _check_bounds(spec, settings)
     return spec
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How a job is handled, beside what it generates: its queue and its place in it, and
+    whom to tell about it."""
+
+    service_class: str
+    priority: int = 0
+    webhook: str | None = None
+    webhook_events: tuple[str, ...] = WEBHOOK_EVENTS
+
+    @classmethod
+    def of(cls, request: JobRequest, settings: Settings) -> JobOptions:
+        if request.priority is not None and not 0 <= request.priority <= MAX_PRIORITY:
+            raise ValidationFailed(f"'priority' must be between 0 and {MAX_PRIORITY}", field="priority")
+        if request.webhook_events is not None and request.webhook is None:
+            raise ValidationFailed("'webhook_events' needs a 'webhook'", field="webhook_events")
+        return cls(
+            service_class=request.service_class or settings.default_service_class,
+            priority=request.priority or 0,
+            webhook=request.webhook,
+            webhook_events=tuple(dict.fromkeys(request.webhook_events)) if request.webhook_events else WEBHOOK_EVENTS,
+        )
 
 
 def _check_bounds(spec: GenerationSpec, settings: Settings) -> None:
@@ -153,6 +205,8 @@ def _check_bounds(spec: GenerationSpec, settings: Settings) -> None:
         raise ValidationFailed(f"'deadline_ms' must be between 1 and {MAX_DEADLINE_MS}", field="deadline_ms")
     if not 0 <= spec.seed <= MAX_SEED:
         raise ValidationFailed(f"'seed' must be between 0 and {MAX_SEED}", field="seed")
+    if spec.output_quality is not None and not 1 <= spec.output_quality <= 100:
+        raise ValidationFailed("'output_quality' must be between 1 and 100", field="output_quality")
 
 
 def new_job_id() -> str:
@@ -229,6 +283,10 @@ class Job:
     step: int = 0  # denoising steps done in its current model call, of ``total_steps``
     total_steps: int = 0
     cancel_at: float | None = None  # canceled if not started by then (``Cancel-After``)
+    owner: str = ""  # the name of the API key that submitted it
+    priority: int = 0
+    webhook: str | None = None
+    webhook_events: tuple[str, ...] = ()
 
     def to_redis(self) -> dict[str, str]:
         raw = {
@@ -242,6 +300,13 @@ class Job:
         }
         if self.cancel_at is not None:
             raw["cancel_at"] = repr(self.cancel_at)
+        if self.owner:
+            raw["owner"] = self.owner
+        if self.priority:
+            raw["priority"] = str(self.priority)
+        if self.webhook:
+            raw["webhook"] = self.webhook
+            raw["webhook_events"] = ",".join(self.webhook_events)
         update = JobUpdate(
             started_at=self.started_at,
             finished_at=self.finished_at,
@@ -278,4 +343,8 @@ class Job:
             step=int(raw.get("step", 0)),
             total_steps=int(raw.get("total_steps", 0)),
             cancel_at=opt_float("cancel_at"),
+            owner=raw.get("owner", ""),
+            priority=int(raw.get("priority", 0)),
+            webhook=raw.get("webhook"),
+            webhook_events=tuple(filter(None, raw.get("webhook_events", "").split(","))),
         )

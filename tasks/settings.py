@@ -114,14 +114,20 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(5.0, gt=0)
 
     # -- queues, workers and batching -----------------------------------------------------
-    queue: str = "fleet.default"
+    # Service classes: each its own queue, each queue its own batching policy
+    # (``queue_policies``). A job names its class; workers consume one queue or both.
+    queue: str = "fleet.interactive"  # the interactive class (and the default queue)
+    batch_queue: str = "fleet.batch"  # the batch class: large batches, latency second
+    default_service_class: Literal["interactive", "batch"] = "interactive"
     publish_timeout_s: float = Field(3.0, gt=0)
     max_batch_images: int = Field(8, gt=0)
     max_wait_ms: float = Field(100.0, ge=0)
     batch_policy: Literal["fixed", "adaptive"] = "adaptive"
     # Per-queue overrides of the three above, as JSON:
     # {"fleet.interactive": {"max_batch_images": 2, "max_wait_ms": 0, "batch_policy": "fixed"}}
-    queue_policies: dict[str, QueuePolicy] = {}
+    # The interactive queue takes the worker-wide settings above; the batch queue waits
+    # longer to fill its batches.
+    queue_policies: dict[str, QueuePolicy] = {"fleet.batch": QueuePolicy(max_wait_ms=1000, batch_policy="fixed")}
     worker_threads: int = Field(0, ge=0)  # 0: twice the largest max_batch_images
     worker_metrics_port: int = Field(9808, ge=0)  # 0: no Prometheus endpoint
     png_compress_level: int = Field(1, ge=0, le=9)
@@ -175,6 +181,14 @@ class Settings(BaseSettings):
             max_wait_ms=self.max_wait_ms if override.max_wait_ms is None else override.max_wait_ms,
             batch_policy=override.batch_policy or self.batch_policy,
         )
+
+    def queue_for(self, service_class: str) -> str:
+        return self.batch_queue if service_class == "batch" else self.queue
+
+    @property
+    def job_queues(self) -> list[str]:
+        """Every queue jobs are published to (workers consume them all unless told ``-Q``)."""
+        return list(dict.fromkeys([self.queue, self.batch_queue, *self.queue_policies]))
 
     @property
     def task_threads(self) -> int:

@@ -8,6 +8,7 @@ twice) can never move a job backwards or finish it twice.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,6 +28,9 @@ QUEUED_PREFIX = "fleet:queued:"
 #: measured throughput a queued job's estimated start is predicted from.
 FINISHED_PREFIX = "fleet:finished:"
 THROUGHPUT_WINDOW_S = 120
+#: A job of priority p is placed in line as if it had come p x this earlier: ahead of
+#: every job of a lower priority.
+PRIORITY_SPAN_S = 1e9
 
 _TRANSITION_LUA = """
 local THROUGHPUT_WINDOW_S = $WINDOW
@@ -51,7 +55,7 @@ if ARGV[1] == 'SUCCEEDED' then
   redis.call('ZREMRANGEBYSCORE', finished, '-inf', ARGV[5] - THROUGHPUT_WINDOW_S)
 end
 redis.call('PUBLISH', KEYS[5], cjson.encode({job_id = ARGV[4], kind = 'state', state = ARGV[1]}))
-return {1, ARGV[1]}
+return {1, ARGV[1], redis.call('HGET', KEYS[1], 'webhook') or ''}
 """.replace("$WINDOW", str(THROUGHPUT_WINDOW_S))
 
 #: Add ARGV[2] to field ARGV[1] of each existing record: a counter never creates a record
@@ -64,15 +68,20 @@ end
 
 
 #: For each existing job that is RUNNING: record its progress and tell its waiters.
+#: Returns the ids of those whose webhook wants progress events.
 _PROGRESS_LUA = """
+local hooked = {}
 for i, key in ipairs(KEYS) do
   if i > 1 and redis.call('HGET', key, 'state') == 'RUNNING' then
     redis.call('HSET', key, 'step', ARGV[1], 'total_steps', ARGV[2])
     local event = {job_id = string.sub(key, #ARGV[3] + 1), kind = 'progress', step = tonumber(ARGV[1]),
                    total = tonumber(ARGV[2])}
     redis.call('PUBLISH', KEYS[1], cjson.encode(event))
+    local events = redis.call('HGET', key, 'webhook_events')
+    if events and string.find(',' .. events .. ',', ',progress,', 1, true) then table.insert(hooked, event.job_id) end
   end
 end
+return hooked
 """
 #: Jobs with a ``Cancel-After`` deadline, by that deadline: the sweeper cancels those
 #: still QUEUED when it passes.
@@ -98,6 +107,12 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION_LUA)
         self._count = client.register_script(_COUNT_LUA)
         self._progress = client.register_script(_PROGRESS_LUA)
+        self._on_change: Callable[[str, JobState], None] | None = None
+
+    def on_change(self, callback: Callable[[str, JobState], None]) -> None:
+        """Call ``callback(job_id, state)`` after each state change this store applies to a
+        job with a webhook (``tasks.notify``)."""
+        self._on_change = callback
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -117,7 +132,7 @@ class JobStore:
                 pipe.hset(self.key(job.id), mapping=job.to_redis())
                 pipe.expire(self.key(job.id), self._ttl_s)
                 pipe.zadd(OUTBOX_KEY, {job.id: publish_by})
-                pipe.zadd(QUEUED_PREFIX + job.queue, {job.id: job.created_at})
+                pipe.zadd(QUEUED_PREFIX + job.queue, {job.id: job.created_at - job.priority * PRIORITY_SPAN_S})
                 if job.cancel_at is not None:
                     pipe.zadd(CANCEL_AFTER_KEY, {job.id: job.cancel_at})
                 pipe.execute()
@@ -208,15 +223,21 @@ class JobStore:
             args += [name, value]
         keys = [self.key(job_id), OUTBOX_KEY, QUEUED_PREFIX, FINISHED_PREFIX, CHANNEL]
         with self._errors():
-            applied, state = self._transition(keys=keys, args=args)
+            applied, state, *hooked = self._transition(keys=keys, args=args)
         state = state.decode() if isinstance(state, bytes) else state
-        return TransitionResult(bool(applied), JobState(state) if state else None)
+        result = TransitionResult(bool(applied), JobState(state) if state else None)
+        if result.applied and hooked and hooked[0] and self._on_change is not None:
+            self._on_change(job_id, target)
+        return result
 
-    def progress(self, job_ids: list[str], step: int, total: int) -> None:
-        """The model call these jobs are in finished ``step`` of ``total``."""
-        if job_ids:
-            with self._errors():
-                self._progress(keys=[CHANNEL] + [self.key(i) for i in job_ids], args=[step, total, KEY_PREFIX])
+    def progress(self, job_ids: list[str], step: int, total: int) -> list[str]:
+        """The model call these jobs are in finished ``step`` of ``total``. Returns those
+        whose webhook wants to hear it."""
+        if not job_ids:
+            return []
+        with self._errors():
+            hooked = self._progress(keys=[CHANNEL] + [self.key(i) for i in job_ids], args=[step, total, KEY_PREFIX])
+        return [i.decode() if isinstance(i, bytes) else i for i in hooked]
 
     def place_in_line(self, job: Job) -> tuple[int | None, float | None]:
         """A QUEUED job's position among the QUEUED jobs of its queue (0: next) and the

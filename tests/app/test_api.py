@@ -9,6 +9,7 @@ import pytest
 
 from app import create_app
 from fleet.processes import free_port
+from tasks.celery import PRIORITY_SEP, queued_messages, redis_priority
 from tasks.jobs import JobState
 from tasks.store import KEY_PREFIX
 
@@ -26,7 +27,7 @@ def client(api_settings):
 
 @pytest.fixture
 def queue_length(redis_client, api_settings):
-    return lambda: redis_client.llen(api_settings.queue)
+    return lambda: queued_messages(redis_client, api_settings.queue)
 
 
 def job_count(redis_client) -> int:
@@ -95,7 +96,7 @@ def test_an_accepted_job_is_202_with_location_and_queued(client, store, redis_cl
     assert body["state"] == "QUEUED" and body["request"]["num_images"] == 2
     assert store.get(body["id"]).state is JobState.QUEUED
     assert queue_length() == before + 1
-    message = json.loads(redis_client.lindex("api-tests", 0))
+    message = json.loads(redis_client.lindex(f"api-tests{PRIORITY_SEP}{redis_priority(0)}", 0))
     assert message["headers"]["task"] == "fleet.generate"
     assert message["headers"]["argsrepr"] == repr([body["id"]])
 

@@ -389,7 +389,7 @@ def test_job_workers_leave_the_webhook_queue_to_fleet_hooks_which_imports_no_mod
     settings = Settings()
     app = make_celery(settings)
     assert settings.webhook_queue in app.amqp.queues
-    assert set(app.amqp.queues.consume_from) == {settings.queue}
+    assert set(app.amqp.queues.consume_from) == set(settings.job_queues)
     probe = (
         "import sys, tasks.webhook_worker as w; print(sorted(w.app.amqp.queues.consume_from)); "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'workers', 'flask'}))"
