@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Flask
 
-from app import errors, health, jobs, openapi
+from app import errors, health, jobs, openapi, webhooks
 from app.services import make_services
 from tasks.settings import get_settings
 
@@ -24,5 +24,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     errors.register(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(webhooks.bp)
     app.register_blueprint(openapi.bp)
     return app

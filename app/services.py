@@ -10,6 +10,7 @@ from flask import current_app
 
 from tasks.celery import make_celery
 from tasks.events import EventHub
+from tasks.keys import KeyRing
 from tasks.notify import Notifier
 from tasks.settings import Settings
 from tasks.storage import ObjectStorage, make_storage
@@ -25,6 +26,7 @@ class Services:
     celery: Celery
     #: The process's one job-event subscription: what waiting requests sleep on.
     events: EventHub
+    keys: KeyRing
 
 
 def make_services(settings: Settings) -> Services:
@@ -40,6 +42,7 @@ def make_services(settings: Settings) -> Services:
         storage=storage,
         celery=celery_app,
         events=EventHub(lambda: client),
+        keys=KeyRing.parse(settings.api_keys, settings.api_key_file),
     )
 
 

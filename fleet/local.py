@@ -235,10 +235,10 @@ def banner() -> str:
     API     {api}   (OpenAPI: {api}/openapi.json)
     Flower  {flower}   (user '{user}', password '{password}')
 
-  Submit a job, wait for it, and print its image URL:
-    JOB=$(curl -s -X POST {api}/v1/jobs -H 'Content-Type: application/json' -d '{body}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])'); \\
-    until curl -s {api}/v1/jobs/$JOB | grep -q '"state":"SUCCEEDED"'; do sleep 0.5; done; \\
-    curl -s {api}/v1/jobs/$JOB | python3 -c 'import json,sys; print(json.load(sys.stdin)["images"][0]["url"])'
+  Submit a job, wait for it (the API holds the request until it is done), print its image URL:
+    curl -s -X POST {api}/v1/jobs -H 'Authorization: Bearer {settings.api_key}' -H 'Prefer: wait=60' \\
+      -H 'Content-Type: application/json' -d '{body}' \\
+      | python3 -c 'import json,sys; print(json.load(sys.stdin)["images"][0]["url"])'
 
   Ctrl-C stops everything.
 """

@@ -10,7 +10,9 @@
      │    │                              link-local or metadata address
      │    ├── PayloadTooLarge    (413)
      │    ├── UnsupportedMediaType (415)
-     │    ├── NotFound           (404)
+     │    ├── Unauthorized       (401: no or unknown API key)
+     │    ├── NotFound           (404: also another key's job)
+     │    ├── TooManyRequests    (429 + Retry-After: rate limit, active-job cap)
      │    └── Conflict           (409: e.g. canceling a job that already finished)
      ├── DependencyUnavailable   -> HTTP 503: broker, job store or storage unreachable
      ├── JobError                a job cannot run; it ends FAILED with this reason
@@ -83,6 +85,22 @@ class UnsupportedMediaType(RequestError):
 class NotFound(RequestError):
     status = 404
     code = "not_found"
+
+
+class Unauthorized(RequestError):
+    status = 401
+    code = "unauthorized"
+
+
+class TooManyRequests(RequestError):
+    """429 with ``Retry-After``: a rate limit or a cap on active jobs."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float, field: str | None = None):
+        super().__init__(message, field)
+        self.retry_after_s = retry_after_s
 
 
 class Conflict(RequestError):

@@ -17,6 +17,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tasks.keys import DEV_KEY, DEV_KEYS
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6390/0"
 DEFAULT_S3_ENDPOINT_URL = "http://127.0.0.1:9010"
 WEEK_S = 7 * 24 * 3600
@@ -101,6 +103,15 @@ class Settings(BaseSettings):
     max_images_per_job: int = Field(8, gt=0)
     max_prompt_chars: int = Field(2000, gt=0)
     max_body_bytes: int = Field(64 * 1024, gt=0)
+
+    # -- API keys and limits (tasks/keys.py) ---------------------------------------------
+    # NAME:SHA256 entries; the default is the development key "fleet-dev-key" (name "dev").
+    api_keys: str = DEV_KEYS
+    api_key_file: str = ""  # one NAME:SHA256 per line, added to api_keys
+    api_key: str = DEV_KEY  # the key `fleet submit` and `fleet bench load` send
+    rate_limit_per_minute: int = Field(600, ge=0)  # job submissions per key per minute; 0: none
+    max_active_jobs_per_key: int = Field(1000, ge=0)  # queued or running per key; 0: no cap
+    idempotency_ttl_s: int = Field(24 * 3600, gt=0)  # how long an Idempotency-Key is remembered
 
     # -- reliability (docs/RELIABILITY.md says why each default) -------------------------
     job_ttl_s: int = Field(WEEK_S, gt=0)

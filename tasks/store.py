@@ -7,6 +7,7 @@ twice) can never move a job backwards or finish it twice.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -31,6 +32,9 @@ THROUGHPUT_WINDOW_S = 120
 #: A job of priority p is placed in line as if it had come p x this earlier: ahead of
 #: every job of a lower priority.
 PRIORITY_SPAN_S = 1e9
+#: Per API key name: ``<name>:jobs`` (every job, by creation: the listing) and
+#: ``<name>:active`` (those not finished: the cap on active jobs).
+OWNER_PREFIX = "fleet:owner:"
 
 _TRANSITION_LUA = """
 local THROUGHPUT_WINDOW_S = $WINDOW
@@ -49,6 +53,10 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local queue = redis.call('HGET', KEYS[1], 'queue') or ''
 if current == 'QUEUED' then redis.call('ZREM', KEYS[3] .. queue, ARGV[4]) end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner and (ARGV[1] == 'SUCCEEDED' or ARGV[1] == 'FAILED' or ARGV[1] == 'CANCELED') then
+  redis.call('ZREM', KEYS[6] .. owner .. ':active', ARGV[4])
+end
 if ARGV[1] == 'SUCCEEDED' then
   local finished = KEYS[4] .. queue
   redis.call('ZADD', finished, ARGV[5], ARGV[4])
@@ -135,6 +143,10 @@ class JobStore:
                 pipe.zadd(QUEUED_PREFIX + job.queue, {job.id: job.created_at - job.priority * PRIORITY_SPAN_S})
                 if job.cancel_at is not None:
                     pipe.zadd(CANCEL_AFTER_KEY, {job.id: job.cancel_at})
+                if job.owner:
+                    for index in (self._owned(job.owner), self._active(job.owner)):
+                        pipe.zadd(index, {job.id: job.created_at})
+                        pipe.zremrangebyscore(index, "-inf", job.created_at - self._ttl_s)  # expired
                 pipe.execute()
 
     def published(self, job_id: str, republish_at: float) -> None:
@@ -207,6 +219,9 @@ class JobStore:
             pipe.zrem(QUEUED_PREFIX + job.queue, job_id)
             pipe.zrem(OUTBOX_KEY, job_id)
             pipe.zrem(CANCEL_AFTER_KEY, job_id)
+            if job.owner:
+                pipe.zrem(self._owned(job.owner), job_id)
+                pipe.zrem(self._active(job.owner), job_id)
             pipe.execute()
 
     def transition(
@@ -221,7 +236,7 @@ class JobStore:
         args: list[str] = [target.value, _sources(target, only_from), str(self._ttl_s), job_id, repr(time.time())]
         for name, value in (update or JobUpdate()).to_redis().items():
             args += [name, value]
-        keys = [self.key(job_id), OUTBOX_KEY, QUEUED_PREFIX, FINISHED_PREFIX, CHANNEL]
+        keys = [self.key(job_id), OUTBOX_KEY, QUEUED_PREFIX, FINISHED_PREFIX, CHANNEL, OWNER_PREFIX]
         with self._errors():
             applied, state, *hooked = self._transition(keys=keys, args=args)
         state = state.decode() if isinstance(state, bytes) else state
@@ -248,6 +263,78 @@ class JobStore:
             pipe.zcount(FINISHED_PREFIX + job.queue, now_s - THROUGHPUT_WINDOW_S, "+inf")
             position, finished = pipe.execute()
         return position, finished / THROUGHPUT_WINDOW_S
+
+    @staticmethod
+    def _owned(owner: str) -> str:
+        return f"{OWNER_PREFIX}{owner}:jobs"
+
+    @staticmethod
+    def _active(owner: str) -> str:
+        return f"{OWNER_PREFIX}{owner}:active"
+
+    def count_request(self, owner: str, window_s: int = 60) -> tuple[int, float]:
+        """Count one request of ``owner`` in the current fixed window: the count so far and
+        the seconds until the window ends."""
+        now_s = time.time()
+        window = int(now_s // window_s)
+        key = f"{OWNER_PREFIX}{owner}:rate:{window}"
+        with self._errors(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, window_s + 1)
+            count, _ = pipe.execute()
+        return int(count), (window + 1) * window_s - now_s
+
+    def claim_idempotency_key(
+        self, owner: str, key: str, fingerprint: str, job_id: str, ttl_s: int
+    ) -> tuple[str, str] | None:
+        """Remember that ``owner``'s ``key`` made ``job_id`` from a request with this
+        ``fingerprint``: None when the key is new, else the (fingerprint, job id) it was
+        first used with (within ``ttl_s``)."""
+        name = self._idempotency(owner, key)
+        with self._errors():
+            if self._redis.set(name, f"{fingerprint}:{job_id}", nx=True, ex=ttl_s):
+                return None
+            earlier = self._redis.get(name)
+        if earlier is None:  # expired in between: claim it afresh
+            return self.claim_idempotency_key(owner, key, fingerprint, job_id, ttl_s)
+        fingerprint_then, _, job_then = earlier.decode().partition(":")
+        return fingerprint_then, job_then
+
+    def forget_idempotency_key(self, owner: str, key: str) -> None:
+        with self._errors():
+            self._redis.delete(self._idempotency(owner, key))
+
+    @staticmethod
+    def _idempotency(owner: str, key: str) -> str:
+        return f"{OWNER_PREFIX}{owner}:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    def active_jobs(self, owner: str) -> int:
+        """Jobs of ``owner`` not finished yet."""
+        with self._errors():
+            return int(self._redis.zcard(self._active(owner)))
+
+    def list_jobs(
+        self, owner: str, state: JobState | None = None, limit: int = 50, before: float | None = None
+    ) -> list[Job]:
+        """``owner``'s jobs, newest first, created before ``before`` (a cursor), in
+        ``state`` when given. Scans at most 20 pages of ``limit`` for a state filter."""
+        found: list[Job] = []
+        upper = "+inf" if before is None else f"({before!r}"
+        for _ in range(20):
+            with self._errors():
+                page = self._redis.zrevrangebyscore(
+                    self._owned(owner), upper, "-inf", start=0, num=limit, withscores=True
+                )
+            if not page:
+                break
+            for job_id, _ in page:
+                job = self.get(job_id.decode())
+                if job is not None and (state is None or job.state is state):
+                    found.append(job)
+                    if len(found) == limit:
+                        return found
+            upper = f"({page[-1][1]!r}"
+        return found
 
     def due_for_canceling(self, now: float, limit: int = 100) -> list[str]:
         """Jobs whose ``Cancel-After`` deadline has passed (whatever their state)."""

@@ -31,6 +31,15 @@ from tasks.views import JobView
 POLL_S = 0.02
 
 
+def api_session() -> requests.Session:
+    """HTTP calls to the API with this host's key (``FLEET_API_KEY``)."""
+    from tasks.settings import get_settings
+
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {get_settings().api_key}"
+    return session
+
+
 @dataclass(frozen=True)
 class LoadSpec:
     rate: float | None = None  # jobs/s, open loop
@@ -75,7 +84,7 @@ class JobTracker:
     def __init__(self, api_url: str, redis_url: str | None):
         self._api = api_url
         self._store = JobStore(redis.Redis.from_url(redis_url), ttl_s=3600) if redis_url else None
-        self._session = requests.Session()
+        self._session = api_session()
 
     def finished(self, job_ids: list[str]) -> list[str]:
         if not job_ids:
@@ -103,7 +112,7 @@ def run_load(api_url: str, mix: RequestMix, spec: LoadSpec, redis_url: str | Non
     pending: dict[str, Sent] = {}
     stop_sending = threading.Event()
     all_sent = threading.Event()
-    session = requests.Session()
+    session = api_session()
     bar = tqdm(total=spec.jobs, desc=spec.label, unit="job", leave=False)
 
     def send(body: dict) -> Sent:

@@ -11,6 +11,7 @@ from app import create_app
 from fleet.processes import free_port
 from tasks.celery import PRIORITY_SEP, queued_messages, redis_priority
 from tasks.jobs import JobState
+from tasks.keys import DEV_KEY
 from tasks.store import KEY_PREFIX
 
 
@@ -22,7 +23,14 @@ def api_settings(settings):
 
 @pytest.fixture
 def client(api_settings):
-    return create_app({"SETTINGS": api_settings, "TESTING": True}).test_client()
+    return authed(create_app({"SETTINGS": api_settings, "TESTING": True}))
+
+
+def authed(app):
+    """A test client that sends the development key."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {DEV_KEY}"
+    return client
 
 
 @pytest.fixture
@@ -117,9 +125,9 @@ def test_openapi_is_served_and_describes_the_request(client):
 
 def test_broker_down_at_submit_is_a_503_and_leaves_no_job(settings, redis_client):
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    client = create_app(
-        {"SETTINGS": settings.model_copy(update={"broker_url": dead, "publish_timeout_s": 0.5})}
-    ).test_client()
+    client = authed(
+        create_app({"SETTINGS": settings.model_copy(update={"broker_url": dead, "publish_timeout_s": 0.5})})
+    )
     before = job_count(redis_client)
     response = client.post("/v1/jobs", json={"prompt": "a"})
     assert_error(response, 503, None)
@@ -130,9 +138,9 @@ def test_broker_down_at_submit_is_a_503_and_leaves_no_job(settings, redis_client
 
 def test_job_store_down_at_submit_is_a_503(settings):
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    client = create_app(
-        {"SETTINGS": settings.model_copy(update={"redis_url": dead, "broker_url": settings.redis_url})}
-    ).test_client()
+    client = authed(
+        create_app({"SETTINGS": settings.model_copy(update={"redis_url": dead, "broker_url": settings.redis_url})})
+    )
     response = client.post("/v1/jobs", json={"prompt": "a"})
     assert_error(response, 503, None)
     assert "job store" in response.get_json()["error"]["message"]
@@ -140,7 +148,7 @@ def test_job_store_down_at_submit_is_a_503(settings):
 
 def test_readyz_names_the_failing_dependency(settings):
     dead = f"http://127.0.0.1:{free_port()}"
-    client = create_app({"SETTINGS": settings.model_copy(update={"s3_endpoint_url": dead})}).test_client()
+    client = authed(create_app({"SETTINGS": settings.model_copy(update={"s3_endpoint_url": dead})}))
     response = client.get("/readyz")
     assert response.status_code == 503
     body = response.get_json()

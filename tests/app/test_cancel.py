@@ -11,19 +11,19 @@ import requests
 from PIL import Image
 
 from tasks.cancel import CANCELED_BY_CLIENT, NOT_STARTED_IN_TIME
-from tests.helpers import download, sse, submit, wait_done
+from tests.helpers import download, http, sse, submit, wait_done
 
 pytestmark = pytest.mark.e2e
 
 
 def cancel(api: str, job_id: str) -> requests.Response:
-    return requests.post(f"{api}/v1/jobs/{job_id}/cancel", timeout=10)
+    return http.post(f"{api}/v1/jobs/{job_id}/cancel", timeout=10)
 
 
 def cancel_once_running(api: str, job_id: str) -> list[tuple[str, dict]]:
     """Cancel the job at its first progress event; the events it streamed."""
     seen = []
-    with requests.get(f"{api}/v1/jobs/{job_id}/events", stream=True, timeout=120) as response:
+    with http.get(f"{api}/v1/jobs/{job_id}/events", stream=True, timeout=120) as response:
         for name, data in sse(response):
             seen.append((name, data))
             if name == "progress" and sum(n == "progress" for n, _ in seen) == 1:
@@ -82,7 +82,7 @@ def test_a_finished_job_cannot_be_canceled(api_url):
 
 
 def test_cancel_after_ends_a_job_that_did_not_start_in_time(idle_api):
-    response = requests.post(
+    response = http.post(
         f"{idle_api}/v1/jobs", json={"prompt": "in a hurry"}, headers={"Cancel-After": "1s", "Prefer": "wait=20"}
     )
     assert response.status_code == 200
@@ -92,7 +92,7 @@ def test_cancel_after_ends_a_job_that_did_not_start_in_time(idle_api):
 
 @pytest.mark.parametrize("value", ["soon", "0s", "-5", "2d", "1h99x"])
 def test_a_bad_cancel_after_is_refused(idle_api, value):
-    response = requests.post(f"{idle_api}/v1/jobs", json={"prompt": "x"}, headers={"Cancel-After": value})
+    response = http.post(f"{idle_api}/v1/jobs", json={"prompt": "x"}, headers={"Cancel-After": value})
     assert response.status_code == 422 and response.json()["error"]["field"] == "Cancel-After"
 
 
