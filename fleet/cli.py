@@ -5,6 +5,7 @@ fleet model init [DIR]   write the tiny local model (default: FLEET_STATE_DIR/mo
 fleet redis | s3         the embedded servers ``fleet up`` starts when none is configured
 fleet web | flower       the API (gunicorn) and Flower, configured from FLEET_* settings
 fleet worker [--gpu N]   a Celery worker in a free slot of this host: one per GPU
+fleet keys create NAME   a new API key and the hash to configure
 fleet hooks              the webhook delivery worker (no model, no GPU)
 """
 
@@ -85,6 +86,15 @@ def _flower(args: argparse.Namespace) -> int:
     return exec_flower()
 
 
+def _keys_create(args: argparse.Namespace) -> int:
+    from tasks.keys import new_key
+
+    key, entry = new_key(args.name)
+    print(f"key (shown once, stored nowhere): {key}")
+    print(f"add to FLEET_API_KEYS (or a line of FLEET_API_KEY_FILE): {entry}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hooks.add_argument("celery_args", nargs=argparse.REMAINDER, help="-- then arguments for celery worker")
     hooks.set_defaults(func=_hooks)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="make a new API key and print the NAME:SHA256 entry to configure")
+    create.add_argument("name", help="the key's name: it owns the jobs submitted with it")
+    create.set_defaults(func=_keys_create)
 
     from fleet.bench.cli import add_parser as add_bench_parser
 

@@ -60,6 +60,8 @@ class JobView(BaseModel):
     id: str = Field(pattern=r"^[0-9a-f]{32}$")
     state: JobState
     request: GenerationSpec
+    queue: str = ""  # its service class's queue
+    priority: int = 0
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -81,6 +83,8 @@ class JobView(BaseModel):
             id=job.id,
             state=job.state,
             request=job.spec,
+            queue=job.queue,
+            priority=job.priority,
             created_at=_utc(job.created_at),
             started_at=_utc(job.started_at),
             finished_at=_utc(job.finished_at),
@@ -103,6 +107,8 @@ class JobView(BaseModel):
             id=self.id,
             state=self.state,
             spec=self.request,
+            queue=self.queue,
+            priority=self.priority,
             created_at=self.created_at.timestamp(),
             started_at=self.started_at.timestamp() if self.started_at else None,
             finished_at=self.finished_at.timestamp() if self.finished_at else None,
