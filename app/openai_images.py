@@ -55,7 +55,7 @@ class ImageGenerationRequest(BaseModel):
     size: StrictStr = "auto"  # "WIDTHxHEIGHT"; auto: the fleet's default size
     response_format: Literal["url", "b64_json"] | None = None  # None: url
     output_format: Literal["png", "webp", "jpeg"] | None = None  # None: png
-    # Asking for the default quality is honoured (LangChain's DALL-E wrapper always asks).
+    # Asking for the default quality is honoured (code written for DALL-E 3 commonly does).
     quality: Literal["auto", "standard"] | None = None
     stream: Literal[False] | None = None
     # Accepted and unused: the fleet serves one model, and accounts by key, not end user.
