@@ -92,16 +92,20 @@ def generate():
     try:
         # Its Cancel-After is the hold: a job no worker started by then is dropped, not
         # left to run for a client that has been told it failed.
-        job, _ = accept(
+        job, replayed = accept(
             svc, generation.to_job_request(), timeout_s, fingerprint=request_fingerprint(body, request.path)
         )
     except ValidationFailed as exc:
         raise _in_openai_terms(exc) from None
     job = wait_for(svc, job, timeout_s)
-    if job.state is not JobState.SUCCEEDED:
-        return _without_images(job, timeout_s)
-    images = [_image(svc, key, generation.response_format or "url") for key in job.image_keys]
-    return jsonify({"created": int(job.created_at), "data": images})
+    if job.state is JobState.SUCCEEDED:
+        images = [_image(svc, key, generation.response_format or "url") for key in job.image_keys]
+        response = jsonify({"created": int(job.created_at), "data": images})
+    else:
+        response = _without_images(job, timeout_s)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 @bp.after_request
