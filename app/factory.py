@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Flask
 
-from app import errors, health, jobs, openapi, webhooks
+from app import errors, health, jobs, openai_images, openapi, webhooks
 from app.services import make_services
 from tasks.settings import get_settings
 
@@ -24,6 +24,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     errors.register(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(openai_images.bp)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(openapi.bp)
     return app

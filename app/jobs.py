@@ -20,6 +20,7 @@ import math
 import re
 import time
 from datetime import datetime, timezone
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 
@@ -45,17 +46,12 @@ DEFAULT_PAGE, MAX_PAGE = 50, 200
 @bp.post("")
 def submit():
     svc = services()
-    if request.mimetype and request.mimetype != "application/json":
-        raise UnsupportedMediaType("send the job as application/json", field=None)
-    try:
-        body = json.loads(request.get_data(cache=False) or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedBody(f"the body is not valid JSON: {exc}") from None
+    body = json_body()
     job_request = validate_request(body)
     wait_s = parse_prefer_wait(request.headers.get("Prefer"))
     cancel_after = request.headers.get("Cancel-After")
     cancel_after_s = parse_duration(cancel_after) if cancel_after is not None else None
-    job, replayed = accept(svc, job_request, cancel_after_s, fingerprint=_fingerprint(body, cancel_after))
+    job, replayed = accept(svc, job_request, cancel_after_s, fingerprint=request_fingerprint(body, cancel_after))
     job = wait_for(svc, job, wait_s)
     response = jsonify(job_view(job))
     response.headers["Location"] = url_for("jobs.status", job_id=job.id)
@@ -65,6 +61,16 @@ def submit():
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+def json_body() -> Any:
+    """The request's body, parsed: 415 unless it is sent as JSON, 400 unless it parses."""
+    if request.mimetype and request.mimetype != "application/json":
+        raise UnsupportedMediaType("send the body as application/json", field=None)
+    try:
+        return json.loads(request.get_data(cache=False) or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedBody(f"the body is not valid JSON: {exc}") from None
 
 
 def accept(
@@ -119,7 +125,7 @@ def idempotency_key() -> str | None:
     return key
 
 
-def _fingerprint(body: object, *extra: str | None) -> str:
+def request_fingerprint(body: object, *extra: str | None) -> str:
     """What makes two submissions the same request: the body (key order aside) and the
     headers that change the job."""
     canonical = json.dumps([body, *extra], sort_keys=True, separators=(",", ":"))

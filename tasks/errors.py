@@ -15,6 +15,7 @@
      │    ├── TooManyRequests    (429 + Retry-After: rate limit, active-job cap)
      │    └── Conflict           (409: e.g. canceling a job that already finished)
      ├── DependencyUnavailable   -> HTTP 503: broker, job store or storage unreachable
+     ├── WaitTimedOut            -> HTTP 504: a request held for its job outlived its bound
      ├── JobError                a job cannot run; it ends FAILED with this reason
      │    ├── PipelineError      the model call raised
      │    ├── ModelOutOfMemory   the model call ran out of device memory (batch is halved)
@@ -116,6 +117,14 @@ class DependencyUnavailable(FleetError):
         message = f"{dependency} is unavailable" + (f": {detail}" if detail else "")
         super().__init__(message, field=None)
         self.dependency = dependency
+
+
+class WaitTimedOut(FleetError):
+    """A request that answers with its job's images (``/v1/images/generations``) held it
+    for as long as it may; the job is not lost (``Location`` names it)."""
+
+    status = 504
+    code = "timeout"
 
 
 class JobError(FleetError):

@@ -12,7 +12,7 @@ import json
 import math
 import secrets
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
 
@@ -107,15 +107,23 @@ class GenerationSpec(BaseModel):
 
 MAX_SEED = 2**63 - 1
 MAX_DEADLINE_MS = 3_600_000
+Body = TypeVar("Body", bound=BaseModel)
 
 
 def validate_request(body: Any) -> JobRequest:
     """Check a request body against the schema; ``ValidationFailed`` names the first
     offending field."""
+    return validate_body(body, JobRequest)
+
+
+def validate_body(body: Any, schema: type[Body]) -> Body:
+    """Check a request body against ``schema`` (the job's, or another route's), so every
+    route refuses a body in the same words; ``ValidationFailed`` names the first offending
+    field."""
     if not isinstance(body, dict):
         raise ValidationFailed("the body must be a JSON object", field=None)
     try:
-        return JobRequest.model_validate(body)
+        return schema.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         field_name = str(first["loc"][0]) if first["loc"] else None

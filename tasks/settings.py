@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(600, ge=0)  # job submissions per key per minute; 0: none
     max_active_jobs_per_key: int = Field(1000, ge=0)  # queued or running per key; 0: no cap
     idempotency_ttl_s: int = Field(24 * 3600, gt=0)  # how long an Idempotency-Key is remembered
+    # How long POST /v1/images/generations holds a request for its job (docs/OPENAI.md); a
+    # job no worker started by then is canceled (its Cancel-After), a running one goes on.
+    openai_timeout_s: float = Field(300.0, ge=1)
 
     # -- reliability (docs/RELIABILITY.md says why each default) -------------------------
     job_ttl_s: int = Field(WEEK_S, gt=0)

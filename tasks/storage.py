@@ -82,7 +82,10 @@ class ObjectStorage:
         return sorted(obj["Key"] for obj in listed.get("Contents", []))
 
     def get(self, key: str) -> bytes:
-        return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        try:
+            return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError) as exc:
+            raise DependencyUnavailable("storage", str(exc)) from exc
 
     def presign(self, key: str) -> SignedUrl:
         url = self._s3.generate_presigned_url(
