@@ -25,6 +25,9 @@ KEY_PREFIX = "fleet:job:"
 OUTBOX_KEY = "fleet:outbox"
 #: Per queue (the name follows): QUEUED jobs by position, for a job's place in line.
 QUEUED_PREFIX = "fleet:queued:"
+#: Per queue: RUNNING jobs (taken by a worker, in its batcher or its model call), by when
+#: they were taken. With ``QUEUED_PREFIX``: the queue's true backlog (``backlog``).
+RUNNING_PREFIX = "fleet:running:"
 #: Per queue: jobs that SUCCEEDED in the last ``THROUGHPUT_WINDOW_S``, by finish time: the
 #: measured throughput a queued job's estimated start is predicted from.
 FINISHED_PREFIX = "fleet:finished:"
@@ -53,6 +56,11 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local queue = redis.call('HGET', KEYS[1], 'queue') or ''
 if current == 'QUEUED' then redis.call('ZREM', KEYS[3] .. queue, ARGV[4]) end
+if ARGV[1] == 'RUNNING' then
+  redis.call('ZADD', KEYS[7] .. queue, ARGV[5], ARGV[4])
+elseif current == 'RUNNING' then
+  redis.call('ZREM', KEYS[7] .. queue, ARGV[4])
+end
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner and (ARGV[1] == 'SUCCEEDED' or ARGV[1] == 'FAILED' or ARGV[1] == 'CANCELED') then
   redis.call('ZREM', KEYS[6] .. owner .. ':active', ARGV[4])
@@ -236,7 +244,7 @@ class JobStore:
         args: list[str] = [target.value, _sources(target, only_from), str(self._ttl_s), job_id, repr(time.time())]
         for name, value in (update or JobUpdate()).to_redis().items():
             args += [name, value]
-        keys = [self.key(job_id), OUTBOX_KEY, QUEUED_PREFIX, FINISHED_PREFIX, CHANNEL, OWNER_PREFIX]
+        keys = [self.key(job_id), OUTBOX_KEY, QUEUED_PREFIX, FINISHED_PREFIX, CHANNEL, OWNER_PREFIX, RUNNING_PREFIX]
         with self._errors():
             applied, state, *hooked = self._transition(keys=keys, args=args)
         state = state.decode() if isinstance(state, bytes) else state
@@ -335,6 +343,19 @@ class JobStore:
                         return found
             upper = f"({page[-1][1]!r}"
         return found
+
+    def backlog(self, queues: list[str]) -> dict[str, tuple[int, int]]:
+        """Per queue, (queued, running): what workers still have to do. Unlike the broker's
+        queue length it counts the jobs workers have already prefetched and are running,
+        so a scaler that reads it never takes away a worker that still has work."""
+        expired = time.time() - self._ttl_s  # entries whose record expired unfinished
+        with self._errors(), self._redis.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zremrangebyscore(RUNNING_PREFIX + queue, "-inf", expired)
+                pipe.zcard(QUEUED_PREFIX + queue)
+                pipe.zcard(RUNNING_PREFIX + queue)
+            counts = pipe.execute()
+        return {queue: (int(counts[3 * i + 1]), int(counts[3 * i + 2])) for i, queue in enumerate(queues)}
 
     def due_for_canceling(self, now: float, limit: int = 100) -> list[str]:
         """Jobs whose ``Cancel-After`` deadline has passed (whatever their state)."""

@@ -97,3 +97,18 @@ def test_a_hundred_waiting_clients_do_not_starve_the_api(idle_api):
             assert http.post(f"{idle_api}/v1/jobs/{job_id}/cancel", timeout=10).status_code == 200
         answers = [w.result() for w in waiting]
     assert all(a.status_code == 200 and a.json()["state"] == "CANCELED" for a in answers)
+
+
+def test_the_backlog_counts_queued_and_running_jobs_per_queue(idle_api):
+    """What an autoscaler reads: the idle queue's QUEUED jobs, in JSON and for Prometheus."""
+    before = requests.get(f"{idle_api}/metrics/backlog", timeout=10).json()["queues"]["fleet.idle"]
+    ids = [submit(idle_api, prompt=f"backlog {i}") for i in range(2)]
+    try:
+        after = requests.get(f"{idle_api}/metrics/backlog", timeout=10).json()["queues"]["fleet.idle"]
+        assert after["queued"] == before["queued"] + 2 and after["backlog"] == after["queued"] + after["running"]
+        text = requests.get(f"{idle_api}/metrics", timeout=10).text
+        assert f'fleet_backlog{{queue="fleet.idle"}} {float(after["backlog"])}' in text
+    finally:
+        for job_id in ids:
+            http.post(f"{idle_api}/v1/jobs/{job_id}/cancel", timeout=10)
+    assert requests.get(f"{idle_api}/metrics/backlog", timeout=10).json()["queues"]["fleet.idle"] == before
