@@ -26,7 +26,8 @@ from app.services import Services, services
 from app.waiting import event_stream, parse_prefer_wait, wait_until_done
 from tasks.cancel import cancel, cancel_if_overdue, parse_duration
 from tasks.errors import MalformedBody, NotFound, UnsupportedMediaType
-from tasks.jobs import Job, JobOptions, JobState, new_job_id, to_spec, validate_request
+from tasks.jobs import Job, JobOptions, JobState, new_job_id, to_spec
+from tasks.request import validate_request
 from tasks.store import now
 from tasks.submit import submit_job
 from tasks.views import PlaceInLine, render
@@ -46,7 +47,7 @@ def submit():
         body = json.loads(request.get_data(cache=False) or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedBody(f"the body is not valid JSON: {exc}") from None
-    job_request = validate_request(body)
+    job_request = validate_request(body, svc.settings)
     spec = to_spec(job_request, svc.settings)
     options = JobOptions.of(job_request, svc.settings)
     if options.webhook is not None:

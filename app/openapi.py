@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from tasks.jobs import JobRequest
+from app.services import services
+from tasks.request import RequestBounds, request_model
 from tasks.views import JobView
 
 bp = Blueprint("openapi", __name__)
@@ -35,6 +36,7 @@ def _error(description: str) -> dict:
 
 
 def spec() -> dict:
+    request = request_model(RequestBounds.of(services().settings))
     return {
         "openapi": "3.1.0",
         "info": {"title": "diffusion-fleet", "version": "1"},
@@ -81,7 +83,7 @@ def spec() -> dict:
                 }
             },
         },
-        "components": {"schemas": {**_schemas(JobRequest=JobRequest, Job=JobView), "Error": _ERROR}},
+        "components": {"schemas": {**_schemas(JobRequest=request, Job=JobView), "Error": _ERROR}},
     }
 
 

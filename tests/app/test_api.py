@@ -50,6 +50,8 @@ def assert_error(response, status: int, field: str | None):
         ({"prompt": ""}, 422, "prompt"),
         ({"prompt": "a", "unknown": 1}, 422, "unknown"),
         ({"prompt": "a", "width": 1024, "height": 1024}, 422, "width"),
+        ({"prompt": "a\x00b"}, 422, "prompt"),
+        ({"prompt": "a\ud800"}, 422, "prompt"),  # cannot be stored: it was a 500
         ([1, 2], 422, None),
     ],
 )
