@@ -35,7 +35,7 @@ from tasks.webhooks import check_webhook_url
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @bp.post("")
@@ -47,6 +47,8 @@ def submit():
         body = json.loads(request.get_data(cache=False) or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedBody(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # arrays nested thousands deep fit in the body limit
+        raise MalformedBody("the body is nested too deeply") from None
     job_request = validate_request(body, svc.settings)
     spec = to_spec(job_request, svc.settings)
     options = JobOptions.of(job_request, svc.settings)
@@ -83,7 +85,7 @@ def submit():
 def status(job_id: str):
     svc = services()
     wait_s = parse_prefer_wait(request.headers.get("Prefer"))
-    with svc.events.watch(job_id) if wait_s and _JOB_ID.match(job_id) else nullcontext() as events:
+    with svc.events.watch(job_id) if wait_s and _JOB_ID.fullmatch(job_id) else nullcontext() as events:
         job = find_job(svc, job_id)
         if events is not None:
             job = wait_until_done(svc.store, job, events, wait_s)
@@ -111,7 +113,7 @@ def cancel_job(job_id: str):
 
 
 def find_job(svc: Services, job_id: str) -> Job:
-    job = svc.store.get(job_id) if _JOB_ID.match(job_id) else None
+    job = svc.store.get(job_id) if _JOB_ID.fullmatch(job_id) else None
     if job is None:
         raise NotFound(f"no job '{job_id}' (it may have expired)", field="job_id")
     return cancel_if_overdue(svc.store, job)

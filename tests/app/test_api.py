@@ -68,6 +68,11 @@ def test_malformed_json_is_a_400(client, queue_length):
     assert queue_length() == before
 
 
+def test_a_body_nested_too_deeply_for_the_parser_is_a_400(client):
+    response = client.post("/v1/jobs", data=b"[" * 30_000 + b"]" * 30_000, content_type="application/json")
+    assert_error(response, 400, None)
+
+
 def test_a_body_over_the_limit_is_a_413(client, settings):
     response = client.post("/v1/jobs", json={"prompt": "x" * (settings.max_body_bytes + 1)})
     assert_error(response, 413, None)
