@@ -13,7 +13,7 @@ from tasks.settings import get_settings
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """``test_config`` may carry ``SETTINGS`` (a ``Settings``) and ``SERVICES`` to wire in."""
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # it serves no files of its own
     test_config = dict(test_config or {})
     settings = test_config.pop("SETTINGS", None) or get_settings()
     services = test_config.pop("SERVICES", None) or make_services(settings)

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 
+from app.openapi import CANCEL_AFTER, JOB, JOB_ID, PREFER, errors, json_body, operation, response
 from app.services import Services, services
 from app.waiting import event_stream, parse_prefer_wait, wait_until_done
 from tasks.cancel import cancel, cancel_if_overdue, parse_duration
@@ -39,6 +40,17 @@ _JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @bp.post("")
+@operation(
+    "Submit an image-generation job",
+    description="Accepts the job (202) and queues it; with `Prefer: wait=N`, answers 200 if it ends within N s.",
+    parameters=[PREFER, CANCEL_AFTER],
+    body=json_body("JobRequest"),
+    responses={
+        200: response("It ended while the request waited", JOB, headers=("Location", "Preference-Applied")),
+        202: response("Accepted; read it at Location", JOB, headers=("Location", "Preference-Applied")),
+        **errors(400, 413, 415, 422, 503),
+    },
+)
 def submit():
     svc = services()
     if request.mimetype and request.mimetype != "application/json":
@@ -82,6 +94,12 @@ def submit():
 
 
 @bp.get("/<job_id>")
+@operation(
+    "A job: its state, timings and, once it succeeded, presigned image URLs",
+    description="With `Prefer: wait=N`, answers once the job ends or N s pass.",
+    parameters=[JOB_ID, PREFER],
+    responses={200: response("The job", JOB, headers=("Preference-Applied",)), **errors(404, 422, 503)},
+)
 def status(job_id: str):
     svc = services()
     wait_s = parse_prefer_wait(request.headers.get("Prefer"))
@@ -96,6 +114,19 @@ def status(job_id: str):
 
 
 @bp.get("/<job_id>/events")
+@operation(
+    "A job's changes as Server-Sent Events, until it ends",
+    description=(
+        "`state` events carry the whole job (as `GET /v1/jobs/{job_id}`) on each change of state, `progress` "
+        'events `{"id", "step", "total"}` at each denoising step; the stream ends with the job. An `error` '
+        "event (an Error) ends it early if the job store goes away."
+    ),
+    parameters=[JOB_ID],
+    responses={
+        200: response("The stream", {"type": "string"}, media="text/event-stream", headers=("Cache-Control",)),
+        **errors(404, 503),
+    },
+)
 def events(job_id: str):
     svc = services()
     job = find_job(svc, job_id)  # a 404 before the stream starts
@@ -107,6 +138,12 @@ def events(job_id: str):
 
 
 @bp.post("/<job_id>/cancel")
+@operation(
+    "Cancel a job",
+    description="A queued job never runs; a running one stops at its next step. Canceling again changes nothing.",
+    parameters=[JOB_ID],
+    responses={200: response("The job, CANCELED", JOB), **errors(404, 409, 503)},
+)
 def cancel_job(job_id: str):
     svc = services()
     return jsonify(job_view(cancel(svc.store, find_job(svc, job_id))))
