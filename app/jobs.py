@@ -44,7 +44,7 @@ _JOB_ID = re.compile(r"[0-9a-f]{32}")
     "Submit an image-generation job",
     description="Accepts the job (202) and queues it; with `Prefer: wait=N`, answers 200 if it ends within N s.",
     parameters=[PREFER, CANCEL_AFTER],
-    body=json_body("JobRequest"),
+    body=json_body("JobRequest", {"prompt": "a red bicycle at dawn", "width": 64, "height": 64, "seed": 5}),
     responses={
         200: response("It ended while the request waited", JOB, headers=("Location", "Preference-Applied")),
         202: response("Accepted; read it at Location", JOB, headers=("Location", "Preference-Applied")),

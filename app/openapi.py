@@ -63,8 +63,10 @@ JOB = ref("schemas", "Job")
 ERROR = ref("schemas", "Error")
 
 
-def json_body(schema: str) -> Schema:
-    return {"required": True, "content": {"application/json": {"schema": ref("schemas", schema)}}}
+def json_body(schema: str, example: Schema) -> Schema:
+    """A required JSON body; the example is what /docs pre-fills (valid, and tested so)."""
+    media = {"schema": ref("schemas", schema), "example": example}
+    return {"required": True, "content": {"application/json": media}}
 
 
 def response(
@@ -179,7 +181,7 @@ def document(app: Flask, settings: Settings) -> Schema:
         "info": {
             "title": "diffusion-fleet",
             "version": "1",
-            "description": "Text-to-image jobs, batched on GPU workers.",
+            "description": "Text-to-image jobs, batched on GPU workers. Interactive docs: `/docs`.",
         },
         "paths": paths,
         "components": {

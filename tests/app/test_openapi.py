@@ -1,8 +1,10 @@
 """The OpenAPI document is complete and truthful: valid OpenAPI 3.1, every route in it, its
 request schema exactly what the API accepts (under the default bounds and others), the
-live API fuzzed against it by schemathesis."""
+live API fuzzed against it by schemathesis, and its interactive docs served offline."""
 
 from __future__ import annotations
+
+import re
 
 import jsonschema
 import pytest
@@ -22,6 +24,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app import create_app
+from app.docs import ASSETS
 from app.openapi import openapi_path
 from app.waiting import parse_prefer_wait
 from tasks.cancel import parse_duration
@@ -59,6 +62,13 @@ def test_every_route_is_documented_with_its_methods():
         for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}
     }
     assert routes == {(path, method) for path, operations in paths.items() for method in operations}
+
+
+def test_the_body_examples_are_valid_requests():
+    for operations in served(Settings())["paths"].values():
+        for op in operations.values():
+            if "requestBody" in op:
+                validate_request(op["requestBody"]["content"]["application/json"]["example"], Settings())
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=str)
@@ -111,6 +121,26 @@ def test_what_the_document_refuses_is_a_422(body, field):
     client = create_app({"SETTINGS": Settings(), "TESTING": True}).test_client()
     response = client.post("/v1/jobs", json=body)
     assert response.status_code == 422 and response.get_json()["error"]["field"] == field
+
+
+def test_the_docs_page_and_its_files_are_served_from_the_package():
+    client = create_app({"SETTINGS": Settings(), "TESTING": True}).test_client()
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    links = re.findall(r'(?:src|href|url:)\s*=?\s*"([^"]+)"', html)
+    assert set(links) == {
+        "/docs/swagger-ui.css",
+        "/docs/favicon-32x32.png",
+        "/docs/swagger-ui-bundle.js",
+        "/openapi.json",
+    }
+    assert "validatorUrl: null" in html  # Swagger UI would otherwise send the document to its validator
+    for name, media in ASSETS.items():
+        asset = client.get(f"/docs/{name}")
+        assert asset.status_code == 200 and asset.mimetype == media and asset.data
+    assert client.get("/docs/swagger-ui-bundle.js").data.startswith(b"/*!")
+    assert client.get("/docs/LICENSE").status_code == 404
 
 
 # -- the live API --------------------------------------------------------------------------
