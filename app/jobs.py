@@ -25,11 +25,13 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 
 from app.auth import admit_submission, owner, require_key
+from app.openapi import CANCEL_AFTER, IDEMPOTENCY_KEY, JOB, JOB_ID, PREFER, errors, json_body, operation, response
 from app.services import Services, services
 from app.waiting import event_stream, parse_prefer_wait, wait_until_done
 from tasks.cancel import cancel, cancel_if_overdue, parse_duration
 from tasks.errors import Conflict, FleetError, MalformedBody, NotFound, UnsupportedMediaType, ValidationFailed
-from tasks.jobs import Job, JobOptions, JobRequest, JobState, new_job_id, to_spec, validate_request
+from tasks.jobs import Job, JobOptions, JobState, new_job_id, to_spec
+from tasks.request import JobRequest, validate_request
 from tasks.store import now
 from tasks.submit import submit_job
 from tasks.views import PlaceInLine, render
@@ -38,16 +40,41 @@ from tasks.webhooks import check_webhook_url
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 require_key(bp)
 
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-_IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x20-\x7e]{1,255}$")
 DEFAULT_PAGE, MAX_PAGE = 50, 200
+_SUBMITTED = ("Location", "Preference-Applied", "Idempotent-Replayed")
+_PAGE = {
+    "type": "object",
+    "required": ["jobs", "next_cursor"],
+    "properties": {
+        "jobs": {"type": "array", "items": JOB},
+        "next_cursor": {"type": ["string", "null"], "description": "Pass as `cursor` for the next page."},
+    },
+}
+_LIST_PARAMETERS = [
+    {"name": "state", "in": "query", "schema": {"enum": [s.value for s in JobState]}},
+    {"name": "limit", "in": "query", "schema": {"type": "string", "pattern": "^(?:[1-9]|[1-9][0-9]|1[0-9][0-9]|200)$"}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]+(?:\\.[0-9]+)?$"}},
+]
 
 
 @bp.post("")
+@operation(
+    "Submit an image-generation job",
+    description="Accepts the job (202) and queues it; with `Prefer: wait=N`, answers 200 if it ends within N s.",
+    parameters=[PREFER, CANCEL_AFTER, IDEMPOTENCY_KEY],
+    body=json_body("JobRequest", {"prompt": "a red bicycle at dawn", "width": 64, "height": 64, "seed": 5}),
+    responses={
+        200: response("It ended while the request waited", JOB, headers=_SUBMITTED),
+        202: response("Accepted; read it at Location", JOB, headers=_SUBMITTED),
+        **errors(400, 409, 413, 415, 422, 503),
+    },
+)
 def submit():
     svc = services()
-    body = json_body()
-    job_request = validate_request(body)
+    body = parse_json_body()
+    job_request = validate_request(body, svc.settings)
     wait_s = parse_prefer_wait(request.headers.get("Prefer"))
     cancel_after = request.headers.get("Cancel-After")
     cancel_after_s = parse_duration(cancel_after) if cancel_after is not None else None
@@ -63,7 +90,7 @@ def submit():
     return response
 
 
-def json_body() -> Any:
+def parse_json_body() -> Any:
     """The request's body, parsed: 415 unless it is sent as JSON, 400 unless it parses."""
     if request.mimetype and request.mimetype != "application/json":
         raise UnsupportedMediaType("send the body as application/json", field=None)
@@ -71,6 +98,8 @@ def json_body() -> Any:
         return json.loads(request.get_data(cache=False) or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedBody(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # arrays nested thousands deep fit in the body limit
+        raise MalformedBody("the body is nested too deeply") from None
 
 
 def accept(
@@ -120,7 +149,7 @@ def wait_for(svc: Services, job: Job, wait_s: float | None) -> Job:
 
 def idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not _IDEMPOTENCY_KEY.match(key):
+    if key is not None and not IDEMPOTENCY_KEY_PATTERN.match(key):
         raise ValidationFailed("'Idempotency-Key' must be 1 to 255 printable ASCII characters", "Idempotency-Key")
     return key
 
@@ -145,6 +174,12 @@ def _replay(svc: Services, fingerprint_then: str, job_id: str, fingerprint: str)
 
 
 @bp.get("/<job_id>")
+@operation(
+    "A job: its state, timings and, once it succeeded, presigned image URLs",
+    description="With `Prefer: wait=N`, answers once the job ends or N s pass.",
+    parameters=[JOB_ID, PREFER],
+    responses={200: response("The job", JOB, headers=("Preference-Applied",)), **errors(404, 422, 503)},
+)
 def status(job_id: str):
     svc = services()
     wait_s = parse_prefer_wait(request.headers.get("Prefer"))
@@ -156,6 +191,19 @@ def status(job_id: str):
 
 
 @bp.get("/<job_id>/events")
+@operation(
+    "A job's changes as Server-Sent Events, until it ends",
+    description=(
+        "`state` events carry the whole job (as `GET /v1/jobs/{job_id}`) on each change of state, `progress` "
+        'events `{"id", "step", "total"}` at each denoising step; the stream ends with the job. An `error` '
+        "event (an Error) ends it early if the job store goes away."
+    ),
+    parameters=[JOB_ID],
+    responses={
+        200: response("The stream", {"type": "string"}, media="text/event-stream", headers=("Cache-Control",)),
+        **errors(404, 503),
+    },
+)
 def events(job_id: str):
     svc = services()
     job = find_job(svc, job_id)  # a 404 before the stream starts
@@ -167,12 +215,24 @@ def events(job_id: str):
 
 
 @bp.post("/<job_id>/cancel")
+@operation(
+    "Cancel a job",
+    description="A queued job never runs; a running one stops at its next step. Canceling again changes nothing.",
+    parameters=[JOB_ID],
+    responses={200: response("The job, CANCELED", JOB), **errors(404, 409, 503)},
+)
 def cancel_job(job_id: str):
     svc = services()
     return jsonify(job_view(cancel(svc.store, find_job(svc, job_id))))
 
 
 @bp.get("")
+@operation(
+    "Your jobs, newest first",
+    description="Only the caller's key's jobs; `state` filters, `limit` (1-200, default 50) pages, `cursor` goes on.",
+    parameters=_LIST_PARAMETERS,
+    responses={200: response("A page of jobs", _PAGE, headers=("Link",)), **errors(422, 503)},
+)
 def list_jobs():
     """The caller's jobs, newest first: ``?state=QUEUED&limit=50&cursor=...``."""
     svc = services()
@@ -218,7 +278,7 @@ def _cursor(value: str | None) -> float | None:
 
 
 def find_job(svc: Services, job_id: str) -> Job:
-    job = svc.store.get(job_id) if _JOB_ID.match(job_id) else None
+    job = svc.store.get(job_id) if _JOB_ID.fullmatch(job_id) else None
     if job is None or job.owner != owner():  # another key's job is no business of this one
         raise NotFound(f"no job '{job_id}' (it may have expired)", field="job_id")
     return cancel_if_overdue(svc.store, job)

@@ -15,9 +15,23 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from app.openapi import errors, operation, response
 from app.services import Services, services
 
 bp = Blueprint("metrics", __name__)
+_COUNTS = {
+    "type": "object",
+    "required": ["queued", "running", "backlog"],
+    "properties": {name: {"type": "integer", "minimum": 0} for name in ("queued", "running", "backlog")},
+}
+_BACKLOG = {
+    "type": "object",
+    "required": ["queues", "backlog"],
+    "properties": {
+        "queues": {"type": "object", "additionalProperties": _COUNTS},
+        "backlog": {"type": "integer", "minimum": 0},
+    },
+}
 
 
 class BacklogCollector:
@@ -52,11 +66,21 @@ def register(app: Flask, svc: Services) -> None:
 
 
 @bp.get("/metrics")
+@operation(
+    "Prometheus metrics: the backlog per queue",
+    tag="meta",
+    responses={200: response("Prometheus text format", {"type": "string"}, media="text/plain")},
+)
 def prometheus():
     return Response(generate_latest(current_app.extensions["fleet_metrics"]), mimetype=CONTENT_TYPE_LATEST)
 
 
 @bp.get("/metrics/backlog")
+@operation(
+    "The backlog per queue as JSON (KEDA's metrics-api scaler)",
+    tag="meta",
+    responses={200: response("Queued, running and their sum, per queue", _BACKLOG), **errors(503)},
+)
 def backlog():
     svc = services()
     queues = svc.store.backlog(svc.settings.job_queues)

@@ -20,11 +20,13 @@ from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr
 
 from app.auth import require_key
 from app.errors import error_response
-from app.jobs import accept, json_body, request_fingerprint, wait_for
+from app.jobs import accept, parse_json_body, request_fingerprint, wait_for
+from app.openapi import errors, operation, response
 from app.services import Services, services
 from tasks.cancel import NOT_STARTED_IN_TIME
 from tasks.errors import Conflict, FleetError, JobError, ValidationFailed, WaitTimedOut
-from tasks.jobs import Job, JobRequest, JobState, validate_body
+from tasks.jobs import Job, JobState
+from tasks.request import validate_body, validate_request
 
 bp = Blueprint("openai_images", __name__, url_prefix="/v1/images")
 require_key(bp)
@@ -68,33 +70,60 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: StrictFloat | StrictInt | None = None
     negative_prompt: StrictStr | None = None
 
-    def to_job_request(self) -> JobRequest:
+    def to_job_body(self) -> dict:
+        """The same request as a ``POST /v1/jobs`` body: validated by the same model."""
         width, height = _size(self.size)
-        return JobRequest(
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            width=width,
-            height=height,
-            steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-            seed=self.seed,
-            num_images=self.n,
-            output_format=self.output_format or "png",
-        )
+        body = {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "width": width,
+            "height": height,
+            "steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "seed": self.seed,
+            "num_images": self.n,
+            "output_format": self.output_format,
+        }
+        return {name: value for name, value in body.items() if value is not None}
+
+
+_GENERATED = {
+    "type": "object",
+    "required": ["created", "data"],
+    "properties": {
+        "created": {"type": "integer"},
+        "data": {
+            "type": "array",
+            "items": {"type": "object", "properties": {"url": {"type": "string"}, "b64_json": {"type": "string"}}},
+        },
+    },
+}
 
 
 @bp.post("/generations")
+@operation(
+    "OpenAI-compatible image generation, answered when its job ends",
+    tag="images",
+    description="An ordinary job (same queue and batching as `POST /v1/jobs`), held up to FLEET_OPENAI_TIMEOUT_S.",
+    body={
+        "required": True,
+        "content": {"application/json": {"schema": ImageGenerationRequest.model_json_schema()}},
+    },
+    responses={
+        200: response("The images", _GENERATED, headers=("Idempotent-Replayed",)),
+        **errors(400, 409, 413, 415, 422, 500, 503, 504),
+    },
+)
 def generate():
     svc = services()
-    body = json_body()
+    body = parse_json_body()
     generation = validate_body(body, ImageGenerationRequest)
     timeout_s = svc.settings.openai_timeout_s
     try:
         # Its Cancel-After is the hold: a job no worker started by then is dropped, not
         # left to run for a client that has been told it failed.
-        job, replayed = accept(
-            svc, generation.to_job_request(), timeout_s, fingerprint=request_fingerprint(body, request.path)
-        )
+        job_request = validate_request(generation.to_job_body(), svc.settings)
+        job, replayed = accept(svc, job_request, timeout_s, fingerprint=request_fingerprint(body, request.path))
     except ValidationFailed as exc:
         raise _in_openai_terms(exc) from None
     job = wait_for(svc, job, timeout_s)

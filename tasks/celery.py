@@ -13,7 +13,7 @@ from kombu import Exchange, Queue
 from kombu.exceptions import KombuError, OperationalError
 
 from tasks.errors import DependencyUnavailable
-from tasks.jobs import MAX_PRIORITY
+from tasks.request import MAX_PRIORITY
 from tasks.settings import Settings, get_settings
 
 GENERATE_TASK = "fleet.generate"

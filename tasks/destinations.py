@@ -23,6 +23,48 @@ from tasks.errors import ForbiddenDestination, ValidationFailed
 
 MAX_URL_CHARS = 2048
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# The URLs a job may name as its webhook, as a regular expression that JSON Schema (ECMA),
+# Python and pydantic's Rust engine all read alike: explicit ASCII classes, no lookarounds.
+# A host name's last label starts with a letter (RFC 3696: top-level domains are not all
+# numeric), so a name can never be read as an IPv4 address.
+_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = f"(?:{_LABEL}\\.)*[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?\\.?"
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4 = f"{_OCTET}(?:\\.{_OCTET}){{3}}"
+_H16 = "[0-9A-Fa-f]{1,4}"
+_LS32 = f"(?:{_H16}:{_H16}|{_IPV4})"
+_IPV6 = (
+    "(?:"
+    + "|".join(  # RFC 3986's IPv6address
+        [
+            f"(?:{_H16}:){{6}}{_LS32}",
+            f"::(?:{_H16}:){{5}}{_LS32}",
+            f"(?:{_H16})?::(?:{_H16}:){{4}}{_LS32}",
+            f"(?:(?:{_H16}:){{0,1}}{_H16})?::(?:{_H16}:){{3}}{_LS32}",
+            f"(?:(?:{_H16}:){{0,2}}{_H16})?::(?:{_H16}:){{2}}{_LS32}",
+            f"(?:(?:{_H16}:){{0,3}}{_H16})?::{_H16}:{_LS32}",
+            f"(?:(?:{_H16}:){{0,4}}{_H16})?::{_LS32}",
+            f"(?:(?:{_H16}:){{0,5}}{_H16})?::{_H16}",
+            f"(?:(?:{_H16}:){{0,6}}{_H16})?::",
+        ]
+    )
+    + ")"
+)
+_PORT = "(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+_PATH = "(?:[/?#][!-~]*)?"  # printable ASCII, no spaces
+
+
+def url_pattern(allow_private: bool) -> str:
+    """What ``parse_url`` and the submit-time address check accept, as one pattern: an
+    http(s) URL with a host name, or, where private addresses are allowed
+    (``FLEET_WEBHOOK_ALLOW_PRIVATE``), a literal IPv4 or IPv6 address. Without that setting a
+    literal address is refused even when public: a regular expression cannot tell a public
+    address from a forbidden one, and the request schema must say exactly what is accepted."""
+    host = f"(?:{_HOST_NAME}|{_IPV4}|\\[{_IPV6}\\])" if allow_private else _HOST_NAME
+    return f"^[Hh][Tt][Tt][Pp][Ss]?://{host}(?::{_PORT})?{_PATH}$"
+
+
 #: NAT64's well-known prefix: a gateway translates 64:ff9b::a.b.c.d to a.b.c.d on its side.
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
@@ -47,7 +89,10 @@ def parse_url(url: str) -> SplitResult:
         raise ValidationFailed(
             "'webhook' must be ASCII without spaces (punycode an international domain name)", field="webhook"
         )
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a bracketed host that is not an IP address: http://[x]/
+        raise ValidationFailed("'webhook' has an invalid host", field="webhook") from None
     if parts.scheme not in DEFAULT_PORTS:
         raise ValidationFailed("'webhook' must be an http:// or https:// URL", field="webhook")
     if not parts.hostname:

@@ -1,4 +1,5 @@
-"""The job: what a client asks for, the states it moves through, and its record.
+"""The job: what the worker runs, the states it moves through, and its record (what a
+client may ask for is ``tasks.request``).
 
 A job is created ``QUEUED`` by the API, moved to ``RUNNING`` by the worker that takes
 it, and ends ``SUCCEEDED``, ``FAILED`` or ``CANCELED``. Terminal states never change,
@@ -9,14 +10,13 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import secrets
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from tasks.errors import ValidationFailed
+from tasks.request import WEBHOOK_EVENTS, JobRequest, validate_request
 from tasks.settings import Settings
 
 
@@ -49,34 +49,7 @@ def can_move(current: JobState, target: JobState) -> bool:
     return target in TRANSITIONS[current]
 
 
-#: What a job's webhook may be sent for: it started, each step, it ended.
-WebhookEvent = Literal["start", "progress", "completed"]
-WEBHOOK_EVENTS: tuple[str, ...] = ("start", "progress", "completed")
 OUTPUT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
-#: Priorities within a queue, highest first where the broker orders by them.
-MAX_PRIORITY = 9
-
-
-class JobRequest(BaseModel):
-    """The body of ``POST /v1/jobs``. Types are strict: ``"64"`` is not a width."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    prompt: StrictStr
-    negative_prompt: StrictStr | None = None
-    width: StrictInt | None = None
-    height: StrictInt | None = None
-    steps: StrictInt | None = None
-    guidance_scale: StrictFloat | StrictInt | None = None
-    seed: StrictInt | None = None
-    num_images: StrictInt = 1
-    deadline_ms: StrictInt | None = None
-    output_format: Literal["png", "webp", "jpeg"] = "png"
-    output_quality: StrictInt | None = None
-    service_class: Literal["interactive", "batch"] | None = None
-    priority: StrictInt | None = None
-    webhook: StrictStr | None = None
-    webhook_events: list[WebhookEvent] | None = None
 
 
 class GenerationSpec(BaseModel):
@@ -105,45 +78,15 @@ class GenerationSpec(BaseModel):
         return (self.seed + index) % 2**63
 
 
-MAX_SEED = 2**63 - 1
-MAX_DEADLINE_MS = 3_600_000
-Body = TypeVar("Body", bound=BaseModel)
-
-
-def validate_request(body: Any) -> JobRequest:
-    """Check a request body against the schema; ``ValidationFailed`` names the first
-    offending field."""
-    return validate_body(body, JobRequest)
-
-
-def validate_body(body: Any, schema: type[Body]) -> Body:
-    """Check a request body against ``schema`` (the job's, or another route's), so every
-    route refuses a body in the same words; ``ValidationFailed`` names the first offending
-    field."""
-    if not isinstance(body, dict):
-        raise ValidationFailed("the body must be a JSON object", field=None)
-    try:
-        return schema.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field_name = str(first["loc"][0]) if first["loc"] else None
-        if first["type"] == "extra_forbidden":
-            message = f"unknown field '{field_name}'"
-        elif first["type"] == "missing":
-            message = f"'{field_name}' is required"
-        else:
-            message = f"'{field_name}': {first['msg']}"
-        raise ValidationFailed(message, field=field_name) from None
-
-
 def parse_request(body: Any, settings: Settings) -> GenerationSpec:
-    """Validate a request body against the schema and the configured bounds: what the
-    worker runs. Raises ``ValidationFailed`` naming the first offending field."""
-    return to_spec(validate_request(body), settings)
+    """Validate a request body against the configured bounds: what the worker runs.
+    Raises ``ValidationFailed`` naming the first offending field."""
+    return to_spec(validate_request(body, settings), settings)
 
 
 def to_spec(request: JobRequest, settings: Settings) -> GenerationSpec:
-    spec = GenerationSpec(
+    """A request ``validate_request`` accepted, with every default filled in."""
+    return GenerationSpec(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         width=settings.default_width if request.width is None else request.width,
@@ -158,8 +101,6 @@ def to_spec(request: JobRequest, settings: Settings) -> GenerationSpec:
         output_format=request.output_format,
         output_quality=request.output_quality,
     )
-    _check_bounds(spec, settings)
-    return spec
 
 
 @dataclass(frozen=True)
@@ -174,47 +115,12 @@ class JobOptions:
 
     @classmethod
     def of(cls, request: JobRequest, settings: Settings) -> JobOptions:
-        if request.priority is not None and not 0 <= request.priority <= MAX_PRIORITY:
-            raise ValidationFailed(f"'priority' must be between 0 and {MAX_PRIORITY}", field="priority")
-        if request.webhook_events is not None and request.webhook is None:
-            raise ValidationFailed("'webhook_events' needs a 'webhook'", field="webhook_events")
         return cls(
             service_class=request.service_class or settings.default_service_class,
             priority=request.priority or 0,
             webhook=request.webhook,
             webhook_events=tuple(dict.fromkeys(request.webhook_events)) if request.webhook_events else WEBHOOK_EVENTS,
         )
-
-
-def _check_bounds(spec: GenerationSpec, settings: Settings) -> None:
-    if not spec.prompt.strip():
-        raise ValidationFailed("'prompt' must not be empty", field="prompt")
-    for name, text in (("prompt", spec.prompt), ("negative_prompt", spec.negative_prompt or "")):
-        if len(text) > settings.max_prompt_chars:
-            raise ValidationFailed(f"'{name}' is longer than {settings.max_prompt_chars} characters", field=name)
-    for name in ("width", "height"):
-        side = getattr(spec, name)
-        if side < 8 or side > settings.max_side or side % 8:
-            raise ValidationFailed(
-                f"'{name}' must be a multiple of 8 between 8 and {settings.max_side}, got {side}", field=name
-            )
-    if spec.width * spec.height > settings.max_pixels:
-        raise ValidationFailed(
-            f"width x height = {spec.width * spec.height} pixels is over the budget of {settings.max_pixels}",
-            field="width",
-        )
-    if not 1 <= spec.steps <= settings.max_steps:
-        raise ValidationFailed(f"'steps' must be between 1 and {settings.max_steps}", field="steps")
-    if not 1 <= spec.num_images <= settings.max_images_per_job:
-        raise ValidationFailed(f"'num_images' must be between 1 and {settings.max_images_per_job}", field="num_images")
-    if not math.isfinite(spec.guidance_scale) or not 0 <= spec.guidance_scale <= 50:
-        raise ValidationFailed("'guidance_scale' must be between 0 and 50", field="guidance_scale")
-    if spec.deadline_ms is not None and not 1 <= spec.deadline_ms <= MAX_DEADLINE_MS:
-        raise ValidationFailed(f"'deadline_ms' must be between 1 and {MAX_DEADLINE_MS}", field="deadline_ms")
-    if not 0 <= spec.seed <= MAX_SEED:
-        raise ValidationFailed(f"'seed' must be between 0 and {MAX_SEED}", field="seed")
-    if spec.output_quality is not None and not 1 <= spec.output_quality <= 100:
-        raise ValidationFailed("'output_quality' must be between 1 and 100", field="output_quality")
 
 
 def new_job_id() -> str:

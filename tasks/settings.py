@@ -95,10 +95,13 @@ class Settings(BaseSettings):
     # -- request bounds and defaults -----------------------------------------------------
     default_width: int = 64
     default_height: int = 64
-    default_steps: int = 20
-    default_guidance_scale: float = 7.5
-    max_pixels: int = Field(512 * 512, gt=0)
-    max_side: int = Field(1024, gt=0)
+    default_steps: int = Field(20, gt=0)
+    default_guidance_scale: float = Field(7.5, ge=0, le=50)
+    max_pixels: int = Field(512 * 512, ge=64)
+    # The square root of the budget: the side bounds then imply it, and the request schema
+    # needs no cross-field rule. A larger side (wide images within the same budget) works
+    # too; the schema then spells the budget out per range of widths.
+    max_side: int = Field(512, ge=8)
     max_steps: int = Field(100, gt=0)
     max_images_per_job: int = Field(8, gt=0)
     max_prompt_chars: int = Field(2000, gt=0)
@@ -172,6 +175,12 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.default_width % 8 or self.default_height % 8:
             raise ValueError("FLEET_DEFAULT_WIDTH/HEIGHT must be multiples of 8")
+        # A request that gives only a prompt gets the defaults: they must be a valid request.
+        sides_fit = all(8 <= side <= self.max_side for side in (self.default_width, self.default_height))
+        if not sides_fit or self.default_width * self.default_height > self.max_pixels:
+            raise ValueError("FLEET_DEFAULT_WIDTH x FLEET_DEFAULT_HEIGHT must fit FLEET_MAX_SIDE and FLEET_MAX_PIXELS")
+        if self.default_steps > self.max_steps:
+            raise ValueError("FLEET_DEFAULT_STEPS must be at most FLEET_MAX_STEPS")
         if ":" not in self.flower_basic_auth:
             raise ValueError("FLEET_FLOWER_BASIC_AUTH must be user:password")
         WarmShape.parse_list(self.warm_shapes)  # a clear error now rather than in the engine

@@ -58,6 +58,8 @@ def assert_error(response, status: int, field: str | None):
         ({"prompt": ""}, 422, "prompt"),
         ({"prompt": "a", "unknown": 1}, 422, "unknown"),
         ({"prompt": "a", "width": 1024, "height": 1024}, 422, "width"),
+        ({"prompt": "a\x00b"}, 422, "prompt"),
+        ({"prompt": "a\ud800"}, 422, "prompt"),  # cannot be stored: it was a 500
         ([1, 2], 422, None),
     ],
 )
@@ -72,6 +74,11 @@ def test_malformed_json_is_a_400(client, queue_length):
     response = client.post("/v1/jobs", data=b"{not json", content_type="application/json")
     assert_error(response, 400, None)
     assert queue_length() == before
+
+
+def test_a_body_nested_too_deeply_for_the_parser_is_a_400(client):
+    response = client.post("/v1/jobs", data=b"[" * 30_000 + b"]" * 30_000, content_type="application/json")
+    assert_error(response, 400, None)
 
 
 def test_a_body_over_the_limit_is_a_413(client, settings):
