@@ -101,7 +101,7 @@ def test_a_bad_cancel_after_is_refused(idle_api, value):
 def test_a_cancel_after_out_of_range_is_moved_to_the_nearest_bound(idle_api, value, seconds):
     """Every duration the header's pattern allows is accepted (the OpenAPI document says
     so); the job's ``cancel_at`` shows the deadline applied."""
-    response = requests.post(f"{idle_api}/v1/jobs", json={"prompt": "x"}, headers={"Cancel-After": value})
+    response = http.post(f"{idle_api}/v1/jobs", json={"prompt": "x"}, headers={"Cancel-After": value})
     assert response.status_code == 202
     job = response.json()
     created, cancel_at = (datetime.fromisoformat(job[k].replace("Z", "+00:00")) for k in ("created_at", "cancel_at"))
