@@ -73,6 +73,7 @@ class FakeModel:
         self.fail_on = fail_on
         self.memory_images = memory_images
         self.call_s = call_s
+        self.steps_run = 0
 
     def warm(self, shape):
         self.threads.add(threading.get_ident())
@@ -81,7 +82,11 @@ class FakeModel:
     def run(self, key, images, on_step=None):
         self.threads.add(threading.get_ident())
         self.calls.append([w.prompt for w in images])
-        time.sleep(self.call_s)
+        for step in range(1, key.steps + 1):  # the call's time spread over its steps
+            time.sleep(self.call_s / key.steps)
+            self.steps_run += 1
+            if on_step is not None and on_step(step, key.steps):
+                break
         if len(images) > self.memory_images:
             raise ModelOutOfMemory(f"{len(images)} images do not fit")
         if any(w.prompt == self.fail_on for w in images):

@@ -54,11 +54,11 @@ def test_a_running_job_alone_stops_at_the_next_step_and_stores_nothing(api_url, 
 
 
 def test_a_job_canceled_in_a_shared_batch_leaves_its_neighbour_whole(api_url, storage):
-    shape = {"steps": 60, "width": 128, "height": 128}
+    shape = {"steps": 30, "width": 64, "height": 64}
     alone = wait_done(api_url, submit(api_url, prompt="neighbour", seed=7, **shape))
     # While a blocker of another shape runs (its time known, so the runner holds the next
     # batch until it is about to end), the two wait for the engine and share a call.
-    blocking = {"prompt": "blocker", "steps": 100, "width": 64, "height": 64}
+    blocking = {"prompt": "blocker", "steps": 60, "width": 96, "height": 64}
     wait_done(api_url, submit(api_url, **blocking))
     blocker = submit(api_url, **blocking)
     neighbour = submit(api_url, prompt="neighbour", seed=7, **shape)
