@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,10 +86,29 @@ def render_combination(name: str) -> tuple[dict, ...]:
         return tuple(_kustomize(Path(tmp)))
 
 
-RENDERINGS = [("overlay", name) for name in OVERLAYS] + [("combination", name) for name in COMBINATIONS]
+@functools.cache
+def render_docs_example() -> tuple[dict, ...]:
+    """The overlay of your own that docs/KUBERNETES.md shows (step 4), with its paths to
+    this repository's k8s/."""
+    text = (ROOT / "docs" / "KUBERNETES.md").read_text()
+    block = re.search(r"```yaml\n(# deploy/fleet/kustomization.yaml\n.*?)```", text, re.S)
+    assert block, "docs/KUBERNETES.md shows an overlay of your own"
+    with tempfile.TemporaryDirectory() as tmp:
+        here = os.path.relpath(K8S, tmp)
+        (Path(tmp) / "kustomization.yaml").write_text(block[1].replace("../diffusion-fleet/k8s", here))
+        return tuple(_kustomize(Path(tmp)))
+
+
+RENDERINGS = (
+    [("overlay", name) for name in OVERLAYS]
+    + [("combination", name) for name in COMBINATIONS]
+    + [("docs", "KUBERNETES.md")]
+)
 
 
 def rendered(kind: str, name: str) -> tuple[dict, ...]:
+    if kind == "docs":
+        return render_docs_example()
     return render_overlay(name) if kind == "overlay" else render_combination(name)
 
 

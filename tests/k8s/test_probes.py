@@ -96,7 +96,7 @@ def test_gpu_worker_ready_while_consuming_and_not_after_sigterm(tmp_path, redis_
 @pytest.mark.e2e
 def test_worker_whose_engine_cannot_start_is_never_ready(tmp_path, redis_url):
     """Exit status 3 (no engine), and the stale ready file of the last container is gone."""
-    env = _env(tmp_path, redis_url, FLEET_MODEL=str(tmp_path / "no-such-model"))
+    env = _env(tmp_path, redis_url, FLEET_MODEL="sim:profile=no-such-profile")  # fails fast, no torch
     path = ready_file(tmp_path / "state", "worker0@host")
     mark_ready(path)
     worker = Server("worker", [str(BIN / "fleet"), "worker"], env=env, log_dir=tmp_path).start()
