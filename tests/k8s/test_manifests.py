@@ -299,6 +299,12 @@ def test_references_resolve(resources):
         assert ("Deployment", autoscaler["spec"]["scaleTargetRef"]["name"]) in names
     for scaled in of_kind(resources, "ScaledObject"):
         assert ("Deployment", scaled["spec"]["scaleTargetRef"]["name"]) in names
+    for target in {a["spec"]["scaleTargetRef"]["name"] for a in of_kind(resources, "HorizontalPodAutoscaler")} | {
+        s["spec"]["scaleTargetRef"]["name"] for s in of_kind(resources, "ScaledObject")
+    }:
+        assert "replicas" not in named(resources, "Deployment", target)["spec"], (
+            f"{target}: its autoscaler owns replicas; a value in the manifest resets it at every apply"
+        )
     targets = [a["spec"]["scaleTargetRef"]["name"] for a in of_kind(resources, "HorizontalPodAutoscaler")]
     targets += [s["spec"]["scaleTargetRef"]["name"] for s in of_kind(resources, "ScaledObject")]
     assert len(targets) == len(set(targets)), f"two autoscalers on one Deployment: {targets}"
