@@ -99,8 +99,10 @@ def make_s3_client(settings: Settings) -> BaseClient:
         "s3",
         endpoint_url=settings.s3_endpoint_url or None,
         region_name=settings.s3_region,
-        aws_access_key_id=settings.s3_access_key_id,
-        aws_secret_access_key=settings.s3_secret_access_key,
+        # Empty: boto3's own chain (environment, IRSA or EKS Pod Identity, instance role)
+        # instead of empty strings that sign nothing.
+        aws_access_key_id=settings.s3_access_key_id or None,
+        aws_secret_access_key=settings.s3_secret_access_key or None,
         config=Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},

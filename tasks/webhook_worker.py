@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import asdict
 
+from tasks import probes
 from tasks.celery import WEBHOOK_TASK, app
 from tasks.settings import get_settings
 from tasks.webhooks import WebhookDelivery, attempt
@@ -24,6 +25,7 @@ app.conf.update(
     worker_prefetch_multiplier=1,
 )
 app.amqp.queues.select(_settings.webhook_queue)
+probes.connect()  # the ready file a Kubernetes readiness probe reads (tasks/probes.py)
 
 #: The longest one message waits for its delivery's next attempt. On the Redis broker a
 #: message with a countdown is handed to a worker at once and held there, unacknowledged,

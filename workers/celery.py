@@ -24,6 +24,7 @@ import redis
 from celery.exceptions import Reject, WorkerShutdown
 from celery.signals import celeryd_after_setup, worker_shutdown, worker_shutting_down
 
+from tasks import probes
 from tasks.celery import GENERATE_TASK, app
 from tasks.events import EventHub
 from tasks.notify import Notifier
@@ -52,6 +53,10 @@ app.conf.update(
 
 _context: WorkerContext | None = None
 _sweeper: Sweeper | None = None
+
+# The ready file a Kubernetes readiness probe reads (tasks/probes.py): there once the
+# consumer starts, i.e. after _start_model below has the engine's model loaded and warm.
+probes.connect()
 
 
 def batch_policy(settings: Settings, queue: str) -> BatchPolicy:
