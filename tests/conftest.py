@@ -105,10 +105,15 @@ def api_url(fleet_env, work_dir, worker) -> str:
     server.stop()
 
 
+#: Queues no worker consumes, for both service classes (the session worker consumes the
+#: default batch queue: a fuzzed batch job sent there would take its time from other tests).
+IDLE_QUEUES = {"FLEET_QUEUE": "fleet.idle", "FLEET_BATCH_QUEUE": "fleet.idle-batch", "FLEET_QUEUE_POLICIES": "{}"}
+
+
 @pytest.fixture(scope="session")
 def idle_api(fleet_env, work_dir) -> str:
     """An API whose queue no worker consumes: its jobs stay QUEUED until canceled."""
-    env = {**fleet_env, "FLEET_QUEUE": "fleet.idle", "FLEET_API_PORT": str(free_port())}
+    env = {**fleet_env, **IDLE_QUEUES, "FLEET_API_PORT": str(free_port())}
     server, url = start_api(env, work_dir, name="idle-api")
     yield url
     server.stop()

@@ -9,6 +9,7 @@ import requests
 from fleet.processes import free_port
 from fleet.stack import start_api
 from tasks.keys import DEV_KEYS, hash_key
+from tests.conftest import IDLE_QUEUES
 
 pytestmark = pytest.mark.e2e
 
@@ -20,7 +21,7 @@ def keyed_api(fleet_env, work_dir) -> str:
     entries = ",".join([DEV_KEYS] + [f"{name}:{hash_key(key)}" for name, key in KEYS.items()])
     env = {
         **fleet_env,
-        "FLEET_QUEUE": "fleet.idle",
+        **IDLE_QUEUES,
         "FLEET_API_PORT": str(free_port()),
         "FLEET_API_KEYS": entries,
         "FLEET_RATE_LIMIT_PER_MINUTE": "5",
