@@ -26,6 +26,7 @@ from celery.signals import celeryd_after_setup, worker_shutdown, worker_shutting
 
 from tasks.celery import GENERATE_TASK, app
 from tasks.events import EventHub
+from tasks.logs import install_celery_logging, log_context, set_process_fields
 from tasks.notify import Notifier
 from tasks.settings import Settings, get_settings
 from tasks.storage import make_storage
@@ -43,6 +44,7 @@ from workers.sweeper import Sweeper
 log = logging.getLogger(__name__)
 
 _settings = get_settings()
+install_celery_logging(_settings.log_format, "worker")
 app.conf.update(
     worker_pool="threads",
     worker_concurrency=_settings.task_threads,
@@ -156,6 +158,7 @@ def _shut_down(reason: str) -> None:
 def _start_model(sender: str = "", **_) -> None:
     global _context, _sweeper
     settings = get_settings()
+    set_process_fields(worker=sender)
     try:
         _context = make_context(settings)
     except Exception as exc:
@@ -192,10 +195,17 @@ def _stop_model(**_) -> None:
 
 @app.task(name=GENERATE_TASK, bind=True)
 def generate(self, job_id: str) -> str:
+    """Run one job. The result is what Flower shows beside the task (whose id is the job's
+    id): its state and the batch it ran in, e.g. ``SUCCEEDED batch 4242-17 (8 images)``;
+    never the prompt."""
     assert _context is not None, "the celeryd_after_setup signal did not run"
     queue = (self.request.delivery_info or {}).get("routing_key") or ""
-    try:
-        return run_job(_context, job_id, worker=self.request.hostname or "", task_id=self.request.id or "", queue=queue)
-    except HandBack as exc:
-        log.warning("job %s handed back to the queue: %s", job_id, exc)
-        raise Reject(str(exc), requeue=True) from exc
+    with log_context(job_id=job_id):
+        try:
+            outcome = run_job(
+                _context, job_id, worker=self.request.hostname or "", task_id=self.request.id or "", queue=queue
+            )
+        except HandBack as exc:
+            log.warning("job %s handed back to the queue: %s", job_id, exc)
+            raise Reject(str(exc), requeue=True) from exc
+    return outcome.summary()
