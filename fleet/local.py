@@ -164,6 +164,11 @@ def exec_hooks(celery_args: list[str]) -> int:
     return 1
 
 
+#: Flower's task list: the job id (the task's UUID), its state, the batch it ran in (the
+#: result), its queue, worker and runtime. Args are left out: they hold only the job id again.
+FLOWER_TASK_COLUMNS = "uuid,name,state,result,routing_key,worker,received,started,runtime"
+
+
 def exec_flower() -> int:
     settings = get_settings()
     args = [
@@ -171,6 +176,7 @@ def exec_flower() -> int:
         f"--address={settings.api_host}",
         f"--port={settings.flower_port}",
         f"--basic-auth={settings.flower_basic_auth}",
+        f"--tasks_columns={FLOWER_TASK_COLUMNS}",
     ]  # fmt: skip
     os.execv(sys.executable, args)
     return 1

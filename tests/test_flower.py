@@ -33,14 +33,19 @@ def test_flower_sees_the_worker_and_a_finished_job(flower, api_url):
     workers = requests.get(f"{url}/api/workers", params={"refresh": "1"}, auth=auth, timeout=30).json()
     assert any(name.startswith("test-worker@") for name in workers)
 
-    job = wait_done(api_url, submit(api_url, prompt="watched", seed=3, steps=4))
-    assert job["state"] == "SUCCEEDED" and job["task_id"]
+    job = wait_done(api_url, submit(api_url, prompt="watched secretly", seed=3, steps=4))
+    assert job["state"] == "SUCCEEDED" and job["task_id"] == job["id"], "the job's task is listed under its id"
 
     def task_succeeded() -> bool:
-        info = requests.get(f"{url}/api/task/info/{job['task_id']}", auth=auth, timeout=10)
+        info = requests.get(f"{url}/api/task/info/{job['id']}", auth=auth, timeout=10)
         return info.ok and info.json()["state"] == "SUCCESS"
 
     wait_for(task_succeeded, 30, "flower task event")
-    info = requests.get(f"{url}/api/task/info/{job['task_id']}", auth=auth, timeout=10).json()
-    assert info["name"] == "fleet.generate" and job["id"] in info["args"]
-    assert info["worker"].startswith("test-worker@")
+    info = requests.get(f"{url}/api/task/info/{job['id']}", auth=auth, timeout=10).json()
+    assert info["name"] == "fleet.generate" and info["uuid"] == job["id"]
+    assert info["worker"].startswith("test-worker@") and info["runtime"] > 0
+    assert info["routing_key"] == job["queue"]
+    batch = job["batch"]
+    images = f"{batch['images']} image" + "s" * (batch["images"] != 1)
+    assert info["result"] == repr(f"SUCCEEDED batch {batch['id']} ({images})")
+    assert "secretly" not in str(info), "Flower never shows a prompt"
