@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import redis
 from celery.exceptions import Reject, WorkerShutdown
@@ -87,6 +88,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         compile=settings.compile,
         compile_cache_dir=str(settings.compile_cache.resolve()),
         env=tuple(env.items()),
+        log_format=settings.log_format,
     )
 
 
@@ -102,7 +104,7 @@ def slot_device(slot: int, visible: str | None) -> str:
 
 
 def make_context(settings: Settings) -> WorkerContext:
-    metrics = WorkerMetrics()
+    metrics = WorkerMetrics(compile_mode=settings.compile)
     if settings.metrics_port:
         try:
             metrics.serve(settings.metrics_port)
@@ -155,7 +157,7 @@ def _shut_down(reason: str) -> None:
 # After logging is set up and before the consumer starts: no message is taken before
 # the engine's model is loaded and warm.
 @celeryd_after_setup.connect
-def _start_model(sender: str = "", **_) -> None:
+def _start_model(sender: str = "", instance=None, **_) -> None:
     global _context, _sweeper
     settings = get_settings()
     set_process_fields(worker=sender)
@@ -166,6 +168,9 @@ def _start_model(sender: str = "", **_) -> None:
         # consuming anyway; a worker that cannot run jobs must not take any.
         log.critical("the worker cannot start: %s", exc)
         raise WorkerShutdown(EXIT_NOT_STARTED) from exc
+    if _context.metrics is not None:
+        consumed = instance.app.amqp.queues.consume_from if instance is not None else {}
+        _context.metrics.started(_context.runner.model_name, sorted(consumed or settings.job_queues))
     _sweeper = Sweeper(_context.store, app, settings)
     _sweeper.start()
     log.info(
@@ -200,7 +205,9 @@ def generate(self, job_id: str) -> str:
     never the prompt."""
     assert _context is not None, "the celeryd_after_setup signal did not run"
     queue = (self.request.delivery_info or {}).get("routing_key") or ""
-    with log_context(job_id=job_id):
+    metrics = _context.metrics
+    held = metrics.held.labels(queue or "unknown").track_inprogress() if metrics else nullcontext()
+    with log_context(job_id=job_id), held:
         try:
             outcome = run_job(
                 _context, job_id, worker=self.request.hostname or "", task_id=self.request.id or "", queue=queue

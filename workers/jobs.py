@@ -144,6 +144,8 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
         state = claimed.state.value if claimed.state else "MISSING"
         log.info("job %s is %s elsewhere: this delivery does nothing", job_id, state)
         return JobOutcome(state, duplicate=True)
+    if ctx.metrics:
+        ctx.metrics.queue_wait.observe(max(0.0, started_at - job.created_at))
     log.info(
         "job %s running on %s (queue %s, attempt %d)",
         job_id, worker, queue or job.queue, job.attempts + 1,
@@ -206,6 +208,8 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
     if not done.applied and done.state is JobState.CANCELED:
         _discard(ctx, job_id, keys)
     outcome = _finished(ctx, job_id, done, total_s=timings.total_s)
+    if ctx.metrics and done.applied and done.state is JobState.SUCCEEDED:
+        ctx.metrics.job_total.observe(timings.total_s)
     if outcome.state == JobState.SUCCEEDED.value:
         return dataclasses.replace(outcome, batch_id=result.batch_id, batch_images=result.batch_images)
     return outcome
