@@ -25,7 +25,7 @@ import logging
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
@@ -35,6 +35,10 @@ LOG_FORMATS = ("text", "json")
 #: The task whose Celery task id is a job id (``tasks.celery.GENERATE_TASK``; not imported
 #: from there: that module builds the Celery app at import, and the engine imports this one).
 JOB_TASK = "fleet.generate"
+
+#: The WSGI environ key a request's job id travels in, from the API to gunicorn's access
+#: line (``app.logs``, ``fleet.web``).
+JOB_ID_ENVIRON = "fleet.job_id"
 
 _context: ContextVar[Mapping[str, Any]] = ContextVar("fleet_log_context", default=MappingProxyType({}))
 _process_fields: dict[str, Any] = {}
@@ -56,6 +60,19 @@ def log_context(**fields: Any) -> Iterator[None]:
 def bind_log_context(**fields: Any) -> None:
     """Add ``fields`` to the current ``log_context`` block (to its end)."""
     _context.set({**_context.get(), **fields})
+
+
+def open_log_context(**fields: Any) -> Token:
+    """``log_context`` for a block that cannot be a ``with`` (a request, from its before
+    hook to its teardown): pass the token to ``close_log_context``."""
+    return _context.set(dict(fields))
+
+
+def close_log_context(token: Token) -> None:
+    try:
+        _context.reset(token)
+    except ValueError:  # closed from another context: that context ends with its own
+        pass
 
 
 def current_log_context() -> dict[str, Any]:
