@@ -184,8 +184,9 @@ def exec_hooks(celery_args: list[str]) -> int:
 
 
 #: Flower's task list: the job id (the task's UUID), its state, the batch it ran in (the
-#: result), its queue, worker and runtime. Args are left out: they hold only the job id again.
-FLOWER_TASK_COLUMNS = "uuid,name,state,result,routing_key,worker,received,started,runtime"
+#: result), its worker, runtime, queue and when it arrived. Args are left out: they hold
+#: only the job id again.
+FLOWER_TASK_COLUMNS = "uuid,name,state,result,worker,runtime,routing_key,received"
 
 
 def exec_flower() -> int:

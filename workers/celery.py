@@ -198,11 +198,18 @@ def _stop_model(**_) -> None:
             _context.uploads.shutdown()
 
 
-@app.task(name=GENERATE_TASK, bind=True)
+class JobFailed(Exception):
+    """The task of a job that ended FAILED raises this, so Flower lists it among failed
+    tasks. Its message is the job's summary (a reason code, never the prompt); the job
+    record has the full error. Expected (``throws``): logged without a traceback, and the
+    message is acknowledged like any other."""
+
+
+@app.task(name=GENERATE_TASK, bind=True, throws=(JobFailed,))
 def generate(self, job_id: str) -> str:
     """Run one job. The result is what Flower shows beside the task (whose id is the job's
     id): its state and the batch it ran in, e.g. ``SUCCEEDED batch 4242-17 (8 images)``;
-    never the prompt."""
+    never the prompt. A job that ended FAILED raises ``JobFailed`` instead."""
     assert _context is not None, "the celeryd_after_setup signal did not run"
     queue = (self.request.delivery_info or {}).get("routing_key") or ""
     metrics = _context.metrics
@@ -215,4 +222,6 @@ def generate(self, job_id: str) -> str:
         except HandBack as exc:
             log.warning("job %s handed back to the queue: %s", job_id, exc)
             raise Reject(str(exc), requeue=True) from exc
+    if outcome.state == "FAILED":
+        raise JobFailed(outcome.summary())
     return outcome.summary()
