@@ -33,12 +33,17 @@ def observed(fleet_env, work_dir, tiny_model):
         "FLEET_LOG_FORMAT": "json",
         "FLEET_MAX_WAIT_MS": "200",
     }
-    worker = start_worker(env, work_dir, "observed-worker")
-    api, url = start_api(env, work_dir, workers=2, name="observed-api")
-    yield env, url, api, worker
-    api.stop()
-    worker.stop()
-    redis_server.stop()
+    started = []
+    try:
+        worker = start_worker(env, work_dir, "observed-worker")
+        started.append(worker)
+        api, url = start_api(env, work_dir, workers=2, name="observed-api")
+        started.append(api)
+        yield env, url, api, worker
+    finally:
+        for server in reversed(started):
+            server.stop()
+        redis_server.stop()
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
