@@ -92,9 +92,14 @@ def test_json_logs_follow_one_job_from_its_request_to_its_upload(observed):
     assert request_line["logger"] == "gunicorn.access" and request_line["service"] == "api"
     assert any(line["message"].startswith("accepted job") for line in api_lines())
 
+    def worker_lines() -> list[dict]:
+        return [line for line in json_lines(worker.log()) if line.get("job_id") == job_id]
+
+    # The record says SUCCEEDED a moment before the worker logs it, and Celery its task's end.
+    wait_for(lambda: any(line.get("runtime_s") for line in worker_lines()), 10, "the task's last line")
     mentions = [line for line in worker.log().splitlines() if job_id in line]
     assert all(line.startswith("{") for line in mentions), "every line naming the job is JSON"
-    lines = [line for line in json_lines(worker.log()) if line.get("job_id") == job_id]
+    lines = worker_lines()
     messages = [line["message"] for line in lines]
     assert any(re.match(r"Task fleet\.generate\[.*\] received", m) for m in messages)
     uploaded = next(line for line in lines if "uploaded" in line["message"])
