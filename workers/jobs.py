@@ -67,7 +67,7 @@ class JobOutcome:
     batch_id: str | None = None
     batch_images: int = 0
     reason: str | None = None  # a FAILED job's reason code
-    duplicate: bool = False  # the job was already finished or taken: this delivery did nothing
+    duplicate: bool = False  # another delivery finished (or runs) the job: this one did nothing
 
     def summary(self) -> str:
         text = self.state
@@ -129,7 +129,7 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
         raise HandBack(f"job store unavailable: {exc.message}") from exc
     if job is None:
         log.warning("job %s has no record (expired?); dropping its message", job_id)
-        return JobOutcome("MISSING", duplicate=True)
+        return JobOutcome("MISSING")
     job = ctx.retrying(lambda: cancel_if_overdue(ctx.store, job), "canceling an overdue job")
     if job.state.terminal:  # a duplicate delivery of a finished (or canceled) job
         log.info("job %s is already %s: nothing to do", job_id, job.state.value)
@@ -180,7 +180,7 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
         return _fail(ctx, job_id, reason, STORAGE)
     if keys is None:  # a duplicate run finished it, or its client canceled it, meanwhile
         latest = ctx.retrying(lambda: ctx.store.get(job_id), "reading the job")
-        return _recorded(latest, duplicate=True) if latest else JobOutcome("MISSING", duplicate=True)
+        return _recorded(latest, duplicate=True) if latest else JobOutcome("MISSING")
     log.info(
         "job %s uploaded %d image(s) in %.3fs", job_id, len(keys), upload_s,
         extra={"upload_s": upload_s, "image_keys": keys},
@@ -216,8 +216,10 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
 
 
 def _recorded(job: Job, duplicate: bool = False) -> JobOutcome:
-    """The outcome a job's record shows (a later delivery of a finished job)."""
+    """The outcome a job's record shows (a later delivery of a finished job). A job its
+    client canceled is just CANCELED: no other delivery finished it."""
     batch = job.batch or {}
+    duplicate = duplicate and job.state is not JobState.CANCELED
     return JobOutcome(job.state.value, batch.get("id"), int(batch.get("images", 0)), duplicate=duplicate)
 
 
@@ -318,7 +320,7 @@ def _finished(ctx: WorkerContext, job_id: str, done: TransitionResult, reason: s
         log.log(logging.WARNING if reason else logging.INFO, "job %s %s%s", job_id, state,
                 f" ({reason})" if reason else "", extra=extra)  # fmt: skip
         return JobOutcome(state, reason=reason)
-    return JobOutcome(state, duplicate=True)
+    return JobOutcome(state, duplicate=done.state is not JobState.CANCELED)  # another delivery finished it
 
 
 def _fail(ctx: WorkerContext, job_id: str, message: str, reason: str) -> JobOutcome:
