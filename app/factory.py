@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Flask
 
-from app import docs, errors, health, jobs, metrics, openai_images, openapi, webhooks
+from app import docs, errors, health, jobs, logs, metrics, openai_images, openapi, webhooks
 from app.services import make_services
 from tasks.settings import get_settings
 
@@ -22,6 +22,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.extensions["fleet"] = services
 
     errors.register(app)
+    logs.register(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(openai_images.bp)

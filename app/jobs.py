@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import time
@@ -25,6 +26,8 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 
 from app.auth import admit_submission, owner, require_key
+from app.logs import note_job
+from app.metrics import job_accepted
 from app.openapi import CANCEL_AFTER, IDEMPOTENCY_KEY, JOB, JOB_ID, PREFER, errors, json_body, operation, response
 from app.services import Services, services
 from app.waiting import event_stream, parse_prefer_wait, wait_until_done
@@ -36,6 +39,8 @@ from tasks.store import now
 from tasks.submit import submit_job
 from tasks.views import PlaceInLine, render
 from tasks.webhooks import check_webhook_url
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 require_key(bp)
@@ -128,7 +133,9 @@ def accept(
     if key is not None:
         earlier = svc.store.claim_idempotency_key(job.owner, key, fingerprint, job.id, svc.settings.idempotency_ttl_s)
         if earlier is not None:
-            return _replay(svc, *earlier, fingerprint), True
+            replayed = _replay(svc, *earlier, fingerprint)
+            note_job(replayed.id)
+            return replayed, True
     try:
         admit_submission(svc, job.owner)
         submit_job(svc.store, svc.celery, svc.settings, job)
@@ -136,6 +143,10 @@ def accept(
         if key is not None:
             svc.store.forget_idempotency_key(job.owner, key)  # nothing was made: a retry may
         raise
+    note_job(job.id)
+    job_accepted(job.queue)
+    log.info("accepted job %s for %s on %s", job.id, job.owner, job.queue, extra={"queue": job.queue,
+             "owner": job.owner, "images": job.spec.num_images, "priority": job.priority})  # fmt: skip
     return job, False
 
 

@@ -114,10 +114,29 @@ def serve_s3() -> int:
 WEB_CONNECTIONS = 1000
 
 
+def api_metrics_path(state_dir: Path, port: int) -> Path:
+    """Where the API's gunicorn processes write their metrics: one directory per port (two
+    APIs on one state directory count apart)."""
+    return (state_dir / f"api-metrics-{port}").resolve()
+
+
+def api_metrics_dir(state_dir: Path, port: int) -> Path:
+    """``api_metrics_path``, emptied: the counts of a previous run must not add to this one's."""
+    directory = api_metrics_path(state_dir, port)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    return directory
+
+
 def exec_web(workers: int = 2) -> int:
     settings = get_settings()
+    # Read when prometheus_client is first imported: set before gunicorn starts.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(api_metrics_dir(settings.state_dir, settings.api_port))
     args = [
         sys.executable, "-m", "gunicorn",
+        "--config", "python:fleet.web",
+        "--logger-class", f"fleet.web.{'Json' if settings.log_format == 'json' else 'Text'}Logger",
         "--bind", f"{settings.api_host}:{settings.api_port}",
         "--workers", str(workers),
         # gevent: a request held by `Prefer: wait` or an event stream is a greenlet asleep
@@ -164,6 +183,12 @@ def exec_hooks(celery_args: list[str]) -> int:
     return 1
 
 
+#: Flower's task list: the job id (the task's UUID), its state, the batch it ran in (the
+#: result), its worker, runtime, queue and when it arrived. Args are left out: they hold
+#: only the job id again.
+FLOWER_TASK_COLUMNS = "uuid,name,state,result,worker,runtime,routing_key,received"
+
+
 def exec_flower() -> int:
     settings = get_settings()
     args = [
@@ -171,6 +196,7 @@ def exec_flower() -> int:
         f"--address={settings.api_host}",
         f"--port={settings.flower_port}",
         f"--basic-auth={settings.flower_basic_auth}",
+        f"--tasks_columns={FLOWER_TASK_COLUMNS}",
     ]  # fmt: skip
     os.execv(sys.executable, args)
     return 1

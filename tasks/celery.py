@@ -115,12 +115,18 @@ def queued_messages(client: redis.Redis, queue: str) -> int:
 
 
 def publish_job(celery_app: Celery, job_id: str, queue: str, publish_timeout_s: float, priority: int = 0) -> None:
-    """Send the job's message, or raise ``DependencyUnavailable`` within a bounded time."""
+    """Send the job's message, or raise ``DependencyUnavailable`` within a bounded time.
+
+    The Celery task id is the job id: Flower lists each job under the id its client knows,
+    and Celery's own log lines name it. A republished message (``tasks.submit.publish``)
+    shares that id: Flower shows one task, with the latest delivery's events.
+    """
     amqp = celery_app.conf.broker_url.startswith(("amqp", "pyamqp"))
     try:
         celery_app.send_task(
             GENERATE_TASK,
             args=[job_id],
+            task_id=job_id,
             queue=queue,
             priority=priority if amqp else redis_priority(priority),
             retry=True,

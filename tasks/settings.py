@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     # Which servers `fleet up` starts itself: "auto" starts Redis unless FLEET_REDIS_URL is
     # set and the S3 server unless FLEET_S3_ENDPOINT_URL is set; or a list like "redis,s3".
     embedded: str = "auto"
+    # "text" for people at a terminal; "json" for log collectors: one object per line, with
+    # the job id and batch id of the event (docs/OBSERVABILITY.md).
+    log_format: Literal["text", "json"] = "text"
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

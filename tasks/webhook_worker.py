@@ -15,10 +15,12 @@ from dataclasses import asdict
 
 from tasks import probes
 from tasks.celery import WEBHOOK_TASK, app
+from tasks.logs import install_celery_logging
 from tasks.settings import get_settings
 from tasks.webhooks import WebhookDelivery, attempt
 
 _settings = get_settings()
+install_celery_logging(_settings.log_format, "hooks")
 app.conf.update(
     worker_pool="threads",
     worker_concurrency=_settings.webhook_threads,
@@ -53,4 +55,4 @@ def deliver_webhook(self, message: dict) -> None:
     # Whole seconds, at least one: RabbitMQ's native delayed delivery routes a countdown by
     # its whole seconds and refuses zero (rounding down would bring the message back early).
     countdown = max(1, math.ceil(min(delivery.due_at - time.time(), MAX_HOP_S)))
-    raise self.retry(args=[asdict(delivery)], countdown=countdown)
+    raise self.retry(args=[asdict(delivery)], countdown=countdown, argsrepr=delivery.argsrepr())

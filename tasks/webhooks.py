@@ -68,6 +68,11 @@ class WebhookDelivery:
     first_attempt_at: float | None = None
     due_at: float = 0.0  # no attempt before this time (the backoff)
 
+    def argsrepr(self) -> str:
+        """What task events (and so Flower) show for the message's arguments: its ids, not
+        its data, which holds the job's prompt and presigned image URLs."""
+        return repr([{"id": self.id, "event": self.event, "attempts": self.attempts}])
+
     def body(self) -> bytes:
         moment = datetime.fromtimestamp(self.created_at, timezone.utc).isoformat(timespec="milliseconds")
         payload = {"type": self.event, "timestamp": moment.replace("+00:00", "Z"), "data": self.data}
@@ -133,6 +138,7 @@ def send_webhook(
         celery_app.send_task(
             WEBHOOK_TASK,
             args=[asdict(delivery)],
+            argsrepr=delivery.argsrepr(),
             queue=settings.webhook_queue,
             retry=True,
             retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0, "interval_max": 0},

@@ -1,6 +1,14 @@
-"""Flower, with basic auth, sees the worker online and every job as its own task."""
+"""Flower, with basic auth, sees the worker online and its queues, and every job as its
+own task under its job id, with its state, worker, runtime and batch; an operator's view of
+it is checked in headless Chromium (``FLEET_SCREENSHOTS=docs/img`` saves the screenshots the
+docs show)."""
 
 from __future__ import annotations
+
+import base64
+import os
+import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -9,6 +17,12 @@ from fleet.processes import BIN, Server, wait_for
 from tests.helpers import submit, wait_done
 
 pytestmark = pytest.mark.e2e
+
+#: Debian's chromium and chromium-driver: never a browser Selenium downloads.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+#: The browser's window: the screenshots in docs/img are this size.
+WINDOW = (1680, 760)
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +47,112 @@ def test_flower_sees_the_worker_and_a_finished_job(flower, api_url):
     workers = requests.get(f"{url}/api/workers", params={"refresh": "1"}, auth=auth, timeout=30).json()
     assert any(name.startswith("test-worker@") for name in workers)
 
-    job = wait_done(api_url, submit(api_url, prompt="watched", seed=3, steps=4))
-    assert job["state"] == "SUCCEEDED" and job["task_id"]
+    job = wait_done(api_url, submit(api_url, prompt="watched secretly", seed=3, steps=4))
+    assert job["state"] == "SUCCEEDED" and job["task_id"] == job["id"], "the job's task is listed under its id"
 
     def task_succeeded() -> bool:
-        info = requests.get(f"{url}/api/task/info/{job['task_id']}", auth=auth, timeout=10)
+        info = requests.get(f"{url}/api/task/info/{job['id']}", auth=auth, timeout=10)
         return info.ok and info.json()["state"] == "SUCCESS"
 
     wait_for(task_succeeded, 30, "flower task event")
-    info = requests.get(f"{url}/api/task/info/{job['task_id']}", auth=auth, timeout=10).json()
-    assert info["name"] == "fleet.generate" and job["id"] in info["args"]
-    assert info["worker"].startswith("test-worker@")
+    info = requests.get(f"{url}/api/task/info/{job['id']}", auth=auth, timeout=10).json()
+    assert info["name"] == "fleet.generate" and info["uuid"] == job["id"]
+    assert info["worker"].startswith("test-worker@") and info["runtime"] > 0
+    assert info["routing_key"] == job["queue"]
+    batch = job["batch"]
+    images = f"{batch['images']} image" + "s" * (batch["images"] != 1)
+    assert info["result"] == repr(f"SUCCEEDED batch {batch['id']} ({images})")
+    assert "secretly" not in str(info), "Flower never shows a prompt"
+
+
+# -- in a browser, as an operator ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser(flower):
+    """Headless Chromium, logged in to Flower (its basic auth header on every request)."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        if os.environ.get("CI"):
+            pytest.fail("headless Chromium is not installed: .ci/run installs Debian's chromium and chromium-driver")
+        pytest.skip("headless Chromium is not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     f"--window-size={WINDOW[0]},{WINDOW[1]}", "--hide-scrollbars"):  # fmt: skip
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    _, (user, password) = flower
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def text(element) -> str:
+    """An element's text as the DOM has it: Flower splits long names into spans (to
+    ellipsize them), which Selenium's rendered ``.text`` breaks into lines."""
+    return " ".join(element.get_attribute("textContent").split())
+
+
+def shown(driver, wanted: str, timeout_s: float = 30) -> None:
+    """Until the page's text contains ``wanted`` (Flower fills its tables by AJAX)."""
+    from selenium.webdriver.common.by import By
+
+    body = driver.find_element(By.TAG_NAME, "body")
+    wait_for(lambda: wanted in text(body), timeout_s, f"'{wanted}' on {driver.title}")
+
+
+def screenshot(driver, name: str) -> None:
+    directory = os.environ.get("FLEET_SCREENSHOTS")
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(Path(directory) / name))
+
+
+def test_an_operator_finds_the_worker_its_queues_and_each_job_by_its_id(flower, browser, api_url):
+    from selenium.webdriver.common.by import By
+
+    url, _ = flower
+    ids = [submit(api_url, prompt=f"private prompt {i}", seed=i, steps=4, num_images=1 + i % 2) for i in range(6)]
+    jobs = [wait_done(api_url, job_id) for job_id in ids]
+    assert all(job["state"] == "SUCCEEDED" for job in jobs)
+    worker = jobs[0]["worker"]
+
+    browser.get(f"{url}/")
+    shown(browser, worker)
+
+    def online_and_idle() -> bool:  # its active count comes with its heartbeats, every 2 s
+        cells = [text(cell) for cell in browser.find_elements(By.XPATH, f"//tr[contains(., '{worker}')]/td")]
+        return cells[1:3] == ["Online", "0"]
+
+    wait_for(online_and_idle, 30, "the worker online and idle")
+    screenshot(browser, "flower-dashboard.png")
+
+    browser.get(f"{url}/tasks")
+    for job in jobs:
+        shown(browser, job["id"])
+        row = text(browser.find_element(By.XPATH, f"//tr[contains(., '{job['id']}')]"))
+        assert "SUCCESS" in row and f"SUCCEEDED batch {job['batch']['id']}" in row, row
+        assert worker in row and job["queue"] in row, row
+    assert "private prompt" not in browser.page_source, "Flower never shows a prompt"
+    screenshot(browser, "flower-tasks.png")
+
+    browser.get(f"{url}/task/{jobs[1]['id']}")
+    shown(browser, "SUCCESS")
+    page = text(browser.find_element(By.TAG_NAME, "body"))
+    assert jobs[1]["id"] in page and worker in page and f"batch {jobs[1]['batch']['id']}" in page
+    assert "Runtime" in page and "private prompt" not in browser.page_source
+
+    browser.get(f"{url}/worker/{worker}")
+    browser.find_element(By.ID, "worker-tab-queues").click()
+    queues = browser.find_element(By.ID, "worker-queues")
+    wait_for(lambda: queues.is_displayed(), 10, "the worker's queues tab")
+    time.sleep(0.5)  # the tab fades in
+    assert {"fleet.interactive", "fleet.batch"} <= set(text(queues).split()), text(queues)
+    screenshot(browser, "flower-worker-queues.png")

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import redis
 from celery.exceptions import Reject, WorkerShutdown
@@ -27,6 +28,7 @@ from celery.signals import celeryd_after_setup, worker_shutdown, worker_shutting
 from tasks import probes
 from tasks.celery import GENERATE_TASK, app
 from tasks.events import EventHub
+from tasks.logs import install_celery_logging, log_context, set_process_fields
 from tasks.notify import Notifier
 from tasks.settings import Settings, get_settings
 from tasks.storage import make_storage
@@ -44,6 +46,7 @@ from workers.sweeper import Sweeper
 log = logging.getLogger(__name__)
 
 _settings = get_settings()
+install_celery_logging(_settings.log_format, "worker")
 app.conf.update(
     worker_pool="threads",
     worker_concurrency=_settings.task_threads,
@@ -90,6 +93,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         compile=settings.compile,
         compile_cache_dir=str(settings.compile_cache.resolve()),
         env=tuple(env.items()),
+        log_format=settings.log_format,
     )
 
 
@@ -105,7 +109,7 @@ def slot_device(slot: int, visible: str | None) -> str:
 
 
 def make_context(settings: Settings) -> WorkerContext:
-    metrics = WorkerMetrics()
+    metrics = WorkerMetrics(compile_mode=settings.compile)
     if settings.metrics_port:
         try:
             metrics.serve(settings.metrics_port)
@@ -158,9 +162,10 @@ def _shut_down(reason: str) -> None:
 # After logging is set up and before the consumer starts: no message is taken before
 # the engine's model is loaded and warm.
 @celeryd_after_setup.connect
-def _start_model(sender: str = "", **_) -> None:
+def _start_model(sender: str = "", instance=None, **_) -> None:
     global _context, _sweeper
     settings = get_settings()
+    set_process_fields(worker=sender)
     try:
         _context = make_context(settings)
     except Exception as exc:
@@ -168,6 +173,9 @@ def _start_model(sender: str = "", **_) -> None:
         # consuming anyway; a worker that cannot run jobs must not take any.
         log.critical("the worker cannot start: %s", exc)
         raise WorkerShutdown(EXIT_NOT_STARTED) from exc
+    if _context.metrics is not None:
+        consumed = instance.app.amqp.queues.consume_from if instance is not None else {}
+        _context.metrics.started(_context.runner.model_name, sorted(consumed or settings.job_queues))
     _sweeper = Sweeper(_context.store, app, settings)
     _sweeper.start()
     log.info(
@@ -195,12 +203,30 @@ def _stop_model(**_) -> None:
             _context.uploads.shutdown()
 
 
-@app.task(name=GENERATE_TASK, bind=True)
+class JobFailed(Exception):
+    """The task of a job that ended FAILED raises this, so Flower lists it among failed
+    tasks. Its message is the job's summary (a reason code, never the prompt); the job
+    record has the full error. Expected (``throws``): logged without a traceback, and the
+    message is acknowledged like any other."""
+
+
+@app.task(name=GENERATE_TASK, bind=True, throws=(JobFailed,))
 def generate(self, job_id: str) -> str:
+    """Run one job. The result is what Flower shows beside the task (whose id is the job's
+    id): its state and the batch it ran in, e.g. ``SUCCEEDED batch 4242-17 (8 images)``;
+    never the prompt. A job that ended FAILED raises ``JobFailed`` instead."""
     assert _context is not None, "the celeryd_after_setup signal did not run"
     queue = (self.request.delivery_info or {}).get("routing_key") or ""
-    try:
-        return run_job(_context, job_id, worker=self.request.hostname or "", task_id=self.request.id or "", queue=queue)
-    except HandBack as exc:
-        log.warning("job %s handed back to the queue: %s", job_id, exc)
-        raise Reject(str(exc), requeue=True) from exc
+    metrics = _context.metrics
+    held = metrics.held.labels(queue or "unknown").track_inprogress() if metrics else nullcontext()
+    with log_context(job_id=job_id), held:
+        try:
+            outcome = run_job(
+                _context, job_id, worker=self.request.hostname or "", task_id=self.request.id or "", queue=queue
+            )
+        except HandBack as exc:
+            log.warning("job %s handed back to the queue: %s", job_id, exc)
+            raise Reject(str(exc), requeue=True) from exc
+    if outcome.state == "FAILED":
+        raise JobFailed(outcome.summary())
+    return outcome.summary()

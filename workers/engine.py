@@ -41,6 +41,7 @@ from typing import Protocol
 import numpy as np
 
 from tasks.errors import DeviceLost, FleetError, ModelOutOfMemory
+from tasks.logs import configure_logging
 from tasks.settings import WarmShape
 from workers.work import CompatKey, ImageWork, Model
 
@@ -62,6 +63,7 @@ class EngineConfig:
     compile_cache_dir: str = ""
     #: Environment set in the engine before torch is imported (device pinning).
     env: tuple[tuple[str, str], ...] = ()
+    log_format: str = "text"  # FLEET_LOG_FORMAT
 
     def environment(self) -> dict[str, str]:
         """What the engine sets before torch is imported: ``env``, and in compiled mode the
@@ -129,6 +131,8 @@ class Done:
     inference_s: float
     canceled: bool = False
     images: np.ndarray | None = field(default=None, repr=False)  # only when not in shared memory
+    #: GPU bytes (allocated, reserved, peak during the call) when the model reports them.
+    memory: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -252,7 +256,18 @@ class EngineCore:
         finally:
             self._canceled.discard(batch.batch_id)
         inference_s = time.perf_counter() - started
-        self._send(Done(batch.batch_id, inference_s, canceled, images=_deliver(batch, images)))
+        memory = self._memory_stats()
+        self._send(Done(batch.batch_id, inference_s, canceled, images=_deliver(batch, images), memory=memory))
+
+    def _memory_stats(self) -> tuple[int, int, int] | None:
+        stats = getattr(self._model, "memory_stats", None)
+        if stats is None:
+            return None
+        try:
+            return stats()
+        except Exception:  # a metric must never fail a batch
+            log.exception("could not read the device's memory")
+            return None
 
 
 def _deliver(batch: RunBatch, images: np.ndarray) -> np.ndarray | None:
@@ -285,8 +300,8 @@ def serve(conn, config: EngineConfig, worker_pid: int) -> None:
     # then sends Stop or closes the pipe. If the worker itself dies, so does the engine.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="[%(asctime)s: %(levelname)s/engine %(process)d] %(message)s"
+    configure_logging(
+        config.log_format, "engine", text_format="[%(asctime)s: %(levelname)s/engine %(process)d] %(message)s"
     )
     code = EngineCore(config, conn, conn.send).run()
     conn.close()

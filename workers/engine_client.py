@@ -66,6 +66,9 @@ class EngineEvents(Protocol):
 
     def engine_died(self, reason: str) -> None: ...
 
+    def device_memory(self, allocated: int, reserved: int, peak: int) -> None:
+        """GPU memory after a call (sent only by a model on CUDA)."""
+
 
 class Engine(Protocol):
     def start(self, events: EngineEvents, timeout_s: float | None = None) -> Ready:
@@ -98,6 +101,8 @@ def _dispatch(message: object, events: EngineEvents, images: np.ndarray | None =
     elif isinstance(message, Started):
         events.batch_started(message.batch_id)
     elif isinstance(message, Done):
+        if message.memory is not None:
+            events.device_memory(*message.memory)
         events.batch_done(message.batch_id, images, message.inference_s, message.canceled)
     elif isinstance(message, Failed):
         events.batch_failed(message.batch_id, message.error, message.out_of_memory)

@@ -20,6 +20,7 @@ What can go wrong, and what happens (docs/RELIABILITY.md has the tests):
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import time
@@ -32,6 +33,7 @@ from PIL import Image
 from tasks.cancel import cancel_if_overdue
 from tasks.errors import DependencyUnavailable, EngineCrashed, FleetError, JobCanceled, JobError
 from tasks.jobs import BatchInfo, Job, JobState, JobUpdate, Timings
+from tasks.logs import bind_log_context
 from tasks.settings import Settings
 from tasks.storage import ObjectStorage, image_key
 from tasks.store import JobStore, TransitionResult, now
@@ -46,6 +48,36 @@ log = logging.getLogger(__name__)
 
 class HandBack(Exception):
     """The job's message must go back to the queue (not acknowledged)."""
+
+
+#: Why a job ended FAILED, as a metric label and in its task's result (bounded values; the
+#: job record keeps the full message).
+CRASHED = "crashed"  # its worker or engine died in its calls FLEET_MAX_ATTEMPTS times
+STORAGE = "storage"  # its images could not be stored within the retry window
+INTERNAL = "internal"  # an unexpected exception (a bug): the worker's log has the traceback
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How one delivery of a job ended: the state the job is in, the model call it ran in,
+    and why it failed. ``summary`` is the task's result, which Flower shows: never the
+    prompt, only ids, counts and bounded reasons."""
+
+    state: str
+    batch_id: str | None = None
+    batch_images: int = 0
+    reason: str | None = None  # a FAILED job's reason code
+    duplicate: bool = False  # another delivery finished (or runs) the job: this one did nothing
+
+    def summary(self) -> str:
+        text = self.state
+        if self.batch_id:
+            text += f" batch {self.batch_id} ({self.batch_images} image{'s' * (self.batch_images != 1)})"
+        if self.reason:
+            text += f" ({self.reason})"
+        if self.duplicate:
+            text += ", duplicate delivery"
+        return text
 
 
 @dataclass
@@ -85,10 +117,11 @@ def encode_image(
     return buf.getvalue()
 
 
-def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", queue: str = "") -> str:
-    """Run a job to a terminal state; returns the state it ended in (or found it in).
+def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", queue: str = "") -> JobOutcome:
+    """Run a job to a terminal state; returns how it ended (or how it was found).
 
-    Raises ``HandBack`` when the message must be returned to the queue.
+    Raises ``HandBack`` when the message must be returned to the queue. Logs each step with
+    the job's id (and, once known, its batch's: ``tasks.logs``).
     """
     try:
         job = ctx.retrying(lambda: ctx.store.get(job_id), "reading the job")
@@ -96,18 +129,28 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
         raise HandBack(f"job store unavailable: {exc.message}") from exc
     if job is None:
         log.warning("job %s has no record (expired?); dropping its message", job_id)
-        return "MISSING"
+        return JobOutcome("MISSING")
     job = ctx.retrying(lambda: cancel_if_overdue(ctx.store, job), "canceling an overdue job")
-    if job.state.terminal:
-        return job.state.value  # a duplicate delivery of a finished (or canceled) job
+    if job.state.terminal:  # a duplicate delivery of a finished (or canceled) job
+        log.info("job %s is already %s: nothing to do", job_id, job.state.value)
+        return _recorded(job, duplicate=True)
 
     if job.crashes >= ctx.settings.max_attempts:
-        return _fail(ctx, job_id, _gave_up(job.crashes))
+        return _fail(ctx, job_id, _gave_up(job.crashes), CRASHED)
 
     started_at = now()
     claimed = _record(ctx, job_id, JobState.RUNNING, JobUpdate(started_at=started_at, worker=worker, task_id=task_id))
     if not claimed.applied:
-        return claimed.state.value if claimed.state else "MISSING"
+        state = claimed.state.value if claimed.state else "MISSING"
+        log.info("job %s is %s elsewhere: this delivery does nothing", job_id, state)
+        return JobOutcome(state, duplicate=True)
+    if ctx.metrics:
+        ctx.metrics.queue_wait.observe(max(0.0, started_at - job.created_at))
+    log.info(
+        "job %s running on %s (queue %s, attempt %d)",
+        job_id, worker, queue or job.queue, job.attempts + 1,
+        extra={"queue": queue or job.queue, "attempt": job.attempts + 1, "images": job.spec.num_images},
+    )  # fmt: skip
 
     try:
         result = _generate(ctx, job, queue)
@@ -115,20 +158,33 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
         _release(ctx, job_id)
         raise HandBack(str(exc)) from exc
     except JobCanceled as exc:  # by its client (already CANCELED) or its deadline
-        return _finished(ctx, _record(ctx, job_id, JobState.CANCELED, JobUpdate(finished_at=now(), error=exc.message)))
+        done = _record(ctx, job_id, JobState.CANCELED, JobUpdate(finished_at=now(), error=exc.message))
+        return _finished(ctx, job_id, done)
     except FleetError as exc:
-        return _fail(ctx, job_id, exc.message)
+        return _fail(ctx, job_id, exc.message, exc.code)
     except Exception as exc:
         log.exception("job %s failed in the model", job_id)
-        return _fail(ctx, job_id, f"{type(exc).__name__}: {exc}")
+        return _fail(ctx, job_id, f"{type(exc).__name__}: {exc}", INTERNAL)
+    bind_log_context(batch_id=result.batch_id)
+    log.info(
+        "job %s ran in batch %s of %d image(s): waited %.3fs, model %.3fs",
+        job_id, result.batch_id, result.batch_images, result.batch_wait_s, result.inference_s,
+        extra={"batch_images": result.batch_images, "batch_wait_s": result.batch_wait_s,
+               "inference_s": result.inference_s},
+    )  # fmt: skip
 
     try:
         keys, upload_s = _upload(ctx, job_id, result)
     except DependencyUnavailable as exc:
-        return _fail(ctx, job_id, f"could not store the images for {ctx.settings.retry_window_s:.0f}s: {exc.message}")
+        reason = f"could not store the images for {ctx.settings.retry_window_s:.0f}s: {exc.message}"
+        return _fail(ctx, job_id, reason, STORAGE)
     if keys is None:  # a duplicate run finished it, or its client canceled it, meanwhile
         latest = ctx.retrying(lambda: ctx.store.get(job_id), "reading the job")
-        return latest.state.value if latest else "MISSING"
+        return _recorded(latest, duplicate=True) if latest else JobOutcome("MISSING")
+    log.info(
+        "job %s uploaded %d image(s) in %.3fs", job_id, len(keys), upload_s,
+        extra={"upload_s": upload_s, "image_keys": keys},
+    )  # fmt: skip
 
     finished_at = now()
     timings = Timings(
@@ -151,7 +207,26 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
     )
     if not done.applied and done.state is JobState.CANCELED:
         _discard(ctx, job_id, keys)
-    return _finished(ctx, done)
+    outcome = _finished(ctx, job_id, done, total_s=timings.total_s)
+    if ctx.metrics and done.applied and done.state is JobState.SUCCEEDED:
+        ctx.metrics.job_total.observe(timings.total_s)
+    if outcome.state == JobState.SUCCEEDED.value:
+        return dataclasses.replace(outcome, batch_id=result.batch_id, batch_images=result.batch_images)
+    return outcome
+
+
+def _recorded(job: Job, duplicate: bool = False) -> JobOutcome:
+    """The outcome a job's record shows (a later delivery of a finished job). A job its
+    client canceled is just CANCELED: no other delivery finished it."""
+    batch = job.batch or {}
+    duplicate = duplicate and job.state is not JobState.CANCELED
+    return JobOutcome(job.state.value, batch.get("id"), int(batch.get("images", 0)), duplicate=duplicate)
+
+
+class GaveUp(JobError):
+    """Its worker or engine died in its model calls ``max_attempts`` times."""
+
+    code = CRASHED
 
 
 def _gave_up(crashes: int) -> str:
@@ -179,7 +254,7 @@ def _generate(ctx: WorkerContext, job: Job, queue: str) -> JobResult:
             # before, so a lost count cannot loop a poison job forever.
             crashes = max(current.crashes if current is not None else 0, crashes + 1)
             if crashes >= ctx.settings.max_attempts:
-                raise JobError(_gave_up(crashes)) from exc
+                raise GaveUp(_gave_up(crashes)) from exc
             log.warning("job %s was in a call the engine died in (%d so far): running it alone", job.id, crashes)
 
 
@@ -233,12 +308,21 @@ def _release(ctx: WorkerContext, job_id: str) -> None:
         log.warning("could not release job %s; its next delivery counts as a retry", job_id)
 
 
-def _finished(ctx: WorkerContext, done: TransitionResult) -> str:
+def _finished(ctx: WorkerContext, job_id: str, done: TransitionResult, reason: str | None = None,
+              total_s: float | None = None) -> JobOutcome:  # fmt: skip
     state = done.state.value if done.state else "MISSING"
-    if ctx.metrics and done.applied:
-        ctx.metrics.jobs.labels(state).inc()
-    return state
+    if done.applied:
+        if ctx.metrics:
+            ctx.metrics.jobs.labels(state).inc()
+            if reason:
+                ctx.metrics.failures.labels(reason).inc()
+        extra = {"state": state} | ({"reason": reason} if reason else {}) | ({"total_s": total_s} if total_s else {})
+        log.log(logging.WARNING if reason else logging.INFO, "job %s %s%s", job_id, state,
+                f" ({reason})" if reason else "", extra=extra)  # fmt: skip
+        return JobOutcome(state, reason=reason)
+    return JobOutcome(state, duplicate=done.state is not JobState.CANCELED)  # another delivery finished it
 
 
-def _fail(ctx: WorkerContext, job_id: str, reason: str) -> str:
-    return _finished(ctx, _record(ctx, job_id, JobState.FAILED, JobUpdate(finished_at=now(), error=reason)))
+def _fail(ctx: WorkerContext, job_id: str, message: str, reason: str) -> JobOutcome:
+    done = _record(ctx, job_id, JobState.FAILED, JobUpdate(finished_at=now(), error=message))
+    return _finished(ctx, job_id, done, reason=reason)

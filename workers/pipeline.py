@@ -106,6 +106,15 @@ class DiffusersModel:
             log.warning("batch of %d at %dx%d was not warmed: compiling it now", len(images), key.width, key.height)
         return generate(self.pipe, key, padded, self.device, on_step)[: len(images)]
 
+    def memory_stats(self) -> tuple[int, int, int] | None:
+        """CUDA: bytes allocated and reserved now, and the peak allocated since the last
+        read (the call that just ran); None on other devices."""
+        if not self.device.startswith("cuda"):
+            return None
+        stats = (torch.cuda.memory_allocated(), torch.cuda.memory_reserved(), torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        return stats
+
     def warm(self, shape: WarmShape) -> None:
         """Run each batch size once (compiling it, in compiled mode), so no served shape
         pays for initialisation in a client's first request."""

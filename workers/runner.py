@@ -54,13 +54,17 @@ DISPATCH_LEAD_S = 0.02
 
 
 class BatchObserver(Protocol):
-    def batch_done(self, images: int, wait_s: float, inference_s: float) -> None: ...
+    def batch_done(self, images: int, wait_s: float, inference_s: float, canceled: bool = False) -> None: ...
 
-    def batch_failed(self) -> None: ...
+    def batch_failed(self, out_of_memory: bool = False) -> None: ...
 
     def waiting(self, images: int) -> None: ...
 
     def engine_restarted(self) -> None: ...
+
+    def engine_ready(self, load_s: float, warm_s: float) -> None: ...
+
+    def device_memory_used(self, allocated: int, reserved: int, peak: int) -> None: ...
 
 
 class JobReleased(Exception):
@@ -146,6 +150,8 @@ class ModelRunner:
         except EngineStartFailed as exc:
             raise RuntimeError(exc.message) from exc
         self.model_name, self.engine_pid = ready.model_name, ready.pid
+        if self._observer:
+            self._observer.engine_ready(ready.load_s, ready.warm_s)
         self._engine_up = True
         self._dispatcher.start()
 
@@ -324,6 +330,7 @@ class ModelRunner:
         self.restarts += 1
         if self._observer:
             self._observer.engine_restarted()
+            self._observer.engine_ready(ready.load_s, ready.warm_s)
         with self._cond:
             self.engine_pid = ready.pid
             self._engine_up = True
@@ -356,14 +363,21 @@ class ModelRunner:
             self._cond.notify_all()
         self._hook(self._on_batch_end, flight.tags)
         started = flight.started_at if flight.started_at is not None else self._clock()
+        canceled = canceled or images is None
         if self._observer:
-            self._observer.batch_done(batch.images, started - batch.oldest_arrival, inference_s)
-        if canceled or images is None:
+            self._observer.batch_done(batch.images, started - batch.oldest_arrival, inference_s, canceled)
+        label = f"{self.engine_pid}-{batch_id}"
+        log.info(
+            "batch %s: %d image(s) of %d job(s)%s, waited %.3fs, model %.3fs", label, batch.images,
+            len(batch.slices), " canceled" * canceled, started - batch.oldest_arrival, inference_s,
+            extra={"batch_id": label, "batch_images": batch.images, "job_ids": _job_ids(flight.tags),
+                   "batch_wait_s": started - batch.oldest_arrival, "inference_s": inference_s},
+        )  # fmt: skip
+        if canceled:
             for s in batch.slices:
                 if not s.request.payload.future.done():
                     s.request.payload.future.set_exception(JobCanceled("the batch was canceled"))
             return
-        label = f"{self.engine_pid}-{batch_id}"
         offset = 0
         for s in batch.slices:
             self._deliver(s, images[offset : offset + s.count], started, inference_s, label, batch.images)
@@ -379,7 +393,12 @@ class ModelRunner:
             self._cond.notify_all()
         self._hook(self._on_batch_end, flight.tags)
         if self._observer:
-            self._observer.batch_failed()
+            self._observer.batch_failed(out_of_memory)
+        log.warning(
+            "batch %s-%s of %d image(s) failed%s: %s", self.engine_pid, batch_id, flight.batch.images,
+            " (out of memory)" * out_of_memory, error,
+            extra={"batch_id": f"{self.engine_pid}-{batch_id}", "job_ids": _job_ids(flight.tags)},
+        )  # fmt: skip
 
     def engine_died(self, reason: str) -> None:
         with self._cond:
@@ -401,6 +420,11 @@ class ModelRunner:
                 future = s.request.payload.future
                 if not future.done():
                     future.set_exception(EngineCrashed(reason))
+
+    def device_memory(self, allocated: int, reserved: int, peak: int) -> None:
+        """The engine's GPU memory after a call (CUDA only)."""
+        if self._observer:
+            self._observer.device_memory_used(allocated, reserved, peak)
 
     # -- helpers --------------------------------------------------------------------------
     def _split(self, batch: Batch, error: str, out_of_memory: bool) -> list[Batch]:
@@ -456,6 +480,11 @@ class ModelRunner:
     def _report_waiting(self) -> None:
         if self._observer:
             self._observer.waiting(self._batcher.waiting_images)
+
+
+def _job_ids(tags: list[object]) -> list[str]:
+    """A batch's jobs, once each (a job split over two slices is one job)."""
+    return list(dict.fromkeys(str(tag) for tag in tags if tag is not None))
 
 
 _RESTART = object()

@@ -133,6 +133,30 @@ def _batching(args) -> int:
     return 0
 
 
+def _scrape(args) -> int:
+    from fleet.bench.scrape import run
+
+    scrapes = run(
+        _ensure_model(args.model),
+        args.mix,
+        args.rate,
+        args.duration,
+        Path(args.scrapes) if args.scrapes else None,
+        Path(args.plot) if args.plot else None,
+        interval_s=args.interval,
+    )
+    print(f"{len(scrapes)} scrapes" + "".join(f", {p}" for p in (args.scrapes, args.plot) if p))
+    return 0
+
+
+def _plot_metrics(args) -> int:
+    from fleet.bench.scrape import load, plot
+
+    title, scrapes = load(Path(args.scrapes))
+    plot(scrapes, Path(args.plot), args.title or title)
+    return 0
+
+
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks and capacity planning").add_subparsers(
         dest="bench_command", required=True
@@ -213,3 +237,21 @@ def add_parser(sub) -> None:
         "filled compile cache",
     )
     batching.set_defaults(func=_batching)
+
+    scrape = bench.add_parser(
+        "scrape", help="a private fleet under load, its /metrics scraped every second, and their plot"
+    )
+    scrape.add_argument("--model", help="model dir or sim:... (default: FLEET_MODEL or the tiny model)")
+    scrape.add_argument("--mix", default="reference-64")
+    scrape.add_argument("--rate", type=float, default=6.0, help="open loop: jobs/s")
+    scrape.add_argument("--duration", type=float, default=25.0, help="seconds of load")
+    scrape.add_argument("--interval", type=float, default=1.0, help="seconds between scrapes")
+    scrape.add_argument("--scrapes", help="keep the raw scrapes here (.jsonl.gz)")
+    scrape.add_argument("--plot", help="draw them here (.png)")
+    scrape.set_defaults(func=_scrape)
+
+    plot_metrics = bench.add_parser("plot-metrics", help="draw the plot of `fleet bench scrape` again from its scrapes")
+    plot_metrics.add_argument("scrapes", help="the .jsonl.gz `fleet bench scrape --scrapes` wrote")
+    plot_metrics.add_argument("--plot", required=True)
+    plot_metrics.add_argument("--title", default="")
+    plot_metrics.set_defaults(func=_plot_metrics)

@@ -140,7 +140,8 @@ def run_load(api_url: str, mix: RequestMix, spec: LoadSpec, redis_url: str | Non
             time.sleep(POLL_S)
 
     def poll() -> None:
-        while not (all_sent.is_set() and not pending):
+        # Until every job is seen done, or the run gave up waiting (its fleet may be gone).
+        while not (all_sent.is_set() and not pending) and not stop_sending.is_set():
             time.sleep(POLL_S)
             with lock:
                 ids = list(pending)

@@ -5,6 +5,7 @@ live API fuzzed against it by schemathesis, and its interactive docs served offl
 from __future__ import annotations
 
 import re
+import uuid
 
 import jsonschema
 import pytest
@@ -176,9 +177,14 @@ OPERATIONS = {
 
 
 def short_wait(case) -> None:
-    """Sends the development key; ``Prefer: wait`` holds a request up to a minute on this
+    """Sends the development key and unique idempotency keys; ``Prefer: wait`` holds a request up to a minute on this
     queue nobody consumes: a valid wait is cut to 1 s (``test_waiting`` covers long ones)."""
     case.headers = {**(case.headers or {}), "Authorization": f"Bearer {DEV_KEY}"}
+    key = case.headers.get("Idempotency-Key")
+    if key is not None and IDEMPOTENCY_KEY_PATTERN.fullmatch(key):
+        # a key the generator repeats with another body is rightly refused (422): stateful,
+        # so each valid key is made unique (tests/app/test_keys.py covers reuse)
+        case.headers["Idempotency-Key"] = f"{key[:200]}-{uuid.uuid4().hex}"
     try:
         long_wait = (parse_prefer_wait((case.headers or {}).get("Prefer")) or 0) > 1
     except ValidationFailed:

@@ -383,6 +383,21 @@ def test_a_broker_that_is_down_loses_the_webhook_not_the_caller(caplog):
         send_webhook(app, settings, url="https://example.com/", owner=OWNER, event="start", data={}, delivery_id="a\nb")
 
 
+def test_task_events_show_a_deliverys_ids_never_its_data():
+    """Flower shows a task's argsrepr: a webhook's data holds the prompt and image URLs."""
+    sent = {}
+
+    class Recorder:
+        def send_task(self, name, **options):
+            sent.update(options)
+
+    data = {"request": {"prompt": "a secret prompt"}, "images": [{"url": "https://s3/signed"}]}
+    send_webhook(Recorder(), Settings(), url="https://example.com/", owner=OWNER, event="start", data=data,
+                 delivery_id="d1")  # fmt: skip
+    assert sent["args"][0]["data"] == data
+    assert sent["argsrepr"] == "[{'id': 'd1', 'event': 'start', 'attempts': 0}]"
+
+
 def test_job_workers_leave_the_webhook_queue_to_fleet_hooks_which_imports_no_model():
     """The shared app declares the webhook queue without consuming it; the hooks worker
     consumes it alone and loads neither torch nor the GPU worker."""
