@@ -58,7 +58,7 @@ def main() -> None:
     try:
         before = {name: tree_cpu_s(pid) for name, pid in procs.items()}
         model_before, client_before, started = cpu_s(procs["worker"], model_tid), time.process_time(), time.time()
-        run = run_load(api_url, uniform_mix(args.size, 20), LoadSpec(concurrency=32, jobs=args.jobs), redis_server.url)
+        run = run_load(api_url, uniform_mix(args.size, 20), LoadSpec(concurrency=32, jobs=args.jobs))
         wall = time.time() - started
         used = {name: tree_cpu_s(pid) - before[name] for name, pid in procs.items()}
         used["bench client"] = time.process_time() - client_before

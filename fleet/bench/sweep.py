@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fleet.bench.fleetrun import FleetConfig, running_fleet
+from fleet.bench.follow import Follow
 from fleet.bench.load import LoadSpec, run_load
 from fleet.bench.mix import RequestMix
 from fleet.bench.results import Summary, summarize
@@ -31,12 +32,12 @@ class Point:
         return {"config": asdict(self.config), "load": asdict(self.load), "summary": self.summary.to_dict()}
 
 
-def saturation_load(config: FleetConfig, jobs: int, burst: bool = False) -> LoadSpec:
+def saturation_load(config: FleetConfig, jobs: int, burst: bool = False, follow: Follow = Follow()) -> LoadSpec:
     """Enough clients that a full batch is always waiting while one runs, on every worker;
     or, for a burst, every job sent at once (submission then overlaps only the first batches)."""
     if burst:
-        return LoadSpec(concurrency=jobs, jobs=jobs)
-    return LoadSpec(concurrency=4 * config.workers * config.max_batch_images, jobs=jobs)
+        return LoadSpec(concurrency=jobs, jobs=jobs, follow=follow)
+    return LoadSpec(concurrency=4 * config.workers * config.max_batch_images, jobs=jobs, follow=follow)
 
 
 def run_sweep(
@@ -46,14 +47,16 @@ def run_sweep(
     mix: RequestMix,
     saturation_jobs: int = 0,
     burst: bool = False,
+    follow: Follow = Follow(),
 ) -> list[Point]:
+    """``follow``: how the saturation run's clients follow their jobs (``loads`` say their own)."""
     points = []
     size = mix.shapes[0].width
     for config in configs:
         with tempfile.TemporaryDirectory() as tmp, running_fleet(model, config, Path(tmp), size) as fleet:
-            config_loads = list(loads) + ([saturation_load(config, saturation_jobs, burst)] if saturation_jobs else [])
-            for load in config_loads:
-                run = run_load(fleet.api_url, mix, load, redis_url=fleet.redis_url)
+            saturation = [saturation_load(config, saturation_jobs, burst, follow)] if saturation_jobs else []
+            for load in list(loads) + saturation:
+                run = run_load(fleet.api_url, mix, load)
                 summary = summarize(run)
                 print(
                     f"{config.label} | {load.label}: {summary.images_per_s:.2f} images/s, "
