@@ -152,6 +152,13 @@ def _batching(args) -> int:
     return 0
 
 
+def _reads(args) -> int:
+    from fleet.bench.reads import DEFAULT_MODEL, run
+
+    print(run(args.reads, args.model or DEFAULT_MODEL, Path(args.out) if args.out else None))
+    return 0
+
+
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks and capacity planning").add_subparsers(
         dest="bench_command", required=True
@@ -239,3 +246,11 @@ def add_parser(sub) -> None:
         help=FOLLOW_HELP + "; repeat it to run every configuration once per way (default: wait)",
     )
     batching.set_defaults(func=_batching)
+
+    reads = bench.add_parser(
+        "reads", help="the CPU one status read costs the API, Redis and the client, on a private fleet"
+    )
+    reads.add_argument("--reads", type=int, default=2000, help="reads of each job")
+    reads.add_argument("--model", help="the worker's model (default: a simulated one; it finishes two jobs)")
+    reads.add_argument("--out", help="write the results here as JSON (and .md)")
+    reads.set_defaults(func=_reads)

@@ -1,5 +1,6 @@
 """The benchmark tool: mixes, percentiles and summaries (pure), a real load run against
-the test fleet in both loop modes and every way of following jobs."""
+the test fleet in both loop modes and every way of following jobs, and the status-read
+benchmark on a fleet of its own."""
 
 from __future__ import annotations
 
@@ -91,6 +92,17 @@ def test_a_load_run_against_the_fleet_reports_every_phase(api_url, spec, tmp_pat
     assert spec.label in markdown_table([point])
     plot([point.to_dict()], tmp_path / "curve.png", "test")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.e2e
+def test_the_status_read_benchmark_reports_cpu_per_read(tmp_path):
+    from fleet.bench.reads import run
+
+    table = run(reads=30, out=tmp_path / "reads.json")
+    rows = json.loads((tmp_path / "reads.json").read_text())["rows"]
+    assert [r["what"] for r in rows][:2] == ["QUEUED job", "SUCCEEDED job, 1 image"]
+    assert all(r["reads"] == 30 and r["wall_ms_per_read"] > 0 for r in rows)
+    assert "API CPU per read" in table and (tmp_path / "reads.md").exists()
 
 
 def test_the_steady_rate_counts_whole_calls_after_the_ramp():
