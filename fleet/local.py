@@ -217,15 +217,18 @@ def banner() -> str:
     flower = f"http://{settings.api_host}:{settings.flower_port}"
     user, _, password = settings.flower_basic_auth.partition(":")
     body = json.dumps({"prompt": "a lighthouse at dusk", "seed": 7})
+    # One request that the API holds until the job ends: a loop of status reads would take
+    # the model's CPU (docs/BENCHMARKS.md, "Status reads and waiting clients").
     return f"""
   diffusion-fleet is up
     API     {api}   (OpenAPI: {api}/openapi.json)
     Flower  {flower}   (user '{user}', password '{password}')
 
   Submit a job, wait for it, and print its image URL:
-    JOB=$(curl -s -X POST {api}/v1/jobs -H 'Content-Type: application/json' -d '{body}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])'); \\
-    until curl -s {api}/v1/jobs/$JOB | grep -q '"state":"SUCCEEDED"'; do sleep 0.5; done; \\
-    curl -s {api}/v1/jobs/$JOB | python3 -c 'import json,sys; print(json.load(sys.stdin)["images"][0]["url"])'
+    curl -s -X POST {api}/v1/jobs -H 'Content-Type: application/json' -H 'Prefer: wait=60' -d '{body}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["images"][0]["url"])'
+
+  Or save its image under out/, with a progress bar:
+    fleet submit "a lighthouse at dusk" --seed 7 -o out/ --api {api}
 
   Ctrl-C stops everything.
 """
