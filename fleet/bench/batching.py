@@ -129,8 +129,9 @@ def report(size: int, steps: int, pairs: list[Pair], compiled: Compiled | None =
         f"#### {size}x{size}, {steps} steps",
         "",
         "| fleet configuration | fleet images/s (steady) | bare images/s, same batch (before / after) "
-        "| fleet / bare (steady) | batch sizes (images: calls) | model call, fleet vs bare | first call |",
-        "|---|---|---|---|---|---|---|",
+        "| fleet / bare (steady) | batch sizes (images: calls) | model call, fleet vs bare | first call "
+        "| CPU per image: API / Redis / client |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for pair in pairs:
         s, limit = pair.point.summary, pair.point.config.max_batch_images
@@ -141,7 +142,8 @@ def report(size: int, steps: int, pairs: list[Pair], compiled: Compiled | None =
             f"| {pair.bare_images_per_s:.2f} ({pair.bare_before.images_per_s:.2f} / "
             f"{pair.bare_after.images_per_s:.2f}) | **{pair.ratio:.2f}** ({pair.steady_ratio:.2f}) "
             f"| {sizes} | {s.phases['inference']['mean'] * 1000:.0f} ms vs {bare_call * 1000:.0f} ms (batch {limit}) "
-            f"| {s.first_call_s * 1000:.0f} ms |"
+            f"| {s.first_call_s * 1000:.0f} ms "
+            f"| {' / '.join(f'{pair.point.cpu_ms_per_image(p):.1f}' for p in ('api', 'redis', 'client'))} ms |"
         )
     by_config: dict[str, list[Pair]] = {}
     for pair in pairs:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 HZ = os.sysconf("SC_CLK_TCK")
@@ -20,3 +21,11 @@ def tree_cpu_s(pid: int) -> float:
     """A process and its live descendants (gunicorn's arbiter and its workers)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return cpu_s(pid) + sum(tree_cpu_s(int(child)) for child in children)
+
+
+def fleet_cpu_s(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of a fleet's API (``pids["api"]`` and its workers) and Redis,
+    and of this process (the load generator's client); empty where there is no /proc."""
+    if not Path("/proc/self/stat").exists():
+        return {}
+    return {"api": tree_cpu_s(pids["api"]), "redis": cpu_s(pids["redis"]), "client": time.process_time()}

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fleet.bench.cputime import fleet_cpu_s
 from fleet.bench.fleetrun import FleetConfig, running_fleet
 from fleet.bench.follow import Follow
 from fleet.bench.load import LoadSpec, run_load
@@ -27,9 +28,21 @@ class Point:
     config: FleetConfig
     load: LoadSpec
     summary: Summary
+    # CPU seconds used during the run by the API, Redis and the load generator: what
+    # following the jobs cost beside the model (empty where there is no /proc).
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"config": asdict(self.config), "load": asdict(self.load), "summary": self.summary.to_dict()}
+        return {
+            "config": asdict(self.config),
+            "load": asdict(self.load),
+            "summary": self.summary.to_dict(),
+            "cpu_s": self.cpu_s,
+        }
+
+    def cpu_ms_per_image(self, process: str) -> float:
+        images = self.summary.images
+        return self.cpu_s[process] / images * 1000 if process in self.cpu_s and images else float("nan")
 
 
 def saturation_load(config: FleetConfig, jobs: int, burst: bool = False, follow: Follow = Follow()) -> LoadSpec:
@@ -56,14 +69,16 @@ def run_sweep(
         with tempfile.TemporaryDirectory() as tmp, running_fleet(model, config, Path(tmp), size) as fleet:
             saturation = [saturation_load(config, saturation_jobs, burst, follow)] if saturation_jobs else []
             for load in list(loads) + saturation:
+                before = fleet_cpu_s(fleet.pids)
                 run = run_load(fleet.api_url, mix, load)
+                cpu = {name: used - before[name] for name, used in fleet_cpu_s(fleet.pids).items()}
                 summary = summarize(run)
                 print(
                     f"{config.label} | {load.label}: {summary.images_per_s:.2f} images/s, "
                     f"p95 {summary.p('end_to_end'):.3f} s, mean batch {summary.mean_batch:.2f}",
                     flush=True,
                 )
-                points.append(Point(config, load, summary))
+                points.append(Point(config, load, summary, cpu))
     return points
 
 

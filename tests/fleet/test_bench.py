@@ -88,8 +88,9 @@ def test_a_load_run_against_the_fleet_reports_every_phase(api_url, spec, tmp_pat
     assert sum(summary.batch_sizes.values()) >= 1
     assert "p95" in summary.to_markdown()
 
-    point = Point(FleetConfig(), spec, summary)
+    point = Point(FleetConfig(), spec, summary, {"api": 0.5})
     assert spec.label in markdown_table([point])
+    assert point.cpu_ms_per_image("api") == pytest.approx(50.0)  # 0.5 s over 10 images
     plot([point.to_dict()], tmp_path / "curve.png", "test")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
