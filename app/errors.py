@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from tasks.errors import DependencyUnavailable, FleetError, PayloadTooLarge, error_body
+from tasks.errors import DependencyUnavailable, FleetError, PayloadTooLarge, TooManyRequests, Unauthorized, error_body
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +18,10 @@ def error_response(exc: FleetError):
     response.status_code = exc.status
     if isinstance(exc, DependencyUnavailable):
         response.headers["Retry-After"] = "5"
+    elif isinstance(exc, TooManyRequests):
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    elif isinstance(exc, Unauthorized):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="diffusion-fleet"'
     return response
 
 

@@ -6,14 +6,14 @@ from typing import Any
 
 from flask import Flask
 
-from app import errors, health, jobs, openapi
+from app import docs, errors, health, jobs, metrics, openai_images, openapi, webhooks
 from app.services import make_services
 from tasks.settings import get_settings
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """``test_config`` may carry ``SETTINGS`` (a ``Settings``) and ``SERVICES`` to wire in."""
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # it serves no files of its own (/docs serves Swagger UI's)
     test_config = dict(test_config or {})
     settings = test_config.pop("SETTINGS", None) or get_settings()
     services = test_config.pop("SERVICES", None) or make_services(settings)
@@ -24,5 +24,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     errors.register(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(openai_images.bp)
+    app.register_blueprint(webhooks.bp)
+    metrics.register(app, services)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(docs.bp)
     return app

@@ -10,9 +10,12 @@ from flask import current_app
 
 from tasks.celery import make_celery
 from tasks.events import EventHub
+from tasks.keys import KeyRing
+from tasks.notify import Notifier
 from tasks.settings import Settings
 from tasks.storage import ObjectStorage, make_storage
 from tasks.store import JobStore
+from tasks.views import render
 
 
 @dataclass
@@ -23,18 +26,23 @@ class Services:
     celery: Celery
     #: The process's one job-event subscription: what waiting requests sleep on.
     events: EventHub
+    keys: KeyRing
 
 
 def make_services(settings: Settings) -> Services:
     client = redis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=settings.publish_timeout_s, socket_timeout=5
     )
+    store = JobStore(client, ttl_s=settings.job_ttl_s)
+    storage, celery_app = make_storage(settings), make_celery(settings)
+    Notifier(store, celery_app, settings, lambda job: render(job, storage))  # webhooks of what the API changes
     return Services(
         settings=settings,
-        store=JobStore(client, ttl_s=settings.job_ttl_s),
-        storage=make_storage(settings),
-        celery=make_celery(settings),
+        store=store,
+        storage=storage,
+        celery=celery_app,
         events=EventHub(lambda: client),
+        keys=KeyRing.parse(settings.api_keys, settings.api_key_file),
     )
 
 

@@ -26,25 +26,45 @@ MAX_WAIT_S = 60
 #: server notice a client that went away.
 KEEPALIVE_S = 15.0
 
-_WAIT = re.compile(r"^wait(?:\s*=\s*\"?([^\";]*)\"?)?$", re.IGNORECASE)
+# ``Prefer`` (RFC 7240) as a pattern the API parses with and the OpenAPI document shows:
+# a comma-separated list of preferences in printable ASCII, any of them, except that a
+# ``wait`` preference must carry a number of seconds (or none: the longest wait). Written
+# without lookarounds, so Hypothesis can generate from it: an item that is not ``wait``
+# either starts with another character or leaves the word (or the token) somewhere.
+_TEXT = r"[\t !-+\--~]"  # any printable ASCII or blank but the list's comma
+_SECONDS = r"[0-9]+(?:\.[0-9]+)?"
+_WAIT_ITEM = rf'[\t ]*[Ww][Aa][Ii][Tt][\t ]*(?:=[\t ]*(?:({_SECONDS})|"({_SECONDS})")[\t ]*)?(?:;{_TEXT}*)?'
+_OTHER_STARTS = (
+    "",
+    rf"[!-+\--VX-vx-~]{_TEXT}*",
+    rf"[Ww](?:[\t !-+\--@B-`b-~]{_TEXT}*)?",
+    rf"[Ww][Aa](?:[\t !-+\--HJ-hj-~]{_TEXT}*)?",
+    rf"[Ww][Aa][Ii](?:[\t !-+\--SU-su-~]{_TEXT}*)?",
+    rf"[Ww][Aa][Ii][Tt][\t ]*[!-+\--:<>-~]{_TEXT}*",  # "waiting", "wait x": not ours
+)
+_OTHER_ITEM = rf"[\t ]*(?:{'|'.join(_OTHER_STARTS)})"
+_ITEM = f"(?:{_WAIT_ITEM}|{_OTHER_ITEM})"
+PREFER_PATTERN = f"^{_ITEM}(?:,{_ITEM})*$"
+_PREFER = re.compile(PREFER_PATTERN)
+_WAIT = re.compile(_WAIT_ITEM)
 
 
 def parse_prefer_wait(header: str | None) -> float | None:
-    """The ``wait`` preference of a ``Prefer`` header (RFC 7240) in seconds, capped at
-    ``MAX_WAIT_S``; a bare ``wait`` asks for the most. None when absent."""
-    for preference in (header or "").split(","):
-        match = _WAIT.match(preference.split(";")[0].strip())
-        if not match:
-            continue
-        if match[1] is None or not match[1].strip():
-            return float(MAX_WAIT_S)
-        try:
-            seconds = float(match[1])
-        except ValueError:
-            seconds = -1.0
-        if not 0 <= seconds < float("inf"):
-            raise ValidationFailed(f"'Prefer: wait' must be a number of seconds (at most {MAX_WAIT_S})", "Prefer")
-        return min(seconds, MAX_WAIT_S) or None
+    """The ``wait`` preference of a ``Prefer`` header in seconds, to the millisecond and
+    capped at ``MAX_WAIT_S``; a bare ``wait`` asks for the most. None when there is none
+    (or it is 0). Other preferences are ignored; a malformed header is refused."""
+    if header is None:
+        return None
+    if not _PREFER.fullmatch(header):
+        raise ValidationFailed(
+            f"'Prefer' must be a list of preferences, its 'wait' a number of seconds (at most {MAX_WAIT_S})", "Prefer"
+        )
+    for item in header.split(","):
+        if match := _WAIT.fullmatch(item):
+            seconds = match[1] or match[2]
+            if seconds is None:
+                return float(MAX_WAIT_S)
+            return round(min(float(seconds), float(MAX_WAIT_S)), 3) or None
     return None
 
 

@@ -6,6 +6,8 @@ fleet model init [DIR]   write the tiny local model (default: FLEET_STATE_DIR/mo
 fleet redis | s3         the embedded servers ``fleet up`` starts when none is configured
 fleet web | flower       the API (gunicorn) and Flower, configured from FLEET_* settings
 fleet worker [--gpu N]   a Celery worker in a free slot of this host: one per GPU
+fleet keys create NAME   a new API key and the hash to configure
+fleet hooks              the webhook delivery worker (no model, no GPU)
 """
 
 from __future__ import annotations
@@ -72,10 +74,26 @@ def _worker(args: argparse.Namespace) -> int:
     return exec_worker(args.gpu, celery_args)
 
 
+def _hooks(args: argparse.Namespace) -> int:
+    from fleet.local import exec_hooks
+
+    celery_args = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args
+    return exec_hooks(celery_args)
+
+
 def _flower(args: argparse.Namespace) -> int:
     from fleet.local import exec_flower
 
     return exec_flower()
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from tasks.keys import new_key
+
+    key, entry = new_key(args.name)
+    print(f"key (shown once, stored nowhere): {key}")
+    print(f"add to FLEET_API_KEYS (or a line of FLEET_API_KEY_FILE): {entry}")
+    return 0
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -96,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         "submit",
         help="generate images through a running fleet's API",
         description="Submits a job, shows its progress (its place in line while it waits), saves the images under -o "
-        "and prints their paths. Ctrl-C while it waits cancels the job. FLEET_API_KEY, when set, is sent as the API "
-        "key. Exit status: 0 saved, 1 refused, failed or canceled, 130 interrupted.",
+        "and prints their paths. Ctrl-C while it waits cancels the job. It sends FLEET_API_KEY (default: the local "
+        "fleet's development key). Exit status: 0 saved, 1 refused, failed or canceled, 130 interrupted.",
     )
     submit.add_argument("prompt")
     submit.add_argument("-n", "--num-images", type=int, help="images of this prompt (seeds seed, seed+1, ...)")
@@ -148,6 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--gpu", type=int, metavar="N", help="this slot (GPU N) instead of the first free one")
     worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="-- then arguments for celery worker")
     worker.set_defaults(func=_worker)
+    hooks = sub.add_parser(
+        "hooks",
+        help="run the webhook delivery worker",
+        description="Runs `celery -A tasks.webhook_worker worker` as hooks@host: it consumes only FLEET_WEBHOOK_QUEUE "
+        "with FLEET_WEBHOOK_THREADS threads and loads no model. Arguments after -- go to Celery.",
+    )
+    hooks.add_argument("celery_args", nargs=argparse.REMAINDER, help="-- then arguments for celery worker")
+    hooks.set_defaults(func=_hooks)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="make a new API key and print the NAME:SHA256 entry to configure")
+    create.add_argument("name", help="the key's name: it owns the jobs submitted with it")
+    create.set_defaults(func=_keys_create)
 
     from fleet.bench.cli import add_parser as add_bench_parser
 

@@ -152,6 +152,18 @@ def exec_worker(slot: int | None, celery_args: list[str]) -> int:
     return 1
 
 
+def exec_hooks(celery_args: list[str]) -> int:
+    """The webhook delivery worker (``tasks.webhook_worker``): only the webhook queue, no model."""
+    args = [
+        sys.executable, "-m", "celery", "-A", "tasks.webhook_worker", "worker",
+        "--loglevel", "INFO",
+        "--hostname", "hooks@%h",
+        *celery_args,
+    ]  # fmt: skip
+    os.execv(sys.executable, args)
+    return 1
+
+
 def exec_flower() -> int:
     settings = get_settings()
     args = [
@@ -197,13 +209,14 @@ def wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
 
 
 def wait_worker(timeout_s: float, stop: threading.Event) -> bool:
-    """Until a worker answers a Celery ping (it does once its model is loaded and warm)."""
+    """Until a GPU worker (``workerN@host``, as ``fleet worker`` names it) answers a Celery
+    ping: it does once its model is loaded and warm. ``hooks@host`` answers at once."""
     from tasks.celery import app
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.is_set():
         try:
-            if app.control.ping(timeout=1.0):
+            if any(name.startswith("worker") for reply in app.control.ping(timeout=1.0) for name in reply):
                 return True
         except Exception:
             pass
@@ -217,17 +230,17 @@ def banner() -> str:
     flower = f"http://{settings.api_host}:{settings.flower_port}"
     user, _, password = settings.flower_basic_auth.partition(":")
     body = json.dumps({"prompt": "a lighthouse at dusk", "seed": 7})
-    # One request that the API holds until the job ends: a loop of status reads would take
-    # the model's CPU (docs/BENCHMARKS.md, "Status reads and waiting clients").
     return f"""
   diffusion-fleet is up
     API     {api}   (OpenAPI: {api}/openapi.json)
     Flower  {flower}   (user '{user}', password '{password}')
 
-  Submit a job, wait for it, and print its image URL:
-    curl -s -X POST {api}/v1/jobs -H 'Content-Type: application/json' -H 'Prefer: wait=60' -d '{body}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["images"][0]["url"])'
+  Submit a job, wait for it (the API holds the request until it is done), print its image URL:
+    curl -s -X POST {api}/v1/jobs -H 'Authorization: Bearer {settings.api_key}' -H 'Prefer: wait=60' \\
+      -H 'Content-Type: application/json' -d '{body}' \\
+      | python3 -c 'import json,sys; print(json.load(sys.stdin)["images"][0]["url"])'
 
-  Or save its image under out/, with a progress bar:
+  Or save its image under out/, with a progress bar (FLEET_API_KEY is the key it sends):
     fleet submit "a lighthouse at dusk" --seed 7 -o out/ --api {api}
 
   Ctrl-C stops everything.

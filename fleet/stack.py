@@ -136,6 +136,14 @@ def start_slot_worker(env: dict[str, str], work_dir: Path, label: str) -> tuple[
     return server, found[0]
 
 
+def start_hooks(env: dict[str, str], work_dir: Path, name: str = "hooks") -> Server:
+    """``fleet hooks``, named ``name@host``; returns once it answers a ping (it consumes)."""
+    args = [str(BIN / "fleet"), "hooks", "--", "--hostname", f"{name}@%h"]
+    server = Server(name, args, env=env, log_dir=work_dir).start()
+    wait_answers(env, name, server, timeout_s=60)
+    return server
+
+
 def start_api(env: dict[str, str], work_dir: Path, workers: int = 1, name: str = "api") -> tuple[Server, str]:
     server = Server(name, [str(BIN / "fleet"), "web", "--workers", str(workers)], env=env, log_dir=work_dir).start()
     url = f"http://127.0.0.1:{env['FLEET_API_PORT']}"

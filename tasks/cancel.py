@@ -22,29 +22,29 @@ from tasks.store import JobStore
 CANCELED_BY_CLIENT = "canceled by its client"
 NOT_STARTED_IN_TIME = "canceled: not started before its Cancel-After deadline"
 
-#: ``Cancel-After`` bounds, seconds.
+#: ``Cancel-After`` bounds, seconds: a shorter or longer deadline is moved to the nearest one
+#: (the job's ``cancel_at`` shows the deadline applied). Clamped, not refused, so that the
+#: header's pattern (which cannot add up units) is the whole rule: every duration it allows
+#: is accepted.
 MIN_CANCEL_AFTER_S = 1.0
 MAX_CANCEL_AFTER_S = 24 * 3600.0
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+_PART = re.compile(rf"({_NUMBER})(ms|h|m|s)")
+#: ``90``, ``90s``, ``1m30s``, ``500ms``, ``2h`` (as Replicate's header).
+CANCEL_AFTER_PATTERN = rf"^[\t ]*(?:{_NUMBER}|(?:{_NUMBER}(?:ms|h|m|s))+)[\t ]*$"
+_DURATION = re.compile(CANCEL_AFTER_PATTERN)
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(text: str, field: str = "Cancel-After") -> float:
-    """``90``, ``90s``, ``1m30s``, ``500ms``, ``2h`` -> seconds (as Replicate's header)."""
-    text = text.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        parts = _DURATION.findall(text)
-        if not parts or "".join(n + u for n, u in parts) != text:
-            raise ValidationFailed(f"'{field}' must be a duration like 30s, 5m or 1m30s, got '{text}'", field) from None
-        seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
-    if not MIN_CANCEL_AFTER_S <= seconds <= MAX_CANCEL_AFTER_S:
-        raise ValidationFailed(
-            f"'{field}' must be between {MIN_CANCEL_AFTER_S:.0f} s and {MAX_CANCEL_AFTER_S:.0f} s", field
-        )
-    return seconds
+    """A duration in seconds, clamped to ``MIN_CANCEL_AFTER_S``..``MAX_CANCEL_AFTER_S``."""
+    if not _DURATION.fullmatch(text):
+        raise ValidationFailed(f"'{field}' must be a duration like 30s, 5m or 1m30s, got '{text}'", field)
+    text = text.strip(" \t")
+    parts = _PART.findall(text)
+    seconds = sum(float(n) * _UNIT_S[u] for n, u in parts) if parts else float(text)
+    return min(max(seconds, MIN_CANCEL_AFTER_S), MAX_CANCEL_AFTER_S)
 
 
 def cancel(store: JobStore, job: Job) -> Job:

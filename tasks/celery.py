@@ -2,6 +2,7 @@
 
 ``celery -A tasks`` finds ``app`` here (Flower uses it); the worker extends it in
 ``workers.celery``. Messages carry only a job id: the job itself lives in the job store.
+A webhook delivery's message carries the delivery itself (``tasks.webhooks``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from kombu import Exchange, Queue
 from kombu.exceptions import KombuError, OperationalError
 
 from tasks.errors import DependencyUnavailable
+from tasks.request import MAX_PRIORITY
 from tasks.settings import Settings, get_settings
 
 GENERATE_TASK = "fleet.generate"
+WEBHOOK_TASK = "fleet.webhook"
 
 
 def job_queue(settings: Settings, name: str) -> Queue:
@@ -47,14 +50,20 @@ def broker_options(settings: Settings) -> dict:
         "unacked_restore_interval": min(60, max(1, settings.visibility_timeout_s // 4)),
         "unacked_restore_throttle": 1,
         "socket_connect_timeout": settings.publish_timeout_s,
+        # One list per priority (``<queue>:<n>``, 0 first): a job's priority within its
+        # queue (``redis_priority``).
+        "priority_steps": list(range(MAX_PRIORITY + 1)),
+        "sep": PRIORITY_SEP,
     }
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("fleet", broker=settings.effective_broker_url, set_as_current=False)
-    queues = [job_queue(settings, settings.queue)]
-    queues += [job_queue(settings, name) for name in settings.queue_policies if name != settings.queue]
+    queues = [job_queue(settings, name) for name in settings.job_queues]
+    if settings.webhook_queue in {queue.name for queue in queues}:
+        raise ValueError(f"FLEET_WEBHOOK_QUEUE '{settings.webhook_queue}' must not be a job queue")
+    queues.append(job_queue(settings, settings.webhook_queue))
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -72,22 +81,48 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_track_started=True,
         task_default_queue=settings.queue,
         task_queues=queues,
+        task_routes={WEBHOOK_TASK: {"queue": settings.webhook_queue}},
         task_create_missing_queues=True,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a worker outlives a broker restart
         broker_transport_options=broker_options(settings),
         broker_connection_timeout=settings.publish_timeout_s,
     )
+    # Declared with the others, so whoever publishes first creates it right (a quorum queue
+    # on RabbitMQ), but consumed only by the worker that selects it (`fleet hooks`): a GPU
+    # worker has no webhook task and would drop its messages.
+    app.amqp.queues.deselect(settings.webhook_queue)
     return app
 
 
-def publish_job(celery_app: Celery, job_id: str, queue: str, publish_timeout_s: float) -> None:
+PRIORITY_SEP = ":"
+
+
+def redis_priority(priority: int) -> int:
+    """The API's priority (0-9, higher sooner) as the Redis transport's (0 first). On
+    RabbitMQ the API's value is sent as it is: higher is sooner there, on a queue that
+    supports priorities (quorum queues before RabbitMQ 4.0 ignore them)."""
+    return MAX_PRIORITY - priority
+
+
+def queued_messages(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in a Redis-broker queue, over all its priority lists."""
+    names = [queue] + [f"{queue}{PRIORITY_SEP}{n}" for n in range(1, MAX_PRIORITY + 1)]
+    with client.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.llen(name)
+        return sum(pipe.execute())
+
+
+def publish_job(celery_app: Celery, job_id: str, queue: str, publish_timeout_s: float, priority: int = 0) -> None:
     """Send the job's message, or raise ``DependencyUnavailable`` within a bounded time."""
+    amqp = celery_app.conf.broker_url.startswith(("amqp", "pyamqp"))
     try:
         celery_app.send_task(
             GENERATE_TASK,
             args=[job_id],
             queue=queue,
+            priority=priority if amqp else redis_priority(priority),
             retry=True,
             retry_policy={
                 "max_retries": 2,

@@ -6,11 +6,16 @@
      ├── RequestError            -> HTTP 4xx, names the offending field
      │    ├── MalformedBody      (400: not a JSON object)
      │    ├── ValidationFailed   (422: wrong type, unknown field, out of bounds)
+     │    │    └── ForbiddenDestination  a webhook URL that reaches a loopback, private,
+     │    │                              link-local or metadata address
      │    ├── PayloadTooLarge    (413)
      │    ├── UnsupportedMediaType (415)
-     │    ├── NotFound           (404)
+     │    ├── Unauthorized       (401: no or unknown API key)
+     │    ├── NotFound           (404: also another key's job)
+     │    ├── TooManyRequests    (429 + Retry-After: rate limit, active-job cap)
      │    └── Conflict           (409: e.g. canceling a job that already finished)
      ├── DependencyUnavailable   -> HTTP 503: broker, job store or storage unreachable
+     ├── WaitTimedOut            -> HTTP 504: a request held for its job outlived its bound
      ├── JobError                a job cannot run; it ends FAILED with this reason
      │    ├── PipelineError      the model call raised
      │    ├── ModelOutOfMemory   the model call ran out of device memory (batch is halved)
@@ -56,6 +61,13 @@ class ValidationFailed(RequestError):
     code = "invalid"
 
 
+class ForbiddenDestination(ValidationFailed):
+    code = "forbidden_destination"
+
+    def __init__(self, message: str, field: str | None = "webhook"):
+        super().__init__(message, field)
+
+
 class MalformedBody(RequestError):
     status = 400
     code = "malformed_json"
@@ -76,6 +88,22 @@ class NotFound(RequestError):
     code = "not_found"
 
 
+class Unauthorized(RequestError):
+    status = 401
+    code = "unauthorized"
+
+
+class TooManyRequests(RequestError):
+    """429 with ``Retry-After``: a rate limit or a cap on active jobs."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float, field: str | None = None):
+        super().__init__(message, field)
+        self.retry_after_s = retry_after_s
+
+
 class Conflict(RequestError):
     status = 409
     code = "conflict"
@@ -89,6 +117,14 @@ class DependencyUnavailable(FleetError):
         message = f"{dependency} is unavailable" + (f": {detail}" if detail else "")
         super().__init__(message, field=None)
         self.dependency = dependency
+
+
+class WaitTimedOut(FleetError):
+    """A request that answers with its job's images (``/v1/images/generations``) held it
+    for as long as it may; the job is not lost (``Location`` names it)."""
+
+    status = 504
+    code = "timeout"
 
 
 class JobError(FleetError):

@@ -1,4 +1,5 @@
-"""The job: what a client asks for, the states it moves through, and its record.
+"""The job: what the worker runs, the states it moves through, and its record (what a
+client may ask for is ``tasks.request``).
 
 A job is created ``QUEUED`` by the API, moved to ``RUNNING`` by the worker that takes
 it, and ends ``SUCCEEDED``, ``FAILED`` or ``CANCELED``. Terminal states never change,
@@ -9,14 +10,13 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import secrets
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from tasks.errors import ValidationFailed
+from tasks.request import WEBHOOK_EVENTS, JobRequest, validate_request
 from tasks.settings import Settings
 
 
@@ -49,20 +49,7 @@ def can_move(current: JobState, target: JobState) -> bool:
     return target in TRANSITIONS[current]
 
 
-class JobRequest(BaseModel):
-    """The body of ``POST /v1/jobs``. Types are strict: ``"64"`` is not a width."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    prompt: StrictStr
-    negative_prompt: StrictStr | None = None
-    width: StrictInt | None = None
-    height: StrictInt | None = None
-    steps: StrictInt | None = None
-    guidance_scale: StrictFloat | StrictInt | None = None
-    seed: StrictInt | None = None
-    num_images: StrictInt = 1
-    deadline_ms: StrictInt | None = None
+OUTPUT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
 
 class GenerationSpec(BaseModel):
@@ -79,37 +66,27 @@ class GenerationSpec(BaseModel):
     seed: int
     num_images: int
     deadline_ms: int | None = None  # best effort: the batcher flushes early rather than miss it
+    output_format: Literal["png", "webp", "jpeg"] = "png"
+    output_quality: int | None = None  # webp and jpeg; None: the worker's default
+
+    @property
+    def content_type(self) -> str:
+        return OUTPUT_TYPES[self.output_format]
 
     def image_seed(self, index: int) -> int:
         """The seed of image ``index``: its noise never depends on its batch neighbours."""
         return (self.seed + index) % 2**63
 
 
-MAX_SEED = 2**63 - 1
-MAX_DEADLINE_MS = 3_600_000
-
-
 def parse_request(body: Any, settings: Settings) -> GenerationSpec:
-    """Validate a request body against the schema and the configured bounds.
+    """Validate a request body against the configured bounds: what the worker runs.
+    Raises ``ValidationFailed`` naming the first offending field."""
+    return to_spec(validate_request(body, settings), settings)
 
-    Raises ``ValidationFailed`` naming the first offending field.
-    """
-    if not isinstance(body, dict):
-        raise ValidationFailed("the body must be a JSON object", field=None)
-    try:
-        request = JobRequest.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field_name = str(first["loc"][0]) if first["loc"] else None
-        if first["type"] == "extra_forbidden":
-            message = f"unknown field '{field_name}'"
-        elif first["type"] == "missing":
-            message = f"'{field_name}' is required"
-        else:
-            message = f"'{field_name}': {first['msg']}"
-        raise ValidationFailed(message, field=field_name) from None
 
-    spec = GenerationSpec(
+def to_spec(request: JobRequest, settings: Settings) -> GenerationSpec:
+    """A request ``validate_request`` accepted, with every default filled in."""
+    return GenerationSpec(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         width=settings.default_width if request.width is None else request.width,
@@ -121,38 +98,29 @@ def parse_request(body: Any, settings: Settings) -> GenerationSpec:
         seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
         num_images=request.num_images,
         deadline_ms=request.deadline_ms,
+        output_format=request.output_format,
+        output_quality=request.output_quality,
     )
-    _check_bounds(spec, settings)
-    return spec
 
 
-def _check_bounds(spec: GenerationSpec, settings: Settings) -> None:
-    if not spec.prompt.strip():
-        raise ValidationFailed("'prompt' must not be empty", field="prompt")
-    for name, text in (("prompt", spec.prompt), ("negative_prompt", spec.negative_prompt or "")):
-        if len(text) > settings.max_prompt_chars:
-            raise ValidationFailed(f"'{name}' is longer than {settings.max_prompt_chars} characters", field=name)
-    for name in ("width", "height"):
-        side = getattr(spec, name)
-        if side < 8 or side > settings.max_side or side % 8:
-            raise ValidationFailed(
-                f"'{name}' must be a multiple of 8 between 8 and {settings.max_side}, got {side}", field=name
-            )
-    if spec.width * spec.height > settings.max_pixels:
-        raise ValidationFailed(
-            f"width x height = {spec.width * spec.height} pixels is over the budget of {settings.max_pixels}",
-            field="width",
+@dataclass(frozen=True)
+class JobOptions:
+    """How a job is handled, beside what it generates: its queue and its place in it, and
+    whom to tell about it."""
+
+    service_class: str
+    priority: int = 0
+    webhook: str | None = None
+    webhook_events: tuple[str, ...] = WEBHOOK_EVENTS
+
+    @classmethod
+    def of(cls, request: JobRequest, settings: Settings) -> JobOptions:
+        return cls(
+            service_class=request.service_class or settings.default_service_class,
+            priority=request.priority or 0,
+            webhook=request.webhook,
+            webhook_events=tuple(dict.fromkeys(request.webhook_events)) if request.webhook_events else WEBHOOK_EVENTS,
         )
-    if not 1 <= spec.steps <= settings.max_steps:
-        raise ValidationFailed(f"'steps' must be between 1 and {settings.max_steps}", field="steps")
-    if not 1 <= spec.num_images <= settings.max_images_per_job:
-        raise ValidationFailed(f"'num_images' must be between 1 and {settings.max_images_per_job}", field="num_images")
-    if not math.isfinite(spec.guidance_scale) or not 0 <= spec.guidance_scale <= 50:
-        raise ValidationFailed("'guidance_scale' must be between 0 and 50", field="guidance_scale")
-    if spec.deadline_ms is not None and not 1 <= spec.deadline_ms <= MAX_DEADLINE_MS:
-        raise ValidationFailed(f"'deadline_ms' must be between 1 and {MAX_DEADLINE_MS}", field="deadline_ms")
-    if not 0 <= spec.seed <= MAX_SEED:
-        raise ValidationFailed(f"'seed' must be between 0 and {MAX_SEED}", field="seed")
 
 
 def new_job_id() -> str:
@@ -229,6 +197,10 @@ class Job:
     step: int = 0  # denoising steps done in its current model call, of ``total_steps``
     total_steps: int = 0
     cancel_at: float | None = None  # canceled if not started by then (``Cancel-After``)
+    owner: str = ""  # the name of the API key that submitted it
+    priority: int = 0
+    webhook: str | None = None
+    webhook_events: tuple[str, ...] = ()
 
     def to_redis(self) -> dict[str, str]:
         raw = {
@@ -242,6 +214,13 @@ class Job:
         }
         if self.cancel_at is not None:
             raw["cancel_at"] = repr(self.cancel_at)
+        if self.owner:
+            raw["owner"] = self.owner
+        if self.priority:
+            raw["priority"] = str(self.priority)
+        if self.webhook:
+            raw["webhook"] = self.webhook
+            raw["webhook_events"] = ",".join(self.webhook_events)
         update = JobUpdate(
             started_at=self.started_at,
             finished_at=self.finished_at,
@@ -278,4 +257,8 @@ class Job:
             step=int(raw.get("step", 0)),
             total_steps=int(raw.get("total_steps", 0)),
             cancel_at=opt_float("cancel_at"),
+            owner=raw.get("owner", ""),
+            priority=int(raw.get("priority", 0)),
+            webhook=raw.get("webhook"),
+            webhook_events=tuple(filter(None, raw.get("webhook_events", "").split(","))),
         )

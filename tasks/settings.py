@@ -17,6 +17,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tasks.keys import DEV_KEY, DEV_KEYS
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6390/0"
 DEFAULT_S3_ENDPOINT_URL = "http://127.0.0.1:9010"
 WEEK_S = 7 * 24 * 3600
@@ -93,14 +95,29 @@ class Settings(BaseSettings):
     # -- request bounds and defaults -----------------------------------------------------
     default_width: int = 64
     default_height: int = 64
-    default_steps: int = 20
-    default_guidance_scale: float = 7.5
-    max_pixels: int = Field(512 * 512, gt=0)
-    max_side: int = Field(1024, gt=0)
+    default_steps: int = Field(20, gt=0)
+    default_guidance_scale: float = Field(7.5, ge=0, le=50)
+    max_pixels: int = Field(512 * 512, ge=64)
+    # The square root of the budget: the side bounds then imply it, and the request schema
+    # needs no cross-field rule. A larger side (wide images within the same budget) works
+    # too; the schema then spells the budget out per range of widths.
+    max_side: int = Field(512, ge=8)
     max_steps: int = Field(100, gt=0)
     max_images_per_job: int = Field(8, gt=0)
     max_prompt_chars: int = Field(2000, gt=0)
     max_body_bytes: int = Field(64 * 1024, gt=0)
+
+    # -- API keys and limits (tasks/keys.py) ---------------------------------------------
+    # NAME:SHA256 entries; the default is the development key "fleet-dev-key" (name "dev").
+    api_keys: str = DEV_KEYS
+    api_key_file: str = ""  # one NAME:SHA256 per line, added to api_keys
+    api_key: str = DEV_KEY  # the key `fleet submit` and `fleet bench load` send
+    rate_limit_per_minute: int = Field(600, ge=0)  # job submissions per key per minute; 0: none
+    max_active_jobs_per_key: int = Field(1000, ge=0)  # queued or running per key; 0: no cap
+    idempotency_ttl_s: int = Field(24 * 3600, gt=0)  # how long an Idempotency-Key is remembered
+    # How long POST /v1/images/generations holds a request for its job (docs/OPENAI.md); a
+    # job no worker started by then is canceled (its Cancel-After), a running one goes on.
+    openai_timeout_s: float = Field(300.0, ge=1)
 
     # -- reliability (docs/RELIABILITY.md says why each default) -------------------------
     job_ttl_s: int = Field(WEEK_S, gt=0)
@@ -114,18 +131,36 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(5.0, gt=0)
 
     # -- queues, workers and batching -----------------------------------------------------
-    queue: str = "fleet.default"
+    # Service classes: each its own queue, each queue its own batching policy
+    # (``queue_policies``). A job names its class; workers consume one queue or both.
+    queue: str = "fleet.interactive"  # the interactive class (and the default queue)
+    batch_queue: str = "fleet.batch"  # the batch class: large batches, latency second
+    default_service_class: Literal["interactive", "batch"] = "interactive"
     publish_timeout_s: float = Field(3.0, gt=0)
     max_batch_images: int = Field(8, gt=0)
     max_wait_ms: float = Field(100.0, ge=0)
     batch_policy: Literal["fixed", "adaptive"] = "adaptive"
     # Per-queue overrides of the three above, as JSON:
     # {"fleet.interactive": {"max_batch_images": 2, "max_wait_ms": 0, "batch_policy": "fixed"}}
-    queue_policies: dict[str, QueuePolicy] = {}
+    # The interactive queue takes the worker-wide settings above; the batch queue waits
+    # longer to fill its batches.
+    queue_policies: dict[str, QueuePolicy] = {"fleet.batch": QueuePolicy(max_wait_ms=1000, batch_policy="fixed")}
     worker_threads: int = Field(0, ge=0)  # 0: twice the largest max_batch_images
     worker_metrics_port: int = Field(9808, ge=0)  # 0: no Prometheus endpoint
     png_compress_level: int = Field(1, ge=0, le=9)
     upload_threads: int = Field(8, gt=0)
+
+    # -- webhooks (docs/WEBHOOKS.md) ------------------------------------------------------
+    # The master key every owner's signing secret is derived from: change it anywhere but
+    # your laptop (changing it changes every owner's secret).
+    webhook_signing_key: str = Field("dev-webhook-signing-key-change-me", min_length=1)
+    # Deliver to loopback, private, link-local and metadata addresses: local receivers only.
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_backoff_s: float = Field(5.0, gt=0)  # first wait between attempts; doubles up to an hour
+    webhook_retry_window_s: float = Field(86400.0, ge=0)  # no attempt starts later than this after the first
+    webhook_queue: str = "fleet.webhooks"
+    webhook_threads: int = Field(16, gt=0)  # deliveries `fleet hooks` makes at once
 
     # -- local fleet and monitoring ------------------------------------------------------
     api_host: str = "127.0.0.1"
@@ -140,6 +175,12 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.default_width % 8 or self.default_height % 8:
             raise ValueError("FLEET_DEFAULT_WIDTH/HEIGHT must be multiples of 8")
+        # A request that gives only a prompt gets the defaults: they must be a valid request.
+        sides_fit = all(8 <= side <= self.max_side for side in (self.default_width, self.default_height))
+        if not sides_fit or self.default_width * self.default_height > self.max_pixels:
+            raise ValueError("FLEET_DEFAULT_WIDTH x FLEET_DEFAULT_HEIGHT must fit FLEET_MAX_SIDE and FLEET_MAX_PIXELS")
+        if self.default_steps > self.max_steps:
+            raise ValueError("FLEET_DEFAULT_STEPS must be at most FLEET_MAX_STEPS")
         if ":" not in self.flower_basic_auth:
             raise ValueError("FLEET_FLOWER_BASIC_AUTH must be user:password")
         WarmShape.parse_list(self.warm_shapes)  # a clear error now rather than in the engine
@@ -163,6 +204,14 @@ class Settings(BaseSettings):
             max_wait_ms=self.max_wait_ms if override.max_wait_ms is None else override.max_wait_ms,
             batch_policy=override.batch_policy or self.batch_policy,
         )
+
+    def queue_for(self, service_class: str) -> str:
+        return self.batch_queue if service_class == "batch" else self.queue
+
+    @property
+    def job_queues(self) -> list[str]:
+        """Every queue jobs are published to (workers consume them all unless told ``-Q``)."""
+        return list(dict.fromkeys([self.queue, self.batch_queue, *self.queue_policies]))
 
     @property
     def task_threads(self) -> int:
@@ -219,9 +268,7 @@ class ClientSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", frozen=True)
 
     api_url: str = ""  # empty: http://FLEET_API_HOST:FLEET_API_PORT, the local fleet
-    # Sent as ``Authorization: Bearer``; empty: none. Local fleets will take ``fleet-dev-key``
-    # once the API checks keys.
-    api_key: str = ""
+    api_key: str = Settings.model_fields["api_key"].default  # sent as Authorization: Bearer
     api_host: str = Settings.model_fields["api_host"].default
     api_port: int = Settings.model_fields["api_port"].default
 

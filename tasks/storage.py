@@ -1,8 +1,9 @@
 """Object storage for generated images: a private S3-compatible bucket.
 
-Images live at ``jobs/<job id>/<index>.png``; job ids are 128 random bits, so keys are
-not guessable. Clients never read the bucket directly: ``GET /v1/jobs/<id>`` signs a
-download URL per image at read time, with an expiry bounded by ``FLEET_URL_EXPIRY_S``.
+Images live at ``jobs/<job id>/<index>.<png|webp|jpg>``, stored with their content type;
+job ids are 128 random bits, so keys are not guessable. Clients never read the bucket
+directly: ``GET /v1/jobs/<id>`` signs a download URL per image at read time, with an
+expiry bounded by ``FLEET_URL_EXPIRY_S``.
 Whether an expired or tampered URL is refused is up to the store (S3, MinIO and R2
 enforce it; moto's server, used locally, does not).
 """
@@ -19,9 +20,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 from tasks.errors import DependencyUnavailable
 from tasks.settings import Settings
 
+#: File name extension of each output format.
+EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 
-def image_key(job_id: str, index: int) -> str:
-    return f"jobs/{job_id}/{index}.png"
+
+def image_key(job_id: str, index: int, output_format: str = "png") -> str:
+    return f"jobs/{job_id}/{index}.{EXTENSIONS[output_format]}"
 
 
 @dataclass(frozen=True)
@@ -58,9 +62,9 @@ class ObjectStorage:
             },
         )
 
-    def put_png(self, key: str, data: bytes) -> None:
+    def put_image(self, key: str, data: bytes, content_type: str) -> None:
         try:
-            self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="image/png")
+            self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
         except (BotoCoreError, ClientError) as exc:
             raise DependencyUnavailable("storage", str(exc)) from exc
 
@@ -78,7 +82,10 @@ class ObjectStorage:
         return sorted(obj["Key"] for obj in listed.get("Contents", []))
 
     def get(self, key: str) -> bytes:
-        return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        try:
+            return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError) as exc:
+            raise DependencyUnavailable("storage", str(exc)) from exc
 
     def presign(self, key: str) -> SignedUrl:
         url = self._s3.generate_presigned_url(
@@ -92,8 +99,10 @@ def make_s3_client(settings: Settings) -> BaseClient:
         "s3",
         endpoint_url=settings.s3_endpoint_url or None,
         region_name=settings.s3_region,
-        aws_access_key_id=settings.s3_access_key_id,
-        aws_secret_access_key=settings.s3_secret_access_key,
+        # Empty: boto3's own chain (environment, IRSA or EKS Pod Identity, instance role)
+        # instead of empty strings that sign nothing.
+        aws_access_key_id=settings.s3_access_key_id or None,
+        aws_secret_access_key=settings.s3_secret_access_key or None,
         config=Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},

@@ -23,7 +23,7 @@ def submit_job(store: JobStore, celery_app: Celery, settings: Settings, job: Job
     # With an outbox entry: if this process dies before publishing, a sweeper publishes it.
     store.create(job, publish_by=job.created_at + settings.outbox_grace_s)
     try:
-        publish(store, celery_app, settings, job.id, job.queue)
+        publish(store, celery_app, settings, job.id, job.queue, job.priority)
     except DependencyUnavailable:
         try:
             store.delete(job)
@@ -32,10 +32,12 @@ def submit_job(store: JobStore, celery_app: Celery, settings: Settings, job: Job
         raise
 
 
-def publish(store: JobStore, celery_app: Celery, settings: Settings, job_id: str, queue: str) -> None:
+def publish(
+    store: JobStore, celery_app: Celery, settings: Settings, job_id: str, queue: str, priority: int = 0
+) -> None:
     """Send the job's message; if no worker has taken it ``republish_after_s`` later, the
     sweeper sends it again (a duplicate is harmless: a finished job's message is dropped)."""
-    publish_job(celery_app, job_id, queue or settings.queue, settings.publish_timeout_s)
+    publish_job(celery_app, job_id, queue or settings.queue, settings.publish_timeout_s, priority)
     try:
         store.published(job_id, republish_at=time.time() + settings.republish_after_s)
     except DependencyUnavailable:

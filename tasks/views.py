@@ -3,13 +3,14 @@ the load generator that reads them back."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 
 from pydantic import BaseModel, Field
 
 from tasks.jobs import GenerationSpec, Job, JobState, Timings
-from tasks.storage import image_key
+from tasks.storage import ObjectStorage, image_key
 
 
 class ImageLink(BaseModel):
@@ -59,6 +60,8 @@ class JobView(BaseModel):
     id: str = Field(pattern=r"^[0-9a-f]{32}$")
     state: JobState
     request: GenerationSpec
+    queue: str = ""  # its service class's queue
+    priority: int = 0
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -80,6 +83,8 @@ class JobView(BaseModel):
             id=job.id,
             state=job.state,
             request=job.spec,
+            queue=job.queue,
+            priority=job.priority,
             created_at=_utc(job.created_at),
             started_at=_utc(job.started_at),
             finished_at=_utc(job.finished_at),
@@ -102,6 +107,8 @@ class JobView(BaseModel):
             id=self.id,
             state=self.state,
             spec=self.request,
+            queue=self.queue,
+            priority=self.priority,
             created_at=self.created_at.timestamp(),
             started_at=self.started_at.timestamp() if self.started_at else None,
             finished_at=self.finished_at.timestamp() if self.finished_at else None,
@@ -110,7 +117,7 @@ class JobView(BaseModel):
             error=self.error,
             worker=self.worker,
             task_id=self.task_id,
-            image_keys=[image_key(self.id, index) for index in range(len(self.images))],
+            image_keys=[image_key(self.id, i, self.request.output_format) for i in range(len(self.images))],
             timings=Timings(**self.timings.model_dump()),
             batch=self.batch.model_dump() if self.batch else {},
             step=self.progress.step if self.progress else 0,
@@ -121,3 +128,14 @@ class JobView(BaseModel):
 
 def _utc(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
+
+
+def render(job: Job, storage: ObjectStorage, place: PlaceInLine | None = None) -> dict:
+    """The job as JSON, with a fresh presigned URL per image once it succeeded."""
+    images = []
+    if job.state is JobState.SUCCEEDED:
+        for key in job.image_keys:
+            signed = storage.presign(key)
+            expires_at = datetime.fromtimestamp(time.time() + signed.expires_in_s, timezone.utc)
+            images.append(ImageLink(url=signed.url, expires_in_s=signed.expires_in_s, expires_at=expires_at))
+    return JobView.of(job, images, place).model_dump(mode="json")

@@ -11,7 +11,7 @@ import redis
 
 from fleet import stack
 from fleet.processes import BIN, free_port
-from fleet.stack import settings_from_env, start_api, start_redis, start_s3, start_worker
+from fleet.stack import settings_from_env, start_api, start_hooks, start_redis, start_s3, start_worker
 from tasks.settings import Settings
 from tasks.storage import make_storage
 from tasks.store import JobStore
@@ -59,6 +59,9 @@ def fleet_env(redis_server, s3_server, s3_env, tiny_model) -> dict[str, str]:
         "FLEET_FLOWER_PORT": str(free_port()),
         "FLEET_FLOWER_BASIC_AUTH": "tester:secret-pass",
         "FLEET_WORKER_METRICS_PORT": "0",
+        # The tests' webhook receivers listen on loopback.
+        "FLEET_WEBHOOK_ALLOW_PRIVATE": "true",
+        "FLEET_WEBHOOK_BACKOFF_S": "0.2",
     }
 
 
@@ -102,10 +105,23 @@ def api_url(fleet_env, work_dir, worker) -> str:
     server.stop()
 
 
+#: Queues no worker consumes, for both service classes (the session worker consumes the
+#: default batch queue: a fuzzed batch job sent there would take its time from other tests).
+IDLE_QUEUES = {"FLEET_QUEUE": "fleet.idle", "FLEET_BATCH_QUEUE": "fleet.idle-batch", "FLEET_QUEUE_POLICIES": "{}"}
+
+
 @pytest.fixture(scope="session")
 def idle_api(fleet_env, work_dir) -> str:
     """An API whose queue no worker consumes: its jobs stay QUEUED until canceled."""
-    env = {**fleet_env, "FLEET_QUEUE": "fleet.idle", "FLEET_API_PORT": str(free_port())}
+    env = {**fleet_env, **IDLE_QUEUES, "FLEET_API_PORT": str(free_port())}
     server, url = start_api(env, work_dir, name="idle-api")
     yield url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def hooks(fleet_env, work_dir):
+    """``fleet hooks``: delivers the webhooks the API and the worker send."""
+    server = start_hooks(fleet_env, work_dir)
+    yield server
     server.stop()

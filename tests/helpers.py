@@ -11,10 +11,15 @@ import numpy as np
 import requests
 
 from tasks.errors import ModelOutOfMemory
+from tasks.keys import DEV_KEY
+
+#: Calls to the API, with the local development key.
+http = requests.Session()
+http.headers["Authorization"] = f"Bearer {DEV_KEY}"
 
 
 def submit(api_url: str, **body) -> str:
-    response = requests.post(f"{api_url}/v1/jobs", json=body, timeout=10)
+    response = http.post(f"{api_url}/v1/jobs", json=body, timeout=10)
     assert response.status_code == 202, response.text
     assert response.headers["Location"].endswith(response.json()["id"])
     return response.json()["id"]
@@ -28,7 +33,7 @@ def wait_done(api_url: str, job_id: str, timeout_s: float = 120) -> dict:
     deadline = time.monotonic() + timeout_s
     while (left := deadline - time.monotonic()) > 0:
         wait = f"wait={min(60, max(1, int(left)))}"
-        job = requests.get(f"{api_url}/v1/jobs/{job_id}", headers={"Prefer": wait}, timeout=70).json()
+        job = http.get(f"{api_url}/v1/jobs/{job_id}", headers={"Prefer": wait}, timeout=70).json()
         if job["state"] in TERMINAL:
             return job
     raise TimeoutError(f"job {job_id} still {job['state']} after {timeout_s}s")
@@ -68,6 +73,7 @@ class FakeModel:
         self.fail_on = fail_on
         self.memory_images = memory_images
         self.call_s = call_s
+        self.steps_run = 0
 
     def warm(self, shape):
         self.threads.add(threading.get_ident())
@@ -76,7 +82,11 @@ class FakeModel:
     def run(self, key, images, on_step=None):
         self.threads.add(threading.get_ident())
         self.calls.append([w.prompt for w in images])
-        time.sleep(self.call_s)
+        for step in range(1, key.steps + 1):  # the call's time spread over its steps
+            time.sleep(self.call_s / key.steps)
+            self.steps_run += 1
+            if on_step is not None and on_step(step, key.steps):
+                break
         if len(images) > self.memory_images:
             raise ModelOutOfMemory(f"{len(images)} images do not fit")
         if any(w.prompt == self.fail_on for w in images):

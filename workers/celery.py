@@ -24,11 +24,14 @@ import redis
 from celery.exceptions import Reject, WorkerShutdown
 from celery.signals import celeryd_after_setup, worker_shutdown, worker_shutting_down
 
+from tasks import probes
 from tasks.celery import GENERATE_TASK, app
 from tasks.events import EventHub
+from tasks.notify import Notifier
 from tasks.settings import Settings, get_settings
 from tasks.storage import make_storage
 from tasks.store import JobStore
+from tasks.views import render
 from workers.batcher import Batcher, BatchPolicy
 from workers.cancels import CancelListener
 from workers.engine import EngineConfig
@@ -50,6 +53,10 @@ app.conf.update(
 
 _context: WorkerContext | None = None
 _sweeper: Sweeper | None = None
+
+# The ready file a Kubernetes readiness probe reads (tasks/probes.py): there once the
+# consumer starts, i.e. after _start_model below has the engine's model loaded and warm.
+probes.connect()
 
 
 def batch_policy(settings: Settings, queue: str) -> BatchPolicy:
@@ -109,7 +116,8 @@ def make_context(settings: Settings) -> WorkerContext:
                 "FLEET_WORKER_METRICS_PORT (0 turns it off)"
             ) from exc
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
-    store = JobStore(client, ttl_s=settings.job_ttl_s)
+    store, storage = JobStore(client, ttl_s=settings.job_ttl_s), make_storage(settings)
+    notifier = Notifier(store, app, settings, lambda job: render(job, storage))
     policy_of = functools.lru_cache(maxsize=None)(lambda queue: batch_policy(settings, queue))
     batcher = Batcher(batch_policy(settings, settings.queue), policy_of=policy_of)
     if settings.engine == "thread":
@@ -124,14 +132,14 @@ def make_context(settings: Settings) -> WorkerContext:
         on_batch_start=store.enter_model,
         on_batch_end=store.leave_model,
         on_engine_lost=_shut_down,
-        on_batch_step=lambda job_ids, step, total: store.progress(job_ids, step, total),
+        on_batch_step=lambda ids, step, total: notifier.progressed(store.progress(ids, step, total), step, total),
     )
     runner.start()
     cancels = CancelListener(EventHub(lambda: client), runner)
     cancels.start()
     return WorkerContext(
         store=store,
-        storage=make_storage(settings),
+        storage=storage,
         runner=runner,
         settings=settings,
         metrics=metrics,

@@ -64,11 +64,24 @@ class WorkerContext:
         return with_retries(call, self.settings.retry_window_s, self.settings.retry_backoff_s, what)
 
 
+#: Quality of webp and jpeg images when the request gives none.
+DEFAULT_QUALITY = 90
+
+
 def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
-    """One ``(height, width, 3)`` uint8 image as PNG. Pillow releases the GIL while it
-    compresses, so images encode in parallel on threads."""
+    return encode_image(image, "png", png_compress_level=compress_level)
+
+
+def encode_image(
+    image: np.ndarray, output_format: str, quality: int | None = None, png_compress_level: int = 6
+) -> bytes:
+    """One ``(height, width, 3)`` uint8 image as PNG, WebP or JPEG. Pillow releases the
+    GIL while it compresses, so images encode in parallel on threads."""
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)
+    if output_format == "png":
+        Image.fromarray(image).save(buf, format="PNG", compress_level=png_compress_level)
+    else:
+        Image.fromarray(image).save(buf, format=output_format.upper(), quality=quality or DEFAULT_QUALITY)
     return buf.getvalue()
 
 
@@ -188,11 +201,14 @@ def _upload(ctx: WorkerContext, job_id: str, result: JobResult) -> tuple[list[st
     current = ctx.retrying(lambda: ctx.store.get(job_id), "reading the job")
     if current is not None and current.state.terminal:
         return None, 0.0  # never overwrite the images of a finished job
-    level = ctx.settings.png_compress_level
+    level, spec = ctx.settings.png_compress_level, current.spec if current is not None else None
+    fmt, quality = (spec.output_format, spec.output_quality) if spec else ("png", None)
+    content_type = spec.content_type if spec else "image/png"
 
     def store(index: int) -> str:
-        key, data = image_key(job_id, index), encode_png(result.images[index], level)
-        ctx.retrying(lambda: ctx.storage.put_png(key, data), f"uploading {key}")
+        key = image_key(job_id, index, fmt)
+        data = encode_image(result.images[index], fmt, quality, png_compress_level=level)
+        ctx.retrying(lambda: ctx.storage.put_image(key, data, content_type), f"uploading {key}")
         return key
 
     indexes = range(len(result.images))

@@ -351,7 +351,8 @@ class ModelRunner:
             if flight is None:
                 return
             batch = flight.batch
-            self._batcher.cost_model.observe(batch.key.compat, batch.images, inference_s)
+            if not canceled:  # a call stopped early says nothing of what a call costs
+                self._batcher.cost_model.observe(batch.key.compat, batch.images, inference_s)
             self._cond.notify_all()
         self._hook(self._on_batch_end, flight.tags)
         started = flight.started_at if flight.started_at is not None else self._clock()

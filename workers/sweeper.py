@@ -36,7 +36,7 @@ def sweep_once(store: JobStore, celery_app: Celery, settings: Settings, now: flo
         if job is None or job.state is not JobState.QUEUED:
             store.forget_outbox(job_id)  # expired, or taken by a worker
             continue
-        publish(store, celery_app, settings, job_id, job.queue)
+        publish(store, celery_app, settings, job_id, job.queue, job.priority)
         log.warning("published job %s again: QUEUED with no worker taking it", job_id)
         published += 1
     return published

@@ -119,6 +119,7 @@ def _plan(args) -> int:
         profile = Profile.load(args.profile)
     result = plan(profile, args.rate, args.p95, images_per_job=args.images_per_job)
     print(result.to_markdown())
+    print(result.scaling_markdown())
     floor = ideal(
         profile, args.rate, max_batch_images=8, workers=result.workers, jobs=10_000, images_per_job=args.images_per_job
     )

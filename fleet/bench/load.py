@@ -28,6 +28,7 @@ from fleet.bench.follow import Follow
 from fleet.bench.mix import RequestMix
 from fleet.client import FleetAPIError, FleetClient
 from tasks.jobs import Job
+from tasks.settings import ClientSettings
 from tasks.views import JobView
 
 SENDERS = 8
@@ -84,11 +85,12 @@ def run_load(api_url: str, mix: RequestMix, spec: LoadSpec) -> LoadRun:
     bar = tqdm(total=spec.jobs, desc=spec.label, unit="job", leave=False)
     local = threading.local()
     clients: list[FleetClient] = []
+    api_key = ClientSettings().api_key or None
 
     def client() -> FleetClient:
         """This thread's client: a requests session is not for sharing between threads."""
         if not hasattr(local, "client"):
-            local.client = FleetClient(api_url, retries=0)  # a refusal is a result: count it
+            local.client = FleetClient(api_url, api_key, retries=0)  # a refusal is a result: count it
             with lock:
                 clients.append(local.client)
         return local.client

@@ -74,6 +74,10 @@ class SimResult:
     busy_fraction: float  # time the models spend running, over workers x time
 
     @property
+    def mean(self) -> float:
+        return sum(self.latencies) / max(len(self.latencies), 1)
+
+    @property
     def p50(self) -> float:
         return percentile(self.latencies, 50)
 
@@ -265,6 +269,18 @@ class Plan:
     meets_goal: bool
     rate_jobs_per_s: float = 0.0
     p95_goal_s: float = 0.0
+    # Jobs queued or running per worker at this rate (Little's law: rate x mean latency /
+    # workers): the target backlog per worker an autoscaler keeps this many workers at.
+    backlog_per_worker: float = 0.0
+
+    def scaling_markdown(self) -> str:
+        """The autoscaler's target for this plan (docs/KUBERNETES.md)."""
+        return (
+            f"scale on the backlog (queued + running jobs): target {self.backlog_per_worker:.3g} jobs per worker "
+            f"keeps {self.workers} worker{'s' if self.workers != 1 else ''} at {self.rate_jobs_per_s:.3g} jobs/s "
+            f"(rate x mean latency / workers); {2 * self.max_batch_images} (twice the max batch) is where a "
+            "worker's reservation is full and jobs start to wait in the broker"
+        )
 
     def to_markdown(self) -> str:
         verdict = "meets" if self.meets_goal else "MISSES"
@@ -350,6 +366,7 @@ def plan(
         meets_goal=result.p95 <= p95_goal_s and result.utilization <= MAX_UTILIZATION,
         rate_jobs_per_s=rate_jobs_per_s,
         p95_goal_s=p95_goal_s,
+        backlog_per_worker=rate_jobs_per_s * result.mean / workers,
     )
 
 

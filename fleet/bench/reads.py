@@ -27,6 +27,7 @@ from fleet.bench.fleetrun import FleetConfig, running_fleet
 from fleet.client import FleetClient
 from fleet.processes import free_port
 from fleet.stack import start_worker
+from tasks.settings import ClientSettings
 
 #: A model that sleeps: the worker only has to finish two jobs, and loads no torch.
 DEFAULT_MODEL = "sim:a=0.01,b=0.05"
@@ -95,7 +96,7 @@ def run(reads: int, model: str = DEFAULT_MODEL, out: Path | None = None) -> str:
     with (
         tempfile.TemporaryDirectory() as tmp,
         running_fleet(model, FleetConfig(workers=0), Path(tmp)) as fleet,
-        FleetClient(fleet.api_url) as client,
+        FleetClient(fleet.api_url, ClientSettings().api_key or None) as client,
     ):
         idle = idle_rates(fleet.pids, IDLE_S)
         queued = client.submit("a status read", num_images=1)

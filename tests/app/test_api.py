@@ -9,7 +9,9 @@ import pytest
 
 from app import create_app
 from fleet.processes import free_port
+from tasks.celery import PRIORITY_SEP, queued_messages, redis_priority
 from tasks.jobs import JobState
+from tasks.keys import DEV_KEY
 from tasks.store import KEY_PREFIX
 
 
@@ -21,12 +23,19 @@ def api_settings(settings):
 
 @pytest.fixture
 def client(api_settings):
-    return create_app({"SETTINGS": api_settings, "TESTING": True}).test_client()
+    return authed(create_app({"SETTINGS": api_settings, "TESTING": True}))
+
+
+def authed(app):
+    """A test client that sends the development key."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {DEV_KEY}"
+    return client
 
 
 @pytest.fixture
 def queue_length(redis_client, api_settings):
-    return lambda: redis_client.llen(api_settings.queue)
+    return lambda: queued_messages(redis_client, api_settings.queue)
 
 
 def job_count(redis_client) -> int:
@@ -49,6 +58,8 @@ def assert_error(response, status: int, field: str | None):
         ({"prompt": ""}, 422, "prompt"),
         ({"prompt": "a", "unknown": 1}, 422, "unknown"),
         ({"prompt": "a", "width": 1024, "height": 1024}, 422, "width"),
+        ({"prompt": "a\x00b"}, 422, "prompt"),
+        ({"prompt": "a\ud800"}, 422, "prompt"),  # cannot be stored: it was a 500
         ([1, 2], 422, None),
     ],
 )
@@ -63,6 +74,11 @@ def test_malformed_json_is_a_400(client, queue_length):
     response = client.post("/v1/jobs", data=b"{not json", content_type="application/json")
     assert_error(response, 400, None)
     assert queue_length() == before
+
+
+def test_a_body_nested_too_deeply_for_the_parser_is_a_400(client):
+    response = client.post("/v1/jobs", data=b"[" * 30_000 + b"]" * 30_000, content_type="application/json")
+    assert_error(response, 400, None)
 
 
 def test_a_body_over_the_limit_is_a_413(client, settings):
@@ -95,7 +111,7 @@ def test_an_accepted_job_is_202_with_location_and_queued(client, store, redis_cl
     assert body["state"] == "QUEUED" and body["request"]["num_images"] == 2
     assert store.get(body["id"]).state is JobState.QUEUED
     assert queue_length() == before + 1
-    message = json.loads(redis_client.lindex("api-tests", 0))
+    message = json.loads(redis_client.lindex(f"api-tests{PRIORITY_SEP}{redis_priority(0)}", 0))
     assert message["headers"]["task"] == "fleet.generate"
     assert message["headers"]["argsrepr"] == repr([body["id"]])
 
@@ -116,9 +132,9 @@ def test_openapi_is_served_and_describes_the_request(client):
 
 def test_broker_down_at_submit_is_a_503_and_leaves_no_job(settings, redis_client):
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    client = create_app(
-        {"SETTINGS": settings.model_copy(update={"broker_url": dead, "publish_timeout_s": 0.5})}
-    ).test_client()
+    client = authed(
+        create_app({"SETTINGS": settings.model_copy(update={"broker_url": dead, "publish_timeout_s": 0.5})})
+    )
     before = job_count(redis_client)
     response = client.post("/v1/jobs", json={"prompt": "a"})
     assert_error(response, 503, None)
@@ -129,9 +145,9 @@ def test_broker_down_at_submit_is_a_503_and_leaves_no_job(settings, redis_client
 
 def test_job_store_down_at_submit_is_a_503(settings):
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    client = create_app(
-        {"SETTINGS": settings.model_copy(update={"redis_url": dead, "broker_url": settings.redis_url})}
-    ).test_client()
+    client = authed(
+        create_app({"SETTINGS": settings.model_copy(update={"redis_url": dead, "broker_url": settings.redis_url})})
+    )
     response = client.post("/v1/jobs", json={"prompt": "a"})
     assert_error(response, 503, None)
     assert "job store" in response.get_json()["error"]["message"]
@@ -139,7 +155,7 @@ def test_job_store_down_at_submit_is_a_503(settings):
 
 def test_readyz_names_the_failing_dependency(settings):
     dead = f"http://127.0.0.1:{free_port()}"
-    client = create_app({"SETTINGS": settings.model_copy(update={"s3_endpoint_url": dead})}).test_client()
+    client = authed(create_app({"SETTINGS": settings.model_copy(update={"s3_endpoint_url": dead})}))
     response = client.get("/readyz")
     assert response.status_code == 503
     body = response.get_json()

@@ -9,13 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.helpers import sse, submit
+from tests.helpers import http, sse, submit
 
 pytestmark = pytest.mark.e2e
 
 
 def test_prefer_wait_answers_200_with_the_finished_job(api_url):
-    response = requests.post(
+    response = http.post(
         f"{api_url}/v1/jobs", json={"prompt": "a kettle", "steps": 4}, headers={"Prefer": "wait=60"}, timeout=70
     )
     assert response.status_code == 200, response.text
@@ -26,26 +26,26 @@ def test_prefer_wait_answers_200_with_the_finished_job(api_url):
 
 
 def test_prefer_wait_that_runs_out_answers_202_with_a_location(idle_api):
-    response = requests.post(f"{idle_api}/v1/jobs", json={"prompt": "never run"}, headers={"Prefer": "wait=1"})
+    response = http.post(f"{idle_api}/v1/jobs", json={"prompt": "never run"}, headers={"Prefer": "wait=1"})
     assert response.status_code == 202
     assert response.json()["state"] == "QUEUED"
     assert response.headers["Preference-Applied"] == "wait=1"
     assert response.headers["Location"].endswith(response.json()["id"])
-    requests.post(f"{idle_api}/v1/jobs/{response.json()['id']}/cancel", timeout=10)
+    http.post(f"{idle_api}/v1/jobs/{response.json()['id']}/cancel", timeout=10)
 
 
 def test_a_wait_over_the_limit_is_capped_and_a_bad_one_is_refused(idle_api):
     job_id = submit(idle_api, prompt="capped")
-    requests.post(f"{idle_api}/v1/jobs/{job_id}/cancel", timeout=10)
-    response = requests.get(f"{idle_api}/v1/jobs/{job_id}", headers={"Prefer": "wait=3600"}, timeout=10)
+    http.post(f"{idle_api}/v1/jobs/{job_id}/cancel", timeout=10)
+    response = http.get(f"{idle_api}/v1/jobs/{job_id}", headers={"Prefer": "wait=3600"}, timeout=10)
     assert response.status_code == 200 and response.headers["Preference-Applied"] == "wait=60"
-    response = requests.get(f"{idle_api}/v1/jobs/{job_id}", headers={"Prefer": "wait=soon"}, timeout=10)
+    response = http.get(f"{idle_api}/v1/jobs/{job_id}", headers={"Prefer": "wait=soon"}, timeout=10)
     assert response.status_code == 422 and response.json()["error"]["field"] == "Prefer"
 
 
 def test_the_event_stream_shows_every_state_and_each_step_then_ends(api_url):
     job_id = submit(api_url, prompt="a stream", steps=8)
-    with requests.get(f"{api_url}/v1/jobs/{job_id}/events", stream=True, timeout=60) as response:
+    with http.get(f"{api_url}/v1/jobs/{job_id}/events", stream=True, timeout=60) as response:
         assert response.status_code == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
         events = list(sse(response))  # returns: the server ends the stream with the job
@@ -58,22 +58,22 @@ def test_the_event_stream_shows_every_state_and_each_step_then_ends(api_url):
 
 
 def test_an_unknown_job_has_no_stream(api_url):
-    response = requests.get(f"{api_url}/v1/jobs/{'0' * 32}/events", timeout=10)
+    response = http.get(f"{api_url}/v1/jobs/{'0' * 32}/events", timeout=10)
     assert response.status_code == 404 and response.json()["error"]["field"] == "job_id"
 
 
 def test_queued_jobs_show_their_place_in_line(idle_api):
     ids = [submit(idle_api, prompt=f"in line {i}") for i in range(3)]
     try:
-        places = [requests.get(f"{idle_api}/v1/jobs/{i}", timeout=10).json()["place_in_line"] for i in ids]
+        places = [http.get(f"{idle_api}/v1/jobs/{i}", timeout=10).json()["place_in_line"] for i in ids]
         positions = [place["position"] for place in places]
         assert positions == sorted(positions) and positions[1] == positions[0] + 1 == positions[2] - 1
         # nothing finished on this queue lately: no rate to estimate a start from
         assert all(place["estimated_start_at"] is None for place in places)
     finally:
         for job_id in ids:
-            requests.post(f"{idle_api}/v1/jobs/{job_id}/cancel", timeout=10)
-    assert requests.get(f"{idle_api}/v1/jobs/{ids[0]}", timeout=10).json()["place_in_line"] is None
+            http.post(f"{idle_api}/v1/jobs/{job_id}/cancel", timeout=10)
+    assert http.get(f"{idle_api}/v1/jobs/{ids[0]}", timeout=10).json()["place_in_line"] is None
 
 
 def test_a_hundred_waiting_clients_do_not_starve_the_api(idle_api):
@@ -84,16 +84,31 @@ def test_a_hundred_waiting_clients_do_not_starve_the_api(idle_api):
 
     def wait(job_id: str) -> requests.Response:
         holding.wait()
-        return requests.get(f"{idle_api}/v1/jobs/{job_id}", headers={"Prefer": "wait=60"}, timeout=90)
+        return http.get(f"{idle_api}/v1/jobs/{job_id}", headers={"Prefer": "wait=60"}, timeout=90)
 
     with ThreadPoolExecutor(100) as pool:
         waiting = [pool.submit(wait, job_id) for job_id in ids]
         holding.wait()
         # all 100 are held now; the API still answers, and none of them has returned
         assert requests.get(f"{idle_api}/healthz", timeout=10).status_code == 200
-        assert requests.get(f"{idle_api}/v1/jobs/{ids[0]}", timeout=10).json()["state"] == "QUEUED"
+        assert http.get(f"{idle_api}/v1/jobs/{ids[0]}", timeout=10).json()["state"] == "QUEUED"
         assert not any(w.done() for w in waiting)
         for job_id in ids:
-            assert requests.post(f"{idle_api}/v1/jobs/{job_id}/cancel", timeout=10).status_code == 200
+            assert http.post(f"{idle_api}/v1/jobs/{job_id}/cancel", timeout=10).status_code == 200
         answers = [w.result() for w in waiting]
     assert all(a.status_code == 200 and a.json()["state"] == "CANCELED" for a in answers)
+
+
+def test_the_backlog_counts_queued_and_running_jobs_per_queue(idle_api):
+    """What an autoscaler reads: the idle queue's QUEUED jobs, in JSON and for Prometheus."""
+    before = requests.get(f"{idle_api}/metrics/backlog", timeout=10).json()["queues"]["fleet.idle"]
+    ids = [submit(idle_api, prompt=f"backlog {i}") for i in range(2)]
+    try:
+        after = requests.get(f"{idle_api}/metrics/backlog", timeout=10).json()["queues"]["fleet.idle"]
+        assert after["queued"] == before["queued"] + 2 and after["backlog"] == after["queued"] + after["running"]
+        text = requests.get(f"{idle_api}/metrics", timeout=10).text
+        assert f'fleet_backlog{{queue="fleet.idle"}} {float(after["backlog"])}' in text
+    finally:
+        for job_id in ids:
+            http.post(f"{idle_api}/v1/jobs/{job_id}/cancel", timeout=10)
+    assert requests.get(f"{idle_api}/metrics/backlog", timeout=10).json()["queues"]["fleet.idle"] == before

@@ -30,6 +30,7 @@ from fleet.stack import start_worker as start_worker_process
 from tasks.jobs import Job, JobState
 from tasks.storage import make_storage
 from tasks.store import JobStore
+from tests.helpers import http
 
 #: batches of 8 take ~0.5 s: long enough to kill a worker in the middle of one
 SIM_MODEL = "sim:a=0.04,b=0.2"
@@ -161,7 +162,7 @@ class FaultFleet:
     # -- jobs --------------------------------------------------------------------------
     def submit(self, **body) -> requests.Response:
         body = {"prompt": "fault test", "steps": 4, **body}
-        response = requests.post(f"{self.api_url}/v1/jobs", json=body, timeout=30)
+        response = http.post(f"{self.api_url}/v1/jobs", json=body, timeout=30)
         if response.status_code == 202:
             self.ledger.accepted.append(response.json()["id"])
         else:

@@ -10,6 +10,7 @@ import requests
 from fleet.processes import Server
 from tasks.jobs import Job, JobState, new_job_id, parse_request
 from tasks.store import KEY_PREFIX, OUTBOX_KEY, now
+from tests.helpers import http
 
 
 def retried(worker: Server, what: str, reason: str) -> bool:
@@ -141,6 +142,6 @@ def test_job_records_expire_after_their_ttl(make_fleet):
     job_id = fleet.submit().json()["id"]
     fleet.settle()
     assert 0 < fleet.store.ttl(job_id) <= 3
-    status = lambda: requests.get(f"{fleet.api_url}/v1/jobs/{job_id}", timeout=10).status_code  # noqa: E731
+    status = lambda: http.get(f"{fleet.api_url}/v1/jobs/{job_id}", timeout=10).status_code  # noqa: E731
     assert status() == 200
     fleet.wait_until(lambda: status() == 404, 10, "the record to expire")

@@ -17,6 +17,7 @@ from PIL import Image
 
 from fleet.client import FleetAPIError, FleetClient, ProgressEvent, StateEvent, _server_sent_events
 from tasks.jobs import GenerationSpec, JobState
+from tasks.keys import DEV_KEY
 from tasks.views import JobView
 
 
@@ -40,7 +41,7 @@ def test_server_sent_events_are_parsed_as_they_are_framed():
 
 @pytest.fixture
 def client(api_url) -> Iterator[FleetClient]:
-    with FleetClient(api_url) as client:
+    with FleetClient(api_url, api_key=DEV_KEY) as client:
         yield client
 
 
@@ -98,7 +99,7 @@ def test_an_api_error_names_its_field(client):
 
 @pytest.mark.e2e
 def test_a_canceled_job_is_what_wait_returns(idle_api):
-    with FleetClient(idle_api) as client:
+    with FleetClient(idle_api, api_key=DEV_KEY) as client:
         job = client.submit("never run")
         assert client.wait(job.id, timeout_s=0.5).state is JobState.QUEUED  # as it stands when time runs out
         canceled = client.cancel(job.id)

@@ -14,7 +14,7 @@ from PIL import Image
 from fleet.local import read_procfile, select_processes
 from fleet.processes import BIN, Server, free_port, port_open, wait_for
 
-PROCS = {"redis": "r", "s3": "s", "web": "w", "worker": "k", "flower": "f"}
+PROCS = {"redis": "r", "s3": "s", "web": "w", "worker": "k", "hooks": "h", "flower": "f"}
 
 
 def test_the_procfile_lists_the_whole_fleet():
@@ -46,14 +46,14 @@ def test_the_embedded_redis_takes_path_first_then_a_packaged_binary_else_says_wh
 def test_auto_embeds_only_what_is_not_configured():
     assert set(select_processes(PROCS, "auto", {})) == set(PROCS)
     external_redis = select_processes(PROCS, "auto", {"FLEET_REDIS_URL": "redis://elsewhere:6379/0"})
-    assert set(external_redis) == {"s3", "web", "worker", "flower"}
+    assert set(external_redis) == {"s3", "web", "worker", "hooks", "flower"}
     both = select_processes(PROCS, "auto", {"FLEET_REDIS_URL": "x", "FLEET_S3_ENDPOINT_URL": "y"})
-    assert set(both) == {"web", "worker", "flower"}
+    assert set(both) == {"web", "worker", "hooks", "flower"}
 
 
 def test_an_explicit_list_wins():
-    assert set(select_processes(PROCS, "s3", {})) == {"s3", "web", "worker", "flower"}
-    assert set(select_processes(PROCS, "", {})) == {"web", "worker", "flower"}
+    assert set(select_processes(PROCS, "s3", {})) == {"s3", "web", "worker", "hooks", "flower"}
+    assert set(select_processes(PROCS, "", {})) == {"web", "worker", "hooks", "flower"}
 
 
 @pytest.mark.e2e

@@ -8,10 +8,10 @@ import signal
 import subprocess
 
 import pytest
-import requests
 from PIL import Image
 
 from fleet.processes import BIN
+from tests.helpers import http
 
 pytestmark = pytest.mark.e2e
 
@@ -44,8 +44,8 @@ def test_no_wait_prints_the_job_id(idle_api):
     result = fleet_submit("later", "--no-wait", "--api", idle_api)
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip()
-    assert requests.get(f"{idle_api}/v1/jobs/{job_id}", timeout=10).json()["state"] == "QUEUED"
-    requests.post(f"{idle_api}/v1/jobs/{job_id}/cancel", timeout=10)
+    assert http.get(f"{idle_api}/v1/jobs/{job_id}", timeout=10).json()["state"] == "QUEUED"
+    http.post(f"{idle_api}/v1/jobs/{job_id}/cancel", timeout=10)
 
 
 def test_ctrl_c_while_it_waits_cancels_the_job_and_exits_130(idle_api, tmp_path):
@@ -65,5 +65,5 @@ def test_ctrl_c_while_it_waits_cancels_the_job_and_exits_130(idle_api, tmp_path)
         process.kill()
     assert process.returncode == 130, stderr
     assert f"canceled job {job_id}" in stderr
-    assert requests.get(f"{idle_api}/v1/jobs/{job_id}", timeout=10).json()["state"] == "CANCELED"
+    assert http.get(f"{idle_api}/v1/jobs/{job_id}", timeout=10).json()["state"] == "CANCELED"
     assert not list(tmp_path.iterdir())

@@ -39,7 +39,7 @@ def test_a_missing_seed_is_drawn():
         ({"prompt": "a", "width": 65}, "width"),
         ({"prompt": "a", "height": 0}, "height"),
         ({"prompt": "a", "width": "64"}, "width"),
-        ({"prompt": "a", "width": 64.0}, "width"),
+        ({"prompt": "a", "width": 64.5}, "width"),  # 64.0 is 64: JSON Schema calls it an integer
         ({"prompt": "a", "width": 512, "height": 512}, "width"),
         ({"prompt": "a", "height": 2048}, "height"),
         ({"prompt": "a", "steps": 0}, "steps"),

@@ -19,7 +19,7 @@ def test_image_keys_are_per_job_and_index():
 
 def test_a_presigned_url_downloads_the_object_and_states_its_expiry(storage, settings):
     key = image_key(new_job_id(), 0)
-    storage.put_png(key, b"\x89PNG fake")
+    storage.put_image(key, b"\x89PNG fake", "image/png")
     signed = storage.presign(key)
     assert signed.expires_in_s == settings.url_expiry_s
     assert parse_qs(urlparse(signed.url).query)["X-Amz-Expires"] == [str(settings.url_expiry_s)]
@@ -28,7 +28,7 @@ def test_a_presigned_url_downloads_the_object_and_states_its_expiry(storage, set
 
 def test_the_bucket_is_private(storage, settings):
     key = image_key(new_job_id(), 0)
-    storage.put_png(key, b"secret")
+    storage.put_image(key, b"secret", "image/png")
     unsigned = f"{settings.s3_endpoint_url}/{settings.s3_bucket}/{key}"
     assert requests.get(unsigned, timeout=10).status_code == 403
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tasks.jobs import BatchInfo, Job, JobState, JobUpdate, Timings, new_job_id, parse_request
@@ -76,3 +78,14 @@ def test_an_update_is_stored_typed_and_read_back_as_it_was_written(store, job):
     record = store.get(job.id)
     assert record.finished_at == 1234.5 and record.image_keys == update.image_keys
     assert record.timings == update.timings and record.batch == {"id": "7-3", "images": 8}
+
+
+def test_the_backlog_follows_a_job_from_queued_to_running_to_done(store):
+    spec = parse_request({"prompt": "a", "seed": 1}, Settings())
+    job = Job(id=new_job_id(), state=JobState.QUEUED, spec=spec, created_at=time.time(), queue="backlog-test")
+    store.create(job, publish_by=job.created_at + 30)
+    assert store.backlog(["backlog-test"]) == {"backlog-test": (1, 0)}
+    store.transition(job.id, JobState.RUNNING)
+    assert store.backlog(["backlog-test"]) == {"backlog-test": (0, 1)}
+    store.transition(job.id, JobState.SUCCEEDED)
+    assert store.backlog(["backlog-test"]) == {"backlog-test": (0, 0)}

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from tasks.errors import PipelineError
+from tasks.errors import JobCanceled, PipelineError
 from tasks.settings import WarmShape
 from tests.helpers import FakeModel
 from workers.batcher import Batcher, BatchPolicy
@@ -221,3 +221,47 @@ def test_an_engine_that_cannot_restart_releases_the_waiting_jobs_and_stops_the_w
         waiting.result(5)
     assert first.exception(5) is not None
     assert lost == ["the device is gone"]
+
+
+def test_a_canceled_job_waiting_for_the_engine_never_runs():
+    model = FakeModel(call_s=0.3)
+    runner = make_runner(model, wait_s=0)
+    running = runner.submit(KEY, work("first"))
+    waiting = runner.submit(CompatKey("fake", 16, 8, 1, 1.0), work("second"))  # queued behind it
+    assert runner.cancel("nobody", "x") is False  # no job with that tag
+    tagged = runner.submit(CompatKey("fake", 24, 8, 1, 1.0), work("third"), tag="job-3")
+    assert runner.cancel("job-3", "canceled by its client")
+    with pytest.raises(JobCanceled):
+        tagged.result(5)
+    running.result(5), waiting.result(5)
+    runner.stop()
+    assert ["third"] not in model.calls
+
+
+def test_a_running_job_alone_stops_at_its_next_step():
+    model = FakeModel(call_s=2.0)
+    runner = make_runner(model)
+    future = runner.submit(CompatKey("fake", 8, 8, 20, 1.0), work("long"), tag="job-1")
+    while model.steps_run == 0:
+        time.sleep(0.01)
+    assert runner.cancel("job-1", "canceled by its client")
+    with pytest.raises(JobCanceled):
+        future.result(5)
+    runner.stop()
+    assert model.steps_run < 20  # the engine stopped the call early
+
+
+def test_a_job_canceled_in_a_shared_batch_leaves_its_neighbour_its_images():
+    model = FakeModel(call_s=0.5)
+    runner = make_runner(model, wait_s=0.2)
+    key = CompatKey("fake", 8, 8, 10, 1.0)
+    stays = runner.submit(key, work("stays", seed=5), tag="job-a")
+    leaves = runner.submit(key, work("leaves", seed=6), tag="job-b")
+    while not model.calls:
+        time.sleep(0.01)
+    assert runner.cancel("job-b", "canceled by its client")
+    with pytest.raises(JobCanceled):
+        leaves.result(5)
+    result = stays.result(5)
+    runner.stop()
+    assert model.calls == [["stays", "leaves"]] and result.batch_images == 2 and red(result) == 5

@@ -1,0 +1,268 @@
+"""The body of ``POST /v1/jobs``: one pydantic model per configuration, carrying every bound.
+
+``request_model(bounds)`` builds the model from the configured bounds (``RequestBounds``)
+once per configuration. The API validates with it and the OpenAPI document shows its JSON
+Schema, so the two cannot disagree: every request the document calls valid is accepted,
+and every refusal names its field. The two rules a field's own schema cannot carry (the
+pixel budget, and ``webhook_events`` needing a ``webhook``) are checked in
+``_check_combination`` and written as JSON Schema beside it, in ``_combination_schema``.
+
+Patterns are written for three regex engines at once (JSON Schema's ECMA dialect, Python's
+``re`` that Hypothesis generates from, pydantic's Rust ``regex``): explicit character
+classes with ``\\uXXXX`` escapes, no ``\\s``/``\\w``, no lookarounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from tasks.destinations import MAX_URL_CHARS, url_pattern
+from tasks.errors import ValidationFailed
+from tasks.settings import Settings
+
+#: What a job's webhook may be sent for: it started, each step, it ended.
+WebhookEvent = Literal["start", "progress", "completed"]
+WEBHOOK_EVENTS: tuple[str, ...] = ("start", "progress", "completed")
+#: Priorities within a queue, highest first where the broker orders by them.
+MAX_PRIORITY = 9
+MAX_SEED = 2**63 - 1
+MAX_DEADLINE_MS = 3_600_000
+MAX_GUIDANCE_SCALE = 50
+
+#: C0 and C1 control characters, which no prompt needs (a NUL truncates strings in C code
+#: downstream, an escape sequence rewrites a log reader's terminal); tab, line feed and
+#: carriage return stay allowed: prompts are pasted text.
+_CONTROL = r"\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F"
+#: Blank: Unicode white space and the zero-width characters. A prompt of only these is
+#: empty (the rule is this pattern, not ``str.strip()``, which would keep "\u200b").
+_BLANK = r"\t\n\r \u00A0\u1680\u180E\u2000-\u200D\u2028\u2029\u202F\u205F\u2060\u3000\uFEFF"
+PROMPT_PATTERN = f"^[{_BLANK}]*[^{_CONTROL}{_BLANK}][^{_CONTROL}]*$"
+TEXT_PATTERN = f"^[^{_CONTROL}]*$"
+
+_NO_CONTROL = "without control characters other than tab, line feed and carriage return"
+
+
+def _whole(value: Any) -> Any:
+    """JSON does not tell 64 from 64.0 and JSON Schema calls both integers, so a float
+    without a fraction is the integer it equals; ``"64"``, ``true`` and ``64.5`` are not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(**bounds: int) -> Any:
+    """An integer as JSON has it (strict, but ``64.0`` is 64) within ``bounds`` (``ge``,
+    ``le``, ``multiple_of``): bounds first, so the JSON Schema carries them as keywords."""
+    return Annotated[StrictInt, Field(**bounds), BeforeValidator(_whole)]
+
+
+class JobRequest(BaseModel):
+    """The fields of a job request and the bounds no setting changes; ``request_model``
+    adds the configured ones. Types are strict: ``"64"`` is not a width."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: field -> what a valid value is, for its error message and its description.
+    rules: ClassVar[dict[str, str]] = {
+        "guidance_scale": f"a number from 0 to {MAX_GUIDANCE_SCALE}",
+        "seed": f"an integer from 0 to {MAX_SEED}",
+        "deadline_ms": f"an integer from 1 to {MAX_DEADLINE_MS}",
+        "output_format": "one of png, webp, jpeg",
+        "output_quality": "an integer from 1 to 100",
+        "service_class": "one of interactive, batch",
+        "priority": f"an integer from 0 to {MAX_PRIORITY}",
+        "webhook_events": f"a list of events among {', '.join(WEBHOOK_EVENTS)}",
+    }
+
+    prompt: StrictStr
+    negative_prompt: StrictStr | None = None
+    width: integer() | None = None
+    height: integer() | None = None
+    steps: integer() | None = None
+    guidance_scale: Annotated[float, Field(strict=True, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False)] | None = (
+        Field(None, description="Classifier-free guidance; null: the configured default.")
+    )
+    seed: integer(ge=0, le=MAX_SEED) | None = Field(
+        None, description="Image i uses seed + i; null: a random seed (shown in the job)."
+    )
+    num_images: integer() = 1
+    deadline_ms: integer(ge=1, le=MAX_DEADLINE_MS) | None = Field(
+        None, description="Best effort: a batch flushes early rather than miss it."
+    )
+    output_format: Literal["png", "webp", "jpeg"] = "png"
+    output_quality: integer(ge=1, le=100) | None = Field(
+        None, description="webp and jpeg quality; null: the worker's default."
+    )
+    service_class: Literal["interactive", "batch"] | None = Field(
+        None, description="The queue: interactive (small batches, low latency) or batch; null: the configured default."
+    )
+    priority: integer(ge=0, le=MAX_PRIORITY) | None = Field(
+        None, description="Higher runs first within its queue; null: 0."
+    )
+    webhook: StrictStr | None = None
+    webhook_events: list[WebhookEvent] | None = Field(
+        None, description="Which events the webhook gets; needs a webhook; null: all of them."
+    )
+
+
+@dataclass(frozen=True)
+class RequestBounds:
+    """The settings a request is checked against: what ``request_model`` is built (and
+    cached) from."""
+
+    max_prompt_chars: int
+    max_side: int
+    max_pixels: int
+    max_steps: int
+    max_images_per_job: int
+    default_width: int
+    default_height: int
+    webhook_allow_private: bool
+
+    @classmethod
+    def of(cls, settings: Settings) -> RequestBounds:
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+    @property
+    def largest_side(self) -> int:
+        """The widest (or tallest) image any request can get: the configured side, or less
+        where the pixel budget leaves no room for the other side's minimum of 8."""
+        return min(self.max_side, self.max_pixels // 64 * 8)
+
+    def tallest(self, width: int) -> int:
+        """The largest height the pixel budget allows beside ``width``."""
+        return min(self.largest_side, self.max_pixels // width // 8 * 8)
+
+
+@lru_cache(maxsize=8)
+def request_model(bounds: RequestBounds) -> type[JobRequest]:
+    """``JobRequest`` with the configured bounds: the model the API validates with and the
+    schema its OpenAPI document shows."""
+    side, chars = bounds.largest_side, bounds.max_prompt_chars
+    limits = {
+        "prompt": f"a string of 1 to {chars} characters, not blank, {_NO_CONTROL}",
+        "negative_prompt": f"a string of at most {chars} characters, {_NO_CONTROL}",
+        "width": f"a multiple of 8 from 8 to {side}",
+        "height": f"a multiple of 8 from 8 to {side}",
+        "steps": f"an integer from 1 to {bounds.max_steps}",
+        "num_images": f"an integer from 1 to {bounds.max_images_per_job}",
+        "webhook": (
+            f"an http:// or https:// URL of at most {MAX_URL_CHARS} printable ASCII characters with a host "
+            + ("name or a literal IP address" if bounds.webhook_allow_private else "name (not a literal IP address)")
+            + ", without credentials"
+        ),
+    }
+    Side = integer(ge=8, le=side, multiple_of=8)
+    budget = f"Width x height must be at most {bounds.max_pixels} pixels."
+    webhook_pattern = url_pattern(bounds.webhook_allow_private)
+
+    class BoundedJobRequest(JobRequest):
+        """An image-generation job. Types are strict ("64" is not a width); unknown fields
+        are refused."""
+
+        model_config = ConfigDict(title="JobRequest", json_schema_extra=_combination_schema(bounds))
+        rules: ClassVar[dict[str, str]] = {**JobRequest.rules, **limits}
+
+        prompt: Annotated[StrictStr, Field(min_length=1, max_length=chars, pattern=PROMPT_PATTERN)] = Field(
+            description=f"What to draw: {limits['prompt']}."
+        )
+        negative_prompt: Annotated[StrictStr, Field(max_length=chars, pattern=TEXT_PATTERN)] | None = Field(
+            None, description=f"What to steer away from: {limits['negative_prompt']}."
+        )
+        width: Side | None = Field(
+            None, description=f"Pixels: {limits['width']}; null: {bounds.default_width}. {budget}"
+        )
+        height: Side | None = Field(
+            None, description=f"Pixels: {limits['height']}; null: {bounds.default_height}. {budget}"
+        )
+        steps: integer(ge=1, le=bounds.max_steps) | None = Field(
+            None, description="Denoising steps; null: the configured default."
+        )
+        num_images: integer(ge=1, le=bounds.max_images_per_job) = Field(
+            1, description="Images of this prompt, each with its own seed."
+        )
+        webhook: Annotated[StrictStr, Field(max_length=MAX_URL_CHARS, pattern=webhook_pattern)] | None = Field(
+            None, description=f"Where to POST signed events of this job: {limits['webhook']}."
+        )
+
+    return BoundedJobRequest
+
+
+def validate_request(body: Any, settings: Settings) -> JobRequest:
+    """The request, checked against the configured bounds; ``ValidationFailed`` names the
+    first offending field."""
+    bounds = RequestBounds.of(settings)
+    model = request_model(bounds)
+    request = validate_body(body, model, model.rules)
+    _check_combination(request, bounds)
+    return request
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def validate_body(body: Any, schema: type[Body], rules: dict[str, str] | None = None) -> Body:
+    """``body`` checked against ``schema`` (the job's, or another route's), so every route
+    refuses a body in the same words; ``rules`` says in words what each field must be."""
+    if not isinstance(body, dict):
+        raise ValidationFailed("the body must be a JSON object", field=None)
+    try:
+        return schema.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else None
+        if first["type"] == "extra_forbidden":
+            message = f"unknown field '{name}'"
+        elif first["type"] == "missing":
+            message = f"'{name}' is required"
+        elif rules and name in rules:
+            message = f"'{name}' must be {rules[name]}"
+        else:
+            message = f"'{name}': {first['msg']}"
+        raise ValidationFailed(message, field=name) from None
+
+
+def _check_combination(request: JobRequest, bounds: RequestBounds) -> None:
+    """The rules that span two fields (``_combination_schema`` writes them as JSON Schema)."""
+    width = bounds.default_width if request.width is None else request.width
+    height = bounds.default_height if request.height is None else request.height
+    if width * height > bounds.max_pixels:
+        raise ValidationFailed(
+            f"width x height = {width * height} pixels is over the budget of {bounds.max_pixels}", field="width"
+        )
+    if request.webhook_events is not None and request.webhook is None:
+        raise ValidationFailed("'webhook_events' needs a 'webhook'", field="webhook_events")
+
+
+def _combination_schema(bounds: RequestBounds) -> dict[str, Any]:
+    """``_check_combination``'s rules as JSON Schema ``if``/``then`` clauses.
+
+    The pixel budget is one clause per run of widths that share a tallest height (widths
+    whose full height range fits the budget need none): with the default bounds (512 a
+    side, 512 x 512 pixels) there are none at all. An omitted or null side is its default.
+    Many clauses stay valid JSON Schema but outgrow what schemathesis can generate from
+    (1024 a side in the same budget needs 93; it gave up between 20 and 50)."""
+    rules: list[dict[str, Any]] = [
+        {
+            "if": {"required": ["webhook_events"], "properties": {"webhook_events": {"type": "array"}}},
+            "then": {"required": ["webhook"], "properties": {"webhook": {"type": "string"}}},
+        }
+    ]
+    runs: dict[int, list[int]] = {}
+    for width in range(8, bounds.largest_side + 1, 8):
+        if (tallest := bounds.tallest(width)) < bounds.largest_side:
+            runs.setdefault(tallest, []).append(width)
+    for tallest, widths in runs.items():
+        height: dict[str, Any] = {"maximum": tallest}
+        then: dict[str, Any] = {"properties": {"height": height}}
+        if bounds.default_height > tallest:  # an omitted height would be over the budget
+            height["type"] = "integer"
+            then["required"] = ["height"]
+        width_is = {"type": "integer", "minimum": widths[0], "maximum": widths[-1]}
+        rules.append({"if": {"required": ["width"], "properties": {"width": width_is}}, "then": then})
+    if (tallest := bounds.tallest(bounds.default_width)) < bounds.largest_side:
+        width_given = {"required": ["width"], "properties": {"width": {"type": "integer"}}}
+        rules.append({"if": {"not": width_given}, "then": {"properties": {"height": {"maximum": tallest}}}})
+    return {"allOf": rules}
