@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--seed", type=int)
     submit.add_argument("--guidance-scale", type=float)
     submit.add_argument("--negative-prompt")
+    submit.add_argument("--format", choices=("png", "webp", "jpeg"), help="the images' format (default: png)")
+    submit.add_argument("--service-class", choices=("interactive", "batch"), help="the queue (default: the API's)")
     submit.add_argument(
         "--api", help="the API's URL (default: FLEET_API_URL, else http://FLEET_API_HOST:FLEET_API_PORT)"
     )

@@ -31,7 +31,9 @@ from typing import Any, Literal
 
 import requests
 
+from tasks.jobs import OUTPUT_TYPES
 from tasks.settings import ClientSettings
+from tasks.storage import EXTENSIONS
 from tasks.views import JobView
 
 #: The longest the API holds one request (``app.waiting.MAX_WAIT_S``).
@@ -40,7 +42,8 @@ MAX_WAIT_S = 60.0
 #: the connection is taken for dead.
 STREAM_SILENCE_S = 45.0
 
-_EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/jpeg": "jpg"}
+#: Content-Type -> file extension, as the images are stored (``jpeg`` -> ``.jpg``).
+_EXTENSIONS = {content_type: EXTENSIONS[output_format] for output_format, content_type in OUTPUT_TYPES.items()}
 
 
 class FleetAPIError(Exception):
@@ -148,17 +151,22 @@ class FleetClient:
         num_images: int | None = None,
         deadline_ms: int | None = None,
         output_format: Literal["png", "webp", "jpeg"] | None = None,
+        output_quality: int | None = None,
         service_class: Literal["interactive", "batch"] | None = None,
+        priority: int | None = None,
+        webhook: str | None = None,
+        webhook_events: list[str] | None = None,
         wait_s: float | None = None,
         idempotency_key: str | None = None,
         cancel_after: float | None = None,
     ) -> JobView:
-        """Submit a job; fields left None take the API's defaults (and are not sent, so an
-        API that does not know ``output_format`` or ``service_class`` yet still takes the
-        rest). ``wait_s``: return once the job ends or that many seconds pass, the first
-        60 of them in the submitting request itself (``Prefer: wait``), the rest in
-        ``wait``. ``cancel_after``: seconds after which the API cancels the job if no
-        model call has started it."""
+        """Submit a job; fields left None take the API's defaults (they are not sent, so an
+        API older than a field still takes the rest). ``wait_s``: return once the job
+        ends or that many seconds pass, the first 60 of them in the submitting request
+        itself (``Prefer: wait``), the rest in ``wait``. ``idempotency_key``: the same
+        request sent again with it (after a timeout, say) answers with the job it made
+        instead of making a second. ``cancel_after``: seconds after which the API cancels
+        the job if no model call has started it."""
         fields = {
             "negative_prompt": negative_prompt,
             "width": width,
@@ -169,7 +177,11 @@ class FleetClient:
             "num_images": num_images,
             "deadline_ms": deadline_ms,
             "output_format": output_format,
+            "output_quality": output_quality,
             "service_class": service_class,
+            "priority": priority,
+            "webhook": webhook,
+            "webhook_events": webhook_events,
         }
         body = {"prompt": prompt} | {name: value for name, value in fields.items() if value is not None}
         headers = {}

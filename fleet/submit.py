@@ -48,6 +48,8 @@ def _submit(client: FleetClient, args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         seed=args.seed,
         num_images=args.num_images,
+        output_format=args.format,
+        service_class=args.service_class,
     )
     if args.no_wait:
         print(job.id)

@@ -84,6 +84,11 @@ def test_download_writes_the_images_named_by_job_and_index(client, tmp_path):
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size == (job.request.width, job.request.height)
     assert not list((tmp_path / "out").glob("*.part"))
+    webp = client.submit("a webp lighthouse", steps=4, output_format="webp", wait_s=60)
+    (path,) = client.download(webp, tmp_path / "out")
+    assert path.name == f"{webp.id}-0.webp"
+    with Image.open(path) as image:
+        assert image.format == "WEBP"
 
 
 @pytest.mark.e2e
