@@ -1,5 +1,6 @@
 """``fleet``: the command line of diffusion-fleet.
 
+fleet submit PROMPT      generate images through a running fleet's API, with a progress bar
 fleet up                 set up and run a local fleet (Procfile, via honcho)
 fleet model init [DIR]   write the tiny local model (default: FLEET_STATE_DIR/models/tiny)
 fleet redis | s3         the embedded servers ``fleet up`` starts when none is configured
@@ -95,6 +96,12 @@ def _keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from fleet.submit import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +109,30 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="set up and run a local fleet")
     up.add_argument("--procfile", default="Procfile")
     up.set_defaults(func=_up)
+
+    submit = sub.add_parser(
+        "submit",
+        help="generate images through a running fleet's API",
+        description="Submits a job, shows its progress (its place in line while it waits), saves the images under -o "
+        "and prints their paths. Ctrl-C while it waits cancels the job. It sends FLEET_API_KEY (default: the local "
+        "fleet's development key). Exit status: 0 saved, 1 refused, failed or canceled, 130 interrupted.",
+    )
+    submit.add_argument("prompt")
+    submit.add_argument("-n", "--num-images", type=int, help="images of this prompt (seeds seed, seed+1, ...)")
+    submit.add_argument("-o", "--output", default=".", help="directory for the images (default: the current one)")
+    submit.add_argument("--width", type=int)
+    submit.add_argument("--height", type=int)
+    submit.add_argument("--steps", type=int)
+    submit.add_argument("--seed", type=int)
+    submit.add_argument("--guidance-scale", type=float)
+    submit.add_argument("--negative-prompt")
+    submit.add_argument("--format", choices=("png", "webp", "jpeg"), help="the images' format (default: png)")
+    submit.add_argument("--service-class", choices=("interactive", "batch"), help="the queue (default: the API's)")
+    submit.add_argument(
+        "--api", help="the API's URL (default: FLEET_API_URL, else http://FLEET_API_HOST:FLEET_API_PORT)"
+    )
+    submit.add_argument("--no-wait", action="store_true", help="print the job's id and exit once it is accepted")
+    submit.set_defaults(func=_submit)
 
     model = sub.add_parser("model", help="model commands").add_subparsers(dest="model_command", required=True)
     init = model.add_parser("init", help="write a local model with random weights (tiny, or the real SD shapes)")

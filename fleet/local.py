@@ -266,6 +266,9 @@ def banner() -> str:
       -H 'Content-Type: application/json' -d '{body}' \\
       | python3 -c 'import json,sys; print(json.load(sys.stdin)["images"][0]["url"])'
 
+  Or save its image under out/, with a progress bar (FLEET_API_KEY is the key it sends):
+    fleet submit "a lighthouse at dusk" --seed 7 -o out/ --api {api}
+
   Ctrl-C stops everything.
 """
 

@@ -261,3 +261,20 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process's settings, validated once at first use."""
     return Settings()
+
+
+class ClientSettings(BaseSettings):
+    """What a client of the API reads (``fleet submit``, ``FleetClient.from_env``). Apart
+    from ``Settings`` so that a user's machine needs none of the fleet's own settings, and
+    a fleet setting that is wrong there never stops a client."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", frozen=True)
+
+    api_url: str = ""  # empty: http://FLEET_API_HOST:FLEET_API_PORT, the local fleet
+    api_key: str = Settings.model_fields["api_key"].default  # sent as Authorization: Bearer
+    api_host: str = Settings.model_fields["api_host"].default
+    api_port: int = Settings.model_fields["api_port"].default
+
+    @property
+    def base_url(self) -> str:
+        return (self.api_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")

@@ -9,7 +9,6 @@ Linux only (reads /proc).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import tempfile
 import time
@@ -17,24 +16,12 @@ from pathlib import Path
 
 from fleet.bench.bare import measure_bare
 from fleet.bench.batching import uniform_mix
+from fleet.bench.cputime import cpu_s, tree_cpu_s
 from fleet.bench.fleetrun import FleetConfig
 from fleet.bench.load import LoadSpec, run_load
 from fleet.bench.results import summarize
 from fleet.processes import free_port
 from fleet.stack import RedisServer, s3_env, start_api, start_s3, start_worker
-
-HZ = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int, tid: int | None = None) -> float:
-    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
-    fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / HZ
-
-
-def tree_cpu_s(pid: int) -> float:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return cpu_s(pid) + sum(tree_cpu_s(int(c)) for c in children)
 
 
 def main() -> None:
@@ -58,7 +45,7 @@ def main() -> None:
     try:
         before = {name: tree_cpu_s(pid) for name, pid in procs.items()}
         model_before, client_before, started = cpu_s(procs["worker"], model_tid), time.process_time(), time.time()
-        run = run_load(api_url, uniform_mix(args.size, 20), LoadSpec(concurrency=32, jobs=args.jobs), redis_server.url)
+        run = run_load(api_url, uniform_mix(args.size, 20), LoadSpec(concurrency=32, jobs=args.jobs))
         wall = time.time() - started
         used = {name: tree_cpu_s(pid) - before[name] for name, pid in procs.items()}
         used["bench client"] = time.process_time() - client_before

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fleet.bench.bare import BareRow, time_bare
 from fleet.bench.fleetrun import FleetConfig, running_fleet
+from fleet.bench.follow import Follow
 from fleet.bench.load import LoadSpec, run_load
 from fleet.bench.mix import RequestMix, RequestShape
 from fleet.bench.results import Summary, summarize
@@ -57,6 +58,11 @@ class Pair:
     @property
     def bare_images_per_s(self) -> float:
         return (self.bare_before.images_per_s + self.bare_after.images_per_s) / 2
+
+    @property
+    def label(self) -> str:
+        follow = self.point.load.follow
+        return self.point.config.label + ("" if follow == Follow() else f", client {follow.label}")
 
     @property
     def ratio(self) -> float:
@@ -123,24 +129,37 @@ def report(size: int, steps: int, pairs: list[Pair], compiled: Compiled | None =
         f"#### {size}x{size}, {steps} steps",
         "",
         "| fleet configuration | fleet images/s (steady) | bare images/s, same batch (before / after) "
-        "| fleet / bare (steady) | batch sizes (images: calls) | model call, fleet vs bare | first call |",
-        "|---|---|---|---|---|---|---|",
+        "| fleet / bare (steady) | batch sizes (images: calls) | model call, fleet vs bare | first call "
+        "| CPU per image: API / Redis / client |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for pair in pairs:
         s, limit = pair.point.summary, pair.point.config.max_batch_images
         sizes = ", ".join(f"{k}: {v}" for k, v in s.batch_sizes.items())
         bare_call = (pair.bare_before.per_call_s + pair.bare_after.per_call_s) / 2
         lines.append(
-            f"| {pair.point.config.label} | {s.images_per_s:.2f} ({s.steady_images_per_s:.2f}) "
+            f"| {pair.label} | {s.images_per_s:.2f} ({s.steady_images_per_s:.2f}) "
             f"| {pair.bare_images_per_s:.2f} ({pair.bare_before.images_per_s:.2f} / "
             f"{pair.bare_after.images_per_s:.2f}) | **{pair.ratio:.2f}** ({pair.steady_ratio:.2f}) "
             f"| {sizes} | {s.phases['inference']['mean'] * 1000:.0f} ms vs {bare_call * 1000:.0f} ms (batch {limit}) "
-            f"| {s.first_call_s * 1000:.0f} ms |"
+            f"| {s.first_call_s * 1000:.0f} ms "
+            f"| {' / '.join(f'{pair.point.cpu_ms_per_image(p):.1f}' for p in ('api', 'redis', 'client'))} ms |"
         )
+    by_config: dict[str, list[Pair]] = {}
+    for pair in pairs:
+        by_config.setdefault(pair.point.config.label, []).append(pair)
+    for label, same in by_config.items():
+        if len(same) > 1:
+            ratios = ", ".join(
+                f"client {p.point.load.follow.label} **{p.ratio:.2f}** (steady {p.steady_ratio:.2f})" for p in same
+            )
+            lines += ["", f"- fleet / bare at {label}: {ratios}"]
     fixed = {
         p.point.config.max_batch_images: p
         for p in pairs
-        if p.point.config.policy == "fixed" and p.point.config.engine == "process"
+        if p.point.config.policy == "fixed"
+        and p.point.config.engine == "process"
+        and p.point.load.follow == pairs[0].point.load.follow
     }
     if 8 in fixed and 1 in fixed:
         bare_gain = fixed[8].bare_images_per_s / fixed[1].bare_images_per_s
@@ -180,9 +199,11 @@ def run(
     burst: bool = True,
     configs: tuple[FleetConfig, ...] = CONFIGS,
     compile_mode: str | None = None,
+    follows: tuple[Follow, ...] = (Follow(),),
 ) -> str:
     """``burst``: all jobs sent at once (the issue's "same burst"); else a closed loop that
-    keeps submitting while batches run."""
+    keeps submitting while batches run. ``follows``: each configuration once per way of
+    following the jobs (what a polling client costs the fleet, against a waiting one)."""
     from workers.backends import load_model
     from workers.engine import EngineConfig
 
@@ -201,13 +222,15 @@ def run(
             out.with_suffix(".md").write_text(report(size, steps, pairs, compiled) + "\n")
 
     for config in configs:
-        calls = bare_calls(config.max_batch_images, jobs)
-        before = time_bare(model, key, config.max_batch_images, calls)
-        (point,) = run_sweep(model_ref, [config], [], uniform_mix(size, steps), saturation_jobs=jobs, burst=burst)
-        after = time_bare(model, key, config.max_batch_images, calls)
-        pairs.append(Pair(point, before, after))
-        save()
-        print(report(size, steps, pairs), flush=True)
+        for follow in follows:
+            calls = bare_calls(config.max_batch_images, jobs)
+            before = time_bare(model, key, config.max_batch_images, calls)
+            mix = uniform_mix(size, steps)
+            (point,) = run_sweep(model_ref, [config], [], mix, saturation_jobs=jobs, burst=burst, follow=follow)
+            after = time_bare(model, key, config.max_batch_images, calls)
+            pairs.append(Pair(point, before, after))
+            save()
+            print(report(size, steps, pairs), flush=True)
     if compile_mode:
         compiled = run_compiled(model, key, model_ref, size, steps, jobs, compile_mode)
         save()
@@ -224,8 +247,8 @@ def run_compiled(model, key: CompatKey, model_ref: str, size: int, steps: int, j
             cold_s = fleet.worker_start_s
             print(f"compiled worker ready in {cold_s:.1f} s (empty compile cache)", flush=True)
             load = saturation_load(config, jobs)
-            saturation = summarize(run_load(fleet.api_url, mix, load, redis_url=fleet.redis_url))
-            lone = summarize(run_load(fleet.api_url, mix, LoadSpec(concurrency=1, jobs=LONE_JOBS), fleet.redis_url))
+            saturation = summarize(run_load(fleet.api_url, mix, load))
+            lone = summarize(run_load(fleet.api_url, mix, LoadSpec(concurrency=1, jobs=LONE_JOBS)))
         bare8.append(time_bare(model, key, 8, bare_calls(8, jobs)))
         with running_fleet(model_ref, config, Path(tmp) / "cached", size, FLEET_COMPILE_CACHE_DIR=cache) as fleet:
             cached_s = fleet.worker_start_s

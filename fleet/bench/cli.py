@@ -5,6 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+FOLLOW_HELP = (
+    "how clients follow their jobs: wait (Prefer: wait, the default), stream (the event stream), or "
+    "poll:SECONDS (a GET of each job every SECONDS: only to measure what polling costs)"
+)
+
 
 def _ensure_model(model: str | None) -> str:
     from tasks.settings import get_settings
@@ -24,14 +29,20 @@ def _write(out: str | None, data) -> None:
 
 
 def _load(args) -> int:
+    from fleet.bench.follow import Follow
     from fleet.bench.load import LoadSpec, run_load
     from fleet.bench.mix import RequestMix
     from fleet.bench.results import summarize
 
     spec = LoadSpec(
-        rate=args.rate, concurrency=args.concurrency, jobs=args.jobs, duration_s=args.duration, seed=args.seed
+        rate=args.rate,
+        concurrency=args.concurrency,
+        jobs=args.jobs,
+        duration_s=args.duration,
+        seed=args.seed,
+        follow=Follow.parse(args.follow),
     )
-    summary = summarize(run_load(args.api, RequestMix.load(args.mix), spec, redis_url=args.redis))
+    summary = summarize(run_load(args.api, RequestMix.load(args.mix), spec))
     print(summary.to_markdown())
     _write(args.out, summary.to_dict())
     return 0
@@ -52,15 +63,22 @@ def _bare(args) -> int:
 
 def _sweep(args) -> int:
     from fleet.bench.fleetrun import FleetConfig
+    from fleet.bench.follow import Follow
     from fleet.bench.load import LoadSpec
     from fleet.bench.mix import RequestMix
     from fleet.bench.sweep import markdown_table, run_sweep, write
 
     configs = [FleetConfig.parse(c) for c in args.config] or [FleetConfig(8, 0, "fixed")]
     rates = [float(r) for r in args.rates.split(",")] if args.rates else []
-    loads = [LoadSpec(rate=r, jobs=args.jobs, duration_s=args.duration) for r in rates]
+    follow = Follow.parse(args.follow)
+    loads = [LoadSpec(rate=r, jobs=args.jobs, duration_s=args.duration, follow=follow) for r in rates]
     points = run_sweep(
-        _ensure_model(args.model), configs, loads, RequestMix.load(args.mix), args.jobs if args.saturation else 0
+        _ensure_model(args.model),
+        configs,
+        loads,
+        RequestMix.load(args.mix),
+        args.jobs if args.saturation else 0,
+        follow=follow,
     )
     print(markdown_table(points))
     if args.out:
@@ -116,6 +134,7 @@ def _plan(args) -> int:
 def _batching(args) -> int:
     from fleet.bench.batching import CONFIGS, run
     from fleet.bench.fleetrun import FleetConfig
+    from fleet.bench.follow import Follow
 
     print(
         run(
@@ -128,6 +147,7 @@ def _batching(args) -> int:
             burst=not args.closed_loop,
             configs=tuple(FleetConfig.parse(c) for c in args.config) or CONFIGS,
             compile_mode=args.compile,
+            follows=tuple(dict.fromkeys(Follow.parse(f) for f in args.follow)) or (Follow(),),
         )
     )
     return 0
@@ -157,6 +177,13 @@ def _plot_metrics(args) -> int:
     return 0
 
 
+def _reads(args) -> int:
+    from fleet.bench.reads import DEFAULT_MODEL, run
+
+    print(run(args.reads, args.model or DEFAULT_MODEL, Path(args.out) if args.out else None))
+    return 0
+
+
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks and capacity planning").add_subparsers(
         dest="bench_command", required=True
@@ -164,7 +191,7 @@ def add_parser(sub) -> None:
 
     load = bench.add_parser("load", help="drive a running fleet's API with open- or closed-loop load")
     load.add_argument("--api", default="http://127.0.0.1:8000")
-    load.add_argument("--redis", help="the job-store Redis, to follow jobs cheaply (default: through the API)")
+    load.add_argument("--follow", default="wait", help=FOLLOW_HELP)
     load.add_argument("--mix", default="default", help="a mix name (fleet/bench/mixes) or a JSON file")
     mode = load.add_mutually_exclusive_group(required=True)
     mode.add_argument("--rate", type=float, help="open loop: Poisson arrivals, jobs/s")
@@ -193,6 +220,7 @@ def add_parser(sub) -> None:
     sweep.add_argument("--saturation", action="store_true", help="add a closed-loop run at saturation")
     sweep.add_argument("--jobs", type=int, default=150)
     sweep.add_argument("--duration", type=float, default=300)
+    sweep.add_argument("--follow", default="wait", help=FOLLOW_HELP)
     sweep.add_argument("--title")
     sweep.add_argument("--out", help="path stem: writes .json, .md and .png")
     sweep.set_defaults(func=_sweep)
@@ -236,6 +264,12 @@ def add_parser(sub) -> None:
         help="also run a compiled fleet against the eager bare pipeline, and time its start with an empty and a "
         "filled compile cache",
     )
+    batching.add_argument(
+        "--follow",
+        action="append",
+        default=[],
+        help=FOLLOW_HELP + "; repeat it to run every configuration once per way (default: wait)",
+    )
     batching.set_defaults(func=_batching)
 
     scrape = bench.add_parser(
@@ -255,3 +289,11 @@ def add_parser(sub) -> None:
     plot_metrics.add_argument("--plot", required=True)
     plot_metrics.add_argument("--title", default="")
     plot_metrics.set_defaults(func=_plot_metrics)
+
+    reads = bench.add_parser(
+        "reads", help="the CPU one status read costs the API, Redis and the client, on a private fleet"
+    )
+    reads.add_argument("--reads", type=int, default=2000, help="reads of each job")
+    reads.add_argument("--model", help="the worker's model (default: a simulated one; it finishes two jobs)")
+    reads.add_argument("--out", help="write the results here as JSON (and .md)")
+    reads.set_defaults(func=_reads)

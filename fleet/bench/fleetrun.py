@@ -57,8 +57,10 @@ class FleetConfig:
 @dataclass
 class RunningFleet:
     api_url: str
-    redis_url: str
     worker_start_s: float  # from launch until the first worker answers: load, warm, compile
+    env: dict[str, str]  # what its processes run with (to start another worker)
+    work_dir: Path
+    pids: dict[str, int]  # "api" (gunicorn's arbiter: its workers are its children), "redis"
 
 
 @contextmanager
@@ -87,7 +89,8 @@ def running_fleet(model: str, config: FleetConfig, work_dir: Path, default_size:
         worker_start_s = time.perf_counter() - started
         api, api_url = start_api(env, work_dir, workers=2)
         processes.append(api)
-        yield RunningFleet(api_url, redis_server.url, worker_start_s)
+        pids = {"api": api.proc.pid, "redis": redis_server.server.proc.pid}
+        yield RunningFleet(api_url, worker_start_s, env, work_dir, pids)
     except BaseException:
         for log in sorted(work_dir.glob("*.log")):
             print(f"--- last lines of {log.name} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))

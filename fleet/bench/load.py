@@ -6,9 +6,11 @@ Closed loop (``concurrency``): that many clients each send a job, wait for it, s
 next — the way to measure throughput at saturation. Both stop at ``jobs`` sent or
 ``duration_s`` elapsed, whichever comes first, then wait for what is in flight.
 
-Jobs are followed through the job store (one pipelined Redis round trip per poll, so the
-client does not steal the model's cores) or, without Redis access, through
-``GET /v1/jobs/<id>``.
+Jobs are followed as ``follow`` says (``fleet.bench.follow``): by default each client
+waits, so that following costs the fleet one held request per job rather than CPU for
+every poll. The closed-loop client submits with ``Prefer: wait`` (one request per job);
+the open-loop one submits from a few sender threads, so that a slow answer never delays
+the next arrival, and a thread per job in flight waits on it with ``GET ... Prefer: wait``.
 """
 
 from __future__ import annotations
@@ -19,25 +21,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import redis
 import requests
 from tqdm import tqdm
 
+from fleet.bench.follow import Follow
 from fleet.bench.mix import RequestMix
-from tasks.jobs import Job, JobState
-from tasks.store import JobStore
+from fleet.client import FleetAPIError, FleetClient
+from tasks.jobs import Job
+from tasks.settings import ClientSettings
 from tasks.views import JobView
 
-POLL_S = 0.02
-
-
-def api_session() -> requests.Session:
-    """HTTP calls to the API with this host's key (``FLEET_API_KEY``)."""
-    from tasks.settings import get_settings
-
-    session = requests.Session()
-    session.headers["Authorization"] = f"Bearer {get_settings().api_key}"
-    return session
+SENDERS = 8
 
 
 @dataclass(frozen=True)
@@ -47,6 +41,7 @@ class LoadSpec:
     jobs: int = 200
     duration_s: float = 600.0
     seed: int = 0
+    follow: Follow = Follow()
 
     def __post_init__(self):
         if (self.rate is None) == (self.concurrency is None):
@@ -54,7 +49,13 @@ class LoadSpec:
 
     @property
     def label(self) -> str:
-        return f"open {self.rate:g} jobs/s" if self.rate is not None else f"closed x{self.concurrency}"
+        loop = f"open {self.rate:g} jobs/s" if self.rate is not None else f"closed x{self.concurrency}"
+        return loop if self.follow == Follow() else f"{loop}, client {self.follow.label}"
+
+    @property
+    def follow_timeout_s(self) -> float:
+        """How long one job is followed before it counts as unfinished."""
+        return max(60.0, self.duration_s)
 
 
 @dataclass
@@ -63,11 +64,10 @@ class Sent:
 
     job_id: str | None
     sent_at: float  # client clock (time.time)
-    accepted_at: float | None = None
     seen_done_at: float | None = None
-    status: int = 0
+    status: int = 0  # of a refused submission
     error: str = ""
-    job: Job | None = None
+    job: Job | None = None  # the job's record as its last view showed it
 
 
 @dataclass
@@ -78,122 +78,91 @@ class LoadRun:
     finished: float = 0.0
 
 
-class JobTracker:
-    """Which jobs have finished, noticed as soon as possible without loading the fleet."""
-
-    def __init__(self, api_url: str, redis_url: str | None):
-        self._api = api_url
-        self._store = JobStore(redis.Redis.from_url(redis_url), ttl_s=3600) if redis_url else None
-        self._session = api_session()
-
-    def finished(self, job_ids: list[str]) -> list[str]:
-        if not job_ids:
-            return []
-        if self._store is not None:
-            return [i for i, state in self._store.states(job_ids).items() if state is None or state.terminal]
-        done = []
-        for job_id in job_ids:
-            state = self._session.get(f"{self._api}/v1/jobs/{job_id}", timeout=30).json().get("state")
-            if state not in (JobState.QUEUED.value, JobState.RUNNING.value):
-                done.append(job_id)
-        return done
-
-    def record(self, job_id: str) -> Job | None:
-        if self._store is not None:
-            return self._store.get(job_id)
-        return _job_from_view(self._session.get(f"{self._api}/v1/jobs/{job_id}", timeout=30).json())
-
-
-def run_load(api_url: str, mix: RequestMix, spec: LoadSpec, redis_url: str | None = None) -> LoadRun:
+def run_load(api_url: str, mix: RequestMix, spec: LoadSpec) -> LoadRun:
     run = LoadRun(spec)
-    tracker = JobTracker(api_url, redis_url)
     rng = random.Random(spec.seed)
     lock = threading.Lock()
-    pending: dict[str, Sent] = {}
-    stop_sending = threading.Event()
-    all_sent = threading.Event()
-    session = api_session()
     bar = tqdm(total=spec.jobs, desc=spec.label, unit="job", leave=False)
+    local = threading.local()
+    clients: list[FleetClient] = []
+    api_key = ClientSettings().api_key or None
 
-    def send(body: dict) -> Sent:
-        sent = Sent(None, time.time())
+    def client() -> FleetClient:
+        """This thread's client: a requests session is not for sharing between threads."""
+        if not hasattr(local, "client"):
+            local.client = FleetClient(api_url, api_key, retries=0)  # a refusal is a result: count it
+            with lock:
+                clients.append(local.client)
+        return local.client
+
+    def send(body: dict, hold: bool) -> tuple[Sent, JobView | None]:
+        """Submit (``hold``: as ``follow`` submits, which may hold the request until the
+        job ends); a refusal is recorded and gives no job."""
+        sent, job = Sent(None, time.time()), None
         try:
-            response = session.post(f"{api_url}/v1/jobs", json=body, timeout=30)
-            sent.status = response.status_code
-            if response.status_code == 202:
-                sent.job_id = response.json()["id"]
-                sent.accepted_at = time.time()
-            else:
-                sent.error = response.json().get("error", {}).get("message", response.text)[:200]
+            job = spec.follow.submit(client(), body, spec.follow_timeout_s) if hold else client().submit(**body)
+            sent.job_id = job.id
+        except FleetAPIError as exc:
+            sent.status, sent.error = exc.status, exc.message[:200]
         except requests.RequestException as exc:
             sent.error = str(exc)[:200]
         with lock:
             run.sent.append(sent)
-            if sent.job_id:
-                pending[sent.job_id] = sent
-            else:
-                bar.update()
-        return sent
+        if job is None:
+            bar.update()
+        return sent, job
 
-    def wait_done(sent: Sent) -> None:
-        while sent.job_id and sent.seen_done_at is None and not stop_sending.is_set():
-            time.sleep(POLL_S)
-
-    def poll() -> None:
-        # Until every job is seen done, or the run gave up waiting (its fleet may be gone).
-        while not (all_sent.is_set() and not pending) and not stop_sending.is_set():
-            time.sleep(POLL_S)
-            with lock:
-                ids = list(pending)
-            now = time.time()
-            for job_id in tracker.finished(ids):
-                with lock:
-                    sent = pending.pop(job_id)
-                sent.seen_done_at = now
-                bar.update()
+    def finish(sent: Sent, job: JobView) -> None:
+        try:
+            job = spec.follow.until_done(client(), job, spec.follow_timeout_s)
+        except (FleetAPIError, requests.RequestException) as exc:
+            sent.error = f"following the job: {exc}"[:200]
+        if job.state.terminal:
+            sent.seen_done_at = time.time()
+        sent.job = job.to_job()
+        bar.update()
 
     run.started = time.time()
     deadline = time.monotonic() + spec.duration_s
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
     bodies = (mix.sample(rng, seed) for seed in range(spec.jobs))
     if spec.rate is not None:
-        # Sender threads so that one slow POST never delays the next arrival.
-        with ThreadPoolExecutor(max_workers=8) as senders:
-            next_at = time.monotonic()
-            for body in bodies:
-                if time.monotonic() > deadline:
-                    break
-                next_at += rng.expovariate(spec.rate)
-                time.sleep(max(0.0, next_at - time.monotonic()))
-                senders.submit(send, body)
+        # Threads are made as jobs go in flight and reused once idle: every job in flight
+        # has a thread waiting on it, so none is noticed late.
+        with ThreadPoolExecutor(max_workers=max(1, spec.jobs)) as followers:
+
+            def send_and_follow(body: dict) -> None:
+                sent, job = send(body, hold=False)
+                if job is not None:
+                    followers.submit(finish, sent, job)
+
+            with ThreadPoolExecutor(max_workers=SENDERS) as senders:
+                next_at = time.monotonic()
+                for body in bodies:
+                    if time.monotonic() > deadline:
+                        break
+                    next_at += rng.expovariate(spec.rate)
+                    time.sleep(max(0.0, next_at - time.monotonic()))
+                    senders.submit(send_and_follow, body)
     else:
         body_lock = threading.Lock()
 
-        def client() -> None:
+        def closed_loop_client() -> None:
             while time.monotonic() < deadline:
                 with body_lock:
                     body = next(bodies, None)
                 if body is None:
                     return
-                wait_done(send(body))
+                sent, job = send(body, hold=True)
+                if job is not None:
+                    finish(sent, job)
 
-        clients = [threading.Thread(target=client) for _ in range(spec.concurrency)]
-        for c in clients:
-            c.start()
-        for c in clients:
-            c.join()
-    all_sent.set()
-    poller.join(timeout=max(60.0, spec.duration_s))
-    stop_sending.set()
+        threads = [threading.Thread(target=closed_loop_client) for _ in range(spec.concurrency or 0)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     bar.close()
-    for sent in run.sent:
-        if sent.job_id:
-            sent.job = tracker.record(sent.job_id)
+    for c in clients:
+        c.close()
     run.finished = time.time()
     return run
-
-
-def _job_from_view(view: dict) -> Job | None:
-    """A job record rebuilt from the API's view of it (when Redis is out of reach)."""
-    return JobView.model_validate(view).to_job() if "id" in view else None

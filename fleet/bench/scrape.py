@@ -347,7 +347,7 @@ def run(model: str, mix_name: str, rate: float, duration_s: float, scrapes_path:
         with Scraper(targets, interval_s) as scraper:
             time.sleep(2 * interval_s)  # the idle fleet first
             spec = LoadSpec(rate=rate, jobs=int(rate * duration_s) + 1, duration_s=duration_s)
-            load_run = run_load(fleet.api_url, mix, spec, redis_url=fleet.redis_url)
+            load_run = run_load(fleet.api_url, mix, spec)
             time.sleep(tail_s)
         scrapes = scraper.scrapes
     title = (f"{len(load_run.sent)} jobs of mix '{mix_name}' at {rate:g} jobs/s (open loop) for {duration_s:g} s, "

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fleet.bench.cputime import fleet_cpu_s
 from fleet.bench.fleetrun import FleetConfig, running_fleet
+from fleet.bench.follow import Follow
 from fleet.bench.load import LoadSpec, run_load
 from fleet.bench.mix import RequestMix
 from fleet.bench.results import Summary, summarize
@@ -26,17 +28,29 @@ class Point:
     config: FleetConfig
     load: LoadSpec
     summary: Summary
+    # CPU seconds used during the run by the API, Redis and the load generator: what
+    # following the jobs cost beside the model (empty where there is no /proc).
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"config": asdict(self.config), "load": asdict(self.load), "summary": self.summary.to_dict()}
+        return {
+            "config": asdict(self.config),
+            "load": asdict(self.load),
+            "summary": self.summary.to_dict(),
+            "cpu_s": self.cpu_s,
+        }
+
+    def cpu_ms_per_image(self, process: str) -> float:
+        images = self.summary.images
+        return self.cpu_s[process] / images * 1000 if process in self.cpu_s and images else float("nan")
 
 
-def saturation_load(config: FleetConfig, jobs: int, burst: bool = False) -> LoadSpec:
+def saturation_load(config: FleetConfig, jobs: int, burst: bool = False, follow: Follow = Follow()) -> LoadSpec:
     """Enough clients that a full batch is always waiting while one runs, on every worker;
     or, for a burst, every job sent at once (submission then overlaps only the first batches)."""
     if burst:
-        return LoadSpec(concurrency=jobs, jobs=jobs)
-    return LoadSpec(concurrency=4 * config.workers * config.max_batch_images, jobs=jobs)
+        return LoadSpec(concurrency=jobs, jobs=jobs, follow=follow)
+    return LoadSpec(concurrency=4 * config.workers * config.max_batch_images, jobs=jobs, follow=follow)
 
 
 def run_sweep(
@@ -46,21 +60,25 @@ def run_sweep(
     mix: RequestMix,
     saturation_jobs: int = 0,
     burst: bool = False,
+    follow: Follow = Follow(),
 ) -> list[Point]:
+    """``follow``: how the saturation run's clients follow their jobs (``loads`` say their own)."""
     points = []
     size = mix.shapes[0].width
     for config in configs:
         with tempfile.TemporaryDirectory() as tmp, running_fleet(model, config, Path(tmp), size) as fleet:
-            config_loads = list(loads) + ([saturation_load(config, saturation_jobs, burst)] if saturation_jobs else [])
-            for load in config_loads:
-                run = run_load(fleet.api_url, mix, load, redis_url=fleet.redis_url)
+            saturation = [saturation_load(config, saturation_jobs, burst, follow)] if saturation_jobs else []
+            for load in list(loads) + saturation:
+                before = fleet_cpu_s(fleet.pids)
+                run = run_load(fleet.api_url, mix, load)
+                cpu = {name: used - before[name] for name, used in fleet_cpu_s(fleet.pids).items()}
                 summary = summarize(run)
                 print(
                     f"{config.label} | {load.label}: {summary.images_per_s:.2f} images/s, "
                     f"p95 {summary.p('end_to_end'):.3f} s, mean batch {summary.mean_batch:.2f}",
                     flush=True,
                 )
-                points.append(Point(config, load, summary))
+                points.append(Point(config, load, summary, cpu))
     return points
 
 

@@ -1,5 +1,6 @@
-"""The benchmark tool: mixes, percentiles and summaries (pure), and a real load run
-against the test fleet in both loop modes."""
+"""The benchmark tool: mixes, percentiles and summaries (pure), a real load run against
+the test fleet in both loop modes and every way of following jobs, and the status-read
+benchmark on a fleet of its own."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import random
 import pytest
 
 from fleet.bench.fleetrun import FleetConfig
+from fleet.bench.follow import Follow
 from fleet.bench.load import LoadSpec, run_load
 from fleet.bench.mix import RequestMix
 from fleet.bench.results import percentile, summarize
@@ -46,6 +48,16 @@ def test_a_load_is_open_or_closed_loop_not_both():
     with pytest.raises(ValueError):
         LoadSpec()
     assert LoadSpec(rate=2.5).label == "open 2.5 jobs/s" and LoadSpec(concurrency=4).label == "closed x4"
+    polling = LoadSpec(concurrency=4, follow=Follow.parse("poll:0.025"))
+    assert polling.label == "closed x4, client polls every 25 ms"
+
+
+def test_ways_of_following_parse_from_the_command_line():
+    assert Follow.parse("wait") == Follow() and Follow.parse("stream") == Follow("stream")
+    assert Follow.parse("poll:0.5") == Follow("poll", 0.5) and str(Follow("poll", 0.5)) == "poll:0.5"
+    for bad in ("poll", "poll:0", "poll:soon", "wait:3", "sleep"):
+        with pytest.raises(ValueError):
+            Follow.parse(bad)
 
 
 def test_configs_parse_from_the_command_line():
@@ -54,10 +66,19 @@ def test_configs_parse_from_the_command_line():
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("spec", [LoadSpec(rate=8, jobs=10), LoadSpec(concurrency=4, jobs=10)], ids=["open", "closed"])
-def test_a_load_run_against_the_fleet_reports_every_phase(api_url, settings, spec, tmp_path):
+@pytest.mark.parametrize(
+    "spec",
+    [
+        LoadSpec(rate=8, jobs=10),
+        LoadSpec(concurrency=4, jobs=10),
+        LoadSpec(rate=8, jobs=10, follow=Follow("stream")),
+        LoadSpec(concurrency=4, jobs=10, follow=Follow("poll", 0.1)),
+    ],
+    ids=["open-wait", "closed-wait", "open-stream", "closed-poll"],
+)
+def test_a_load_run_against_the_fleet_reports_every_phase(api_url, spec, tmp_path):
     mix = RequestMix.load("reference-64")
-    run = run_load(api_url, mix, spec, redis_url=settings.redis_url)
+    run = run_load(api_url, mix, spec)
     summary = summarize(run)
     assert summary.jobs_sent == summary.jobs_succeeded == 10 and not summary.errors
     assert summary.images == 10 and summary.images_per_s > 0
@@ -67,15 +88,22 @@ def test_a_load_run_against_the_fleet_reports_every_phase(api_url, settings, spe
     assert sum(summary.batch_sizes.values()) >= 1
     assert "p95" in summary.to_markdown()
 
-    point = Point(FleetConfig(), spec, summary)
+    point = Point(FleetConfig(), spec, summary, {"api": 0.5})
     assert spec.label in markdown_table([point])
+    assert point.cpu_ms_per_image("api") == pytest.approx(50.0)  # 0.5 s over 10 images
     plot([point.to_dict()], tmp_path / "curve.png", "test")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_following_jobs_through_the_api_works_without_redis(api_url):
-    run = run_load(api_url, RequestMix.load("reference-64"), LoadSpec(concurrency=2, jobs=3))
-    assert summarize(run).jobs_succeeded == 3
+@pytest.mark.e2e
+def test_the_status_read_benchmark_reports_cpu_per_read(tmp_path):
+    from fleet.bench.reads import run
+
+    table = run(reads=30, out=tmp_path / "reads.json")
+    rows = json.loads((tmp_path / "reads.json").read_text())["rows"]
+    assert [r["what"] for r in rows][:2] == ["QUEUED job", "SUCCEEDED job, 1 image"]
+    assert all(r["reads"] == 30 and r["wall_ms_per_read"] > 0 for r in rows)
+    assert "API CPU per read" in table and (tmp_path / "reads.md").exists()
 
 
 def test_the_steady_rate_counts_whole_calls_after_the_ramp():
