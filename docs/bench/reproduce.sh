@@ -51,9 +51,11 @@ $B bench batching --model "sim:a=0.035,b=0.3,host=0.5" --size 64 --steps 20 --jo
 .venv/bin/python docs/bench/png_levels.py
 
 # 10. The CPU one status read costs, and the fleet against the bare pipeline at saturation
-#     by how the clients follow their jobs (waiting, streaming, polling every 0.5 s and 25 ms),
-#     in one order and then the reverse.
+#     by how the clients follow their jobs (waiting, streaming, polling every 0.5 s and 25 ms):
+#     at 64x64, then on the reference workload in one order and then the reverse.
 $B bench reads --reads 2000 --out $OUT/reads.json
+$B bench batching --size 64 --steps 20 --jobs 64 --closed-loop --config 8:0:fixed \
+    --follow wait --follow poll:0.025 --follow poll:0.5 --out $OUT/follow-64.json
 $B bench batching --size 128 --steps 20 --jobs 96 --closed-loop --config 8:0:fixed \
     --follow wait --follow stream --follow poll:0.5 --follow poll:0.025 --out $OUT/follow-128.json
 $B bench batching --size 128 --steps 20 --jobs 96 --closed-loop --config 8:0:fixed \
