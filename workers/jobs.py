@@ -32,7 +32,7 @@ from PIL import Image
 
 from tasks.cancel import cancel_if_overdue
 from tasks.errors import DependencyUnavailable, EngineCrashed, FleetError, JobCanceled, JobError
-from tasks.jobs import BatchInfo, Job, JobState, JobUpdate, Timings
+from tasks.jobs import BatchInfo, GenerationSpec, Job, JobState, JobUpdate, Timings
 from tasks.logs import bind_log_context
 from tasks.settings import Settings
 from tasks.storage import ObjectStorage, image_key
@@ -174,7 +174,7 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
     )  # fmt: skip
 
     try:
-        keys, upload_s = _upload(ctx, job_id, result)
+        keys, upload_s = _upload(ctx, job_id, job.spec, result)
     except DependencyUnavailable as exc:
         reason = f"could not store the images for {ctx.settings.retry_window_s:.0f}s: {exc.message}"
         return _fail(ctx, job_id, reason, STORAGE)
@@ -271,19 +271,17 @@ def _discard(ctx: WorkerContext, job_id: str, keys: list[str]) -> None:
         log.warning("job %s was canceled but its images could not be deleted: %s", job_id, exc.message)
 
 
-def _upload(ctx: WorkerContext, job_id: str, result: JobResult) -> tuple[list[str] | None, float]:
+def _upload(ctx: WorkerContext, job_id: str, spec: GenerationSpec, result: JobResult) -> tuple[list[str] | None, float]:
     started = time.monotonic()
     current = ctx.retrying(lambda: ctx.store.get(job_id), "reading the job")
     if current is not None and current.state.terminal:
         return None, 0.0  # never overwrite the images of a finished job
-    level, spec = ctx.settings.png_compress_level, current.spec if current is not None else None
-    fmt, quality = (spec.output_format, spec.output_quality) if spec else ("png", None)
-    content_type = spec.content_type if spec else "image/png"
+    level, fmt, quality = ctx.settings.png_compress_level, spec.output_format, spec.output_quality
 
     def store(index: int) -> str:
         key = image_key(job_id, index, fmt)
         data = encode_image(result.images[index], fmt, quality, png_compress_level=level)
-        ctx.retrying(lambda: ctx.storage.put_image(key, data, content_type), f"uploading {key}")
+        ctx.retrying(lambda: ctx.storage.put_image(key, data, spec.content_type), f"uploading {key}")
         return key
 
     indexes = range(len(result.images))
