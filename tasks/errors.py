@@ -24,8 +24,10 @@
           ├── EngineStartFailed  the model did not load or warm: the worker never consumes
           ├── EngineCrashed      the engine died in a call this job was in (counted, as a
           │                      worker death is, against FLEET_MAX_ATTEMPTS)
-          └── DeviceLost         a device error left the device unusable: the engine exits
-                                 and a new one starts
+          ├── DeviceLost         a device error left the device unusable: the engine exits
+          │                      and a new one starts
+          └── UnknownMessage     a message outside the engine protocol (workers.protocol):
+                                 its batch fails and is retried, never dropped
 
 Every API error renders as ``{"error": {"code", "message", "field"}}``.
 """
@@ -159,3 +161,14 @@ class EngineCrashed(EngineError):
 
 class DeviceLost(EngineError):
     code = "device_lost"
+
+
+class UnknownMessage(EngineError):
+    """A message that is not part of the engine protocol reached the worker or the engine:
+    the two ends run different code. ``batch_id`` is the batch it names, when it names one."""
+
+    code = "engine_protocol"
+
+    def __init__(self, message: str, batch_id: int | None = None):
+        super().__init__(message)
+        self.batch_id = batch_id

@@ -23,6 +23,11 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6390/0"
 DEFAULT_S3_ENDPOINT_URL = "http://127.0.0.1:9010"
 WEEK_S = 7 * 24 * 3600
 
+#: ``torch.compile`` of the UNet: off, or one of its modes.
+CompileMode = Literal["off", "reduce-overhead", "max-autotune", "default"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+LogFormat = Literal["text", "json"]
+
 
 @dataclass(frozen=True)
 class WarmShape:
@@ -79,14 +84,14 @@ class Settings(BaseSettings):
     # -- the model -----------------------------------------------------------------------
     model: str = ""  # a diffusers model dir or hub id; empty: <state_dir>/models/tiny
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: DType = "auto"
     # The engine: "process" (spawned, runs nothing but the model) or "thread" (the model on
     # a thread of the worker process: the earlier design, kept to measure against).
     engine: Literal["process", "thread"] = "process"
     # Shapes and batch sizes run before the worker consumes: "512x512:1,8 768x768:1".
     # Empty: the default size at max_batch_images.
     warm_shapes: str = ""
-    compile: Literal["off", "reduce-overhead", "max-autotune", "default"] = "off"
+    compile: CompileMode = "off"
     compile_cache_dir: str = ""  # empty: <state_dir>/compile-cache
     # Set by `fleet worker` (one worker per GPU on a host): the worker's name, metrics port
     # (worker_metrics_port + slot) and GPU (the slot-th visible one) follow from it.
@@ -172,7 +177,7 @@ class Settings(BaseSettings):
     embedded: str = "auto"
     # "text" for people at a terminal; "json" for log collectors: one object per line, with
     # the job id and batch id of the event (docs/OBSERVABILITY.md).
-    log_format: Literal["text", "json"] = "text"
+    log_format: LogFormat = "text"
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

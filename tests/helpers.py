@@ -1,5 +1,5 @@
-"""Helpers the tests share: the HTTP client side of a job, and a fake model for the runner
-and the engine loop."""
+"""Helpers the tests share: the HTTP client side of a job, and a fake model and engine for
+the runner and the engine loop."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import requests
 
 from tasks.errors import ModelOutOfMemory
 from tasks.keys import DEV_KEY
+from workers.engine_client import ThreadEngine
+from workers.protocol import EngineConfig
 
 #: Calls to the API, with the local development key.
 http = requests.Session()
@@ -75,6 +77,9 @@ class FakeModel:
         self.call_s = call_s
         self.steps_run = 0
 
+    def memory_stats(self):
+        return None
+
     def warm(self, shape):
         self.threads.add(threading.get_ident())
         self.warmed = shape
@@ -94,3 +99,8 @@ class FakeModel:
         out = np.zeros((len(images), key.height, key.width, 3), dtype=np.uint8)
         out[:, :, :, 0] = np.array([w.seed % 256 for w in images], dtype=np.uint8)[:, None, None]
         return out
+
+
+def fake_engine(model) -> ThreadEngine:
+    """An in-process engine around an already-built model."""
+    return ThreadEngine(EngineConfig(model_ref=model.name), load=lambda _config: model)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.engine import EngineConfig
+from workers.protocol import EngineConfig
 from workers.work import Model
 
 

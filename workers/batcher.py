@@ -1,7 +1,7 @@
 """The micro-batcher: which waiting requests share the next model call, and when.
 
-Pure logic, no threads, no Celery, no torch: requests go in with ``add``; the model
-thread asks ``next_batch(now)`` whenever it is free and gets either a batch to run or
+Pure logic, no threads, no Celery, no torch: requests go in with ``add``; the runner's
+dispatcher asks ``next_batch(now)`` whenever the engine can take a batch and gets either a batch to run or
 how long it may sleep before asking again. A fake clock tests it in milliseconds.
 
 Forming a batch
@@ -52,7 +52,7 @@ import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from workers.cost import CostProfile
 from workers.work import BatchKey, CompatKey
@@ -62,6 +62,8 @@ MAX_KEYS = 256
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+#: What the caller attaches to a request (the runner: the job's future and images).
+P = TypeVar("P")
 
 
 class LruMap(Generic[K, V]):
@@ -103,7 +105,7 @@ class BatchPolicy:
     max_wait_s: float = 0.05
     kind: Literal["fixed", "adaptive"] = "fixed"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.max_batch_images < 1:
             raise ValueError("max_batch_images must be at least 1")
         if self.max_wait_s < 0:
@@ -111,21 +113,21 @@ class BatchPolicy:
 
 
 @dataclass(eq=False)
-class Request:
+class Request(Generic[P]):
     """One job's images waiting for the model. ``payload`` is the caller's."""
 
     key: BatchKey
     images: int
     arrival: float
-    deadline: float | None = None
-    payload: Any = None
+    deadline: float | None
+    payload: P
 
 
 @dataclass(frozen=True, eq=False)
-class Slice:
+class Slice(Generic[P]):
     """Images ``start .. start+count`` of a request: the unit a batch is made of."""
 
-    request: Request
+    request: Request[P]
     start: int
     count: int
     seq: int  # arrival order among slices
@@ -136,9 +138,9 @@ class Slice:
 
 
 @dataclass(frozen=True)
-class Batch:
+class Batch(Generic[P]):
     key: BatchKey
-    slices: tuple[Slice, ...]
+    slices: tuple[Slice[P], ...]
 
     @property
     def images(self) -> int:
@@ -150,10 +152,10 @@ class Batch:
 
 
 @dataclass(frozen=True)
-class Decision:
+class Decision(Generic[P]):
     """Run ``batch`` now, or (``batch is None``) ask again at ``wake_at`` (None: on the next add)."""
 
-    batch: Batch | None = None
+    batch: Batch[P] | None = None
     wake_at: float | None = None
 
 
@@ -207,7 +209,7 @@ class ArrivalRate:
         return sum(images for _, images in arrivals) / span
 
 
-class Batcher:
+class Batcher(Generic[P]):
     def __init__(
         self,
         policy: BatchPolicy,
@@ -220,7 +222,7 @@ class Batcher:
         self.arrivals = ArrivalRate()
         self._policy_of = policy_of
         self._limits: LruMap[CompatKey, int] = LruMap(int)  # lowered after out-of-memory
-        self._waiting: list[Slice] = []
+        self._waiting: list[Slice[P]] = []
         self._seq = itertools.count()
 
     # -- input -------------------------------------------------------------------------
@@ -236,7 +238,7 @@ class Batcher:
         """Cap the batch size of ``key``'s shape (after an out-of-memory error)."""
         self._limits.set(key.compat, max(1, images))
 
-    def add(self, request: Request) -> list[Slice]:
+    def add(self, request: Request[P]) -> list[Slice[P]]:
         limit = self.limit(request.key)
         slices = [
             Slice(request, start, min(limit, request.images - start), next(self._seq))
@@ -246,23 +248,23 @@ class Batcher:
         self.arrivals.add(request.key, request.arrival, request.images)
         return slices
 
-    def requeue(self, slices: list[Slice]) -> None:
+    def requeue(self, slices: list[Slice[P]]) -> None:
         """Put slices of a failed batch back, in their original order, ahead of later ones."""
         self._waiting.extend(slices)
         self._waiting.sort(key=lambda s: s.seq)
 
-    def remove(self, request: Request) -> list[Slice]:
+    def remove(self, request: Request[P]) -> list[Slice[P]]:
         """Take the waiting slices of ``request`` out (its job was canceled)."""
         removed = [s for s in self._waiting if s.request is request]
         self._waiting = [s for s in self._waiting if s.request is not request]
         return removed
 
-    def drain(self) -> list[Slice]:
+    def drain(self) -> list[Slice[P]]:
         """Take every waiting slice out (the worker is stopping)."""
         drained, self._waiting = self._waiting, []
         return drained
 
-    def waiting_slices(self) -> list[Slice]:
+    def waiting_slices(self) -> list[Slice[P]]:
         return list(self._waiting)
 
     @property
@@ -273,15 +275,15 @@ class Batcher:
         return len(self._waiting)
 
     # -- decision ----------------------------------------------------------------------
-    def next_batch(self, now: float, not_before: float | None = None) -> Decision:
+    def next_batch(self, now: float, not_before: float | None = None) -> Decision[P]:
         """``not_before``: the model is busy until about then, so a batch that is not full
         is not taken earlier (newcomers can still join it)."""
         if not self._waiting:
-            return Decision()
+            return Decision[P]()
         key = self._waiting[0].request.key  # the oldest request picks the key
         policy = self.policy_of(key)
         limit = self.limit(key)
-        chosen: list[Slice] = []
+        chosen: list[Slice[P]] = []
         room = limit
         candidates = [s for s in self._waiting if s.request.key == key]
         for candidate in candidates:
@@ -297,9 +299,9 @@ class Batcher:
             wake_at = max(wake_at, not_before)
         if full or wake_at <= now:
             return self._take(key, chosen)
-        return Decision(wake_at=wake_at)
+        return Decision[P](wake_at=wake_at)
 
-    def _wake_at(self, key: BatchKey, chosen: list[Slice], images: int, policy: BatchPolicy, now: float) -> float:
+    def _wake_at(self, key: BatchKey, chosen: list[Slice[P]], images: int, policy: BatchPolicy, now: float) -> float:
         oldest = min(s.arrival for s in chosen)
         wake_at = oldest + policy.max_wait_s
         predicted = self.cost_model.predict(key.compat, images)
@@ -324,7 +326,7 @@ class Batcher:
         # Wait for the next arrival, counted from the newest one; ask again then.
         return newest + gap
 
-    def _take(self, key: BatchKey, chosen: list[Slice]) -> Decision:
+    def _take(self, key: BatchKey, chosen: list[Slice[P]]) -> Decision[P]:
         taken = set(map(id, chosen))
         self._waiting = [s for s in self._waiting if id(s) not in taken]
         return Decision(batch=Batch(key=key, slices=tuple(chosen)))

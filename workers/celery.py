@@ -36,10 +36,10 @@ from tasks.store import JobStore
 from tasks.views import render
 from workers.batcher import Batcher, BatchPolicy
 from workers.cancels import CancelListener
-from workers.engine import EngineConfig
 from workers.engine_client import ProcessEngine, ThreadEngine
 from workers.jobs import HandBack, WorkerContext, run_job
 from workers.metrics import WorkerMetrics
+from workers.protocol import EngineConfig
 from workers.runner import ModelRunner
 from workers.sweeper import Sweeper
 

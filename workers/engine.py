@@ -33,17 +33,31 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from multiprocessing import shared_memory
-from pathlib import Path
+from multiprocessing.connection import Connection
 from typing import Protocol
 
-import numpy as np
+from typing_extensions import assert_never
 
-from tasks.errors import DeviceLost, FleetError, ModelOutOfMemory
+from tasks.errors import DeviceLost, FleetError, ModelOutOfMemory, UnknownMessage
 from tasks.logs import configure_logging
-from tasks.settings import WarmShape
-from workers.work import CompatKey, ImageWork, Model
+from workers.protocol import (
+    CancelBatch,
+    Done,
+    EngineConfig,
+    Failed,
+    FromEngine,
+    Images,
+    LoadFailed,
+    Ready,
+    RunBatch,
+    Started,
+    Step,
+    Stop,
+    images_view,
+    to_engine,
+)
+from workers.work import Model
 
 log = logging.getLogger(__name__)
 
@@ -51,95 +65,9 @@ log = logging.getLogger(__name__)
 #: CUDA error poisons the context): only a fresh process can use the device again.
 EXIT_DEVICE_LOST = 3
 EXIT_LOAD_FAILED = 4
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model_ref: str
-    device: str = "auto"
-    dtype: str = "auto"
-    warm: tuple[WarmShape, ...] = ()
-    compile: str = "off"  # off | reduce-overhead | max-autotune | default
-    compile_cache_dir: str = ""
-    #: Environment set in the engine before torch is imported (device pinning).
-    env: tuple[tuple[str, str], ...] = ()
-    log_format: str = "text"  # FLEET_LOG_FORMAT
-
-    def environment(self) -> dict[str, str]:
-        """What the engine sets before torch is imported: ``env``, and in compiled mode the
-        compilers' caches (read once, when the compilers load)."""
-        environment = dict(self.env)
-        if self.compile != "off":
-            environment |= {"TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
-            if self.compile_cache_dir:
-                environment["TORCHINDUCTOR_CACHE_DIR"] = str(Path(self.compile_cache_dir) / "inductor")
-                environment["TRITON_CACHE_DIR"] = str(Path(self.compile_cache_dir) / "triton")
-        return environment
-
-
-# -- worker -> engine ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunBatch:
-    batch_id: int
-    key: CompatKey
-    work: tuple[ImageWork, ...]
-    output: str = ""  # shared-memory block for the images; "" sends them in ``Done``
-
-
-@dataclass(frozen=True)
-class CancelBatch:
-    """Stop this batch at its next step boundary (or never start it)."""
-
-    batch_id: int
-
-
-@dataclass(frozen=True)
-class Stop:
-    """Finish the batches already sent, then exit."""
-
-
-# -- engine -> worker ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Ready:
-    model_name: str
-    pid: int
-    load_s: float
-    warm_s: float
-    warmed: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class LoadFailed:
-    error: str
-
-
-@dataclass(frozen=True)
-class Started:
-    batch_id: int
-
-
-@dataclass(frozen=True)
-class Step:
-    batch_id: int
-    step: int
-    total: int
-
-
-@dataclass(frozen=True)
-class Done:
-    batch_id: int
-    inference_s: float
-    canceled: bool = False
-    images: np.ndarray | None = field(default=None, repr=False)  # only when not in shared memory
-    #: GPU bytes (allocated, reserved, peak during the call) when the model reports them.
-    memory: tuple[int, int, int] | None = None
-
-
-@dataclass(frozen=True)
-class Failed:
-    batch_id: int
-    error: str
-    out_of_memory: bool = False
+#: ... and with this after a message outside the protocol that names no batch: the worker
+#: and the engine disagree on the protocol, so a fresh engine is the only safe answer.
+EXIT_PROTOCOL_ERROR = 5
 
 
 class Inbox(Protocol):
@@ -150,14 +78,6 @@ class Inbox(Protocol):
         ...
 
 
-def image_bytes(key: CompatKey, images: int) -> int:
-    return images * key.height * key.width * 3
-
-
-def images_view(buffer, batch: RunBatch) -> np.ndarray:
-    return np.ndarray((len(batch.work), batch.key.height, batch.key.width, 3), dtype=np.uint8, buffer=buffer)
-
-
 class EngineCore:
     """Load and warm the model, then run batches from the inbox until told to stop."""
 
@@ -165,7 +85,7 @@ class EngineCore:
         self,
         config: EngineConfig,
         inbox: Inbox,
-        send: Callable[[object], None],
+        send: Callable[[FromEngine], None],
         load: Callable[[EngineConfig], Model] | None = None,
     ):
         self._config = config
@@ -175,7 +95,7 @@ class EngineCore:
         self._queue: deque[RunBatch] = deque()
         self._canceled: set[int] = set()
         self._stopping = False
-        self._model: Model | None = None
+        self._protocol_error: UnknownMessage | None = None
 
     def run(self) -> int:
         """Returns the exit code: 0 after ``Stop`` or the worker going away."""
@@ -190,16 +110,15 @@ class EngineCore:
             log.exception("the engine could not load or warm the model")
             self._send(LoadFailed(f"{type(exc).__name__}: {exc}"))
             return EXIT_LOAD_FAILED
-        self._model = model
         log.info("model %s loaded in %.1fs, warm in %.1fs (pid %s)", model.name, loaded - started, warm_s, os.getpid())
         self._send(Ready(model.name, os.getpid(), loaded - started, warm_s, tuple(map(str, self._config.warm))))
-        while (batch := self._next()) is not None:
-            try:
-                self._run(batch)
-            except DeviceLost as exc:
-                log.critical("the device is lost (%s): the engine exits so a new one can start", exc.message)
-                return EXIT_DEVICE_LOST
-        return 0
+        try:
+            while (batch := self._next()) is not None:
+                self._run(model, batch)
+        except DeviceLost as exc:
+            log.critical("the device is lost (%s): the engine exits so a new one can start", exc.message)
+            return EXIT_DEVICE_LOST
+        return 0 if self._protocol_error is None else EXIT_PROTOCOL_ERROR
 
     # -- inbox ----------------------------------------------------------------------------
     def _next(self) -> RunBatch | None:
@@ -213,20 +132,35 @@ class EngineCore:
         try:
             while block or self._inbox.poll():
                 block = False
-                message = self._inbox.recv()
-                if isinstance(message, RunBatch):
-                    self._queue.append(message)
-                elif isinstance(message, CancelBatch):
-                    self._canceled.add(message.batch_id)
-                elif isinstance(message, Stop):
-                    self._stopping = True
+                self._take(self._inbox.recv())
         except (EOFError, OSError):
             self._stopping = True
             return False
         return True
 
+    def _take(self, received: object) -> None:
+        try:
+            message = to_engine(received)
+        except UnknownMessage as exc:
+            if exc.batch_id is not None:  # that batch fails, and the runner retries it
+                log.error("%s: batch %s fails", exc.message, exc.batch_id)
+                self._send(Failed(exc.batch_id, exc.message))
+            else:  # finish what was sent, then exit: the worker starts a new engine
+                log.critical("%s: the engine exits after the batches it was sent", exc.message)
+                self._protocol_error, self._stopping = exc, True
+            return
+        match message:
+            case RunBatch():
+                self._queue.append(message)
+            case CancelBatch(batch_id=batch_id):
+                self._canceled.add(batch_id)
+            case Stop():
+                self._stopping = True
+            case _:
+                assert_never(message)
+
     # -- one batch ------------------------------------------------------------------------
-    def _run(self, batch: RunBatch) -> None:
+    def _run(self, model: Model, batch: RunBatch) -> None:
         if batch.batch_id in self._canceled:
             self._canceled.discard(batch.batch_id)
             self._send(Done(batch.batch_id, 0.0, canceled=True))
@@ -243,7 +177,7 @@ class EngineCore:
 
         started = time.perf_counter()
         try:
-            images = self._model.run(batch.key, list(batch.work), on_step)
+            images = model.run(batch.key, list(batch.work), on_step)
         except DeviceLost:
             raise
         except ModelOutOfMemory as exc:
@@ -256,21 +190,19 @@ class EngineCore:
         finally:
             self._canceled.discard(batch.batch_id)
         inference_s = time.perf_counter() - started
-        memory = self._memory_stats()
+        memory = _memory_stats(model)
         self._send(Done(batch.batch_id, inference_s, canceled, images=_deliver(batch, images), memory=memory))
 
-    def _memory_stats(self) -> tuple[int, int, int] | None:
-        stats = getattr(self._model, "memory_stats", None)
-        if stats is None:
-            return None
-        try:
-            return stats()
-        except Exception:  # a metric must never fail a batch
-            log.exception("could not read the device's memory")
-            return None
+
+def _memory_stats(model: Model) -> tuple[int, int, int] | None:
+    try:
+        return model.memory_stats()
+    except Exception:  # a metric must never fail a batch
+        log.exception("could not read the device's memory")
+        return None
 
 
-def _deliver(batch: RunBatch, images: np.ndarray) -> np.ndarray | None:
+def _deliver(batch: RunBatch, images: Images) -> Images | None:
     """Copy the images into the worker's shared-memory block, or hand the array over."""
     if not batch.output:
         return images
@@ -291,7 +223,7 @@ def _load_model(config: EngineConfig) -> Model:
 
 
 # -- the engine process ---------------------------------------------------------------------
-def serve(conn, config: EngineConfig, worker_pid: int) -> None:
+def serve(conn: Connection, config: EngineConfig, worker_pid: int) -> None:
     """The engine process's entry point (``multiprocessing`` spawn target)."""
     os.environ.update(config.environment())
     _die_with(worker_pid)

@@ -23,30 +23,33 @@ import os
 import queue
 import signal
 import threading
+from collections.abc import Callable
 from multiprocessing import shared_memory
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from typing import Protocol
 
-import numpy as np
+from typing_extensions import assert_never
 
-from tasks.errors import EngineStartFailed
-from workers.engine import (
-    EXIT_DEVICE_LOST,
-    EXIT_LOAD_FAILED,
+from tasks.errors import EngineStartFailed, UnknownMessage
+from workers.engine import EXIT_DEVICE_LOST, EXIT_LOAD_FAILED, EXIT_PROTOCOL_ERROR, EngineCore, serve
+from workers.protocol import (
     CancelBatch,
     Done,
     EngineConfig,
-    EngineCore,
     Failed,
+    FromEngine,
+    Images,
     LoadFailed,
     Ready,
     RunBatch,
     Started,
     Step,
     Stop,
+    ToEngine,
+    from_engine,
     image_bytes,
     images_view,
-    serve,
 )
 from workers.work import CompatKey, ImageWork, Model
 
@@ -60,7 +63,8 @@ class EngineEvents(Protocol):
 
     def batch_step(self, batch_id: int, step: int, total: int) -> None: ...
 
-    def batch_done(self, batch_id: int, images: np.ndarray, inference_s: float, canceled: bool) -> None: ...
+    def batch_done(self, batch_id: int, images: Images | None, inference_s: float, canceled: bool) -> None:
+        """``images`` is None when the call was canceled (or its images are gone)."""
 
     def batch_failed(self, batch_id: int, error: str, out_of_memory: bool) -> None: ...
 
@@ -92,28 +96,50 @@ def exit_reason(code: int | None) -> str:
         return f"the engine was killed by {name}{hint}"
     if code == EXIT_DEVICE_LOST:
         return "the engine exited after a device error"
+    if code == EXIT_PROTOCOL_ERROR:
+        return "the engine exited after a message outside the engine protocol"
     return f"the engine exited with code {code}"
 
 
-def _dispatch(message: object, events: EngineEvents, images: np.ndarray | None = None) -> None:
-    if isinstance(message, Step):
-        events.batch_step(message.batch_id, message.step, message.total)
-    elif isinstance(message, Started):
-        events.batch_started(message.batch_id)
-    elif isinstance(message, Done):
-        if message.memory is not None:
-            events.device_memory(*message.memory)
-        events.batch_done(message.batch_id, images, message.inference_s, message.canceled)
-    elif isinstance(message, Failed):
-        events.batch_failed(message.batch_id, message.error, message.out_of_memory)
+def dispatch(message: FromEngine, events: EngineEvents, images: Images | None = None) -> None:
+    """Hand a message of a running engine to the runner. ``Ready`` and ``LoadFailed`` come
+    only while it starts (``Engine.start`` reads them): later, they are a broken engine."""
+    match message:
+        case Step(batch_id=batch_id, step=step, total=total):
+            events.batch_step(batch_id, step, total)
+        case Started(batch_id=batch_id):
+            events.batch_started(batch_id)
+        case Done(batch_id=batch_id, inference_s=inference_s, canceled=canceled, memory=memory):
+            if memory is not None:
+                events.device_memory(*memory)
+            events.batch_done(batch_id, images, inference_s, canceled)
+        case Failed(batch_id=batch_id, error=error, out_of_memory=out_of_memory):
+            events.batch_failed(batch_id, error, out_of_memory)
+        case Ready() | LoadFailed():
+            raise UnknownMessage(f"the engine sent {type(message).__name__} after it had started")
+        case _:
+            assert_never(message)
+
+
+def started(message: FromEngine) -> Ready:
+    """The engine's first answer: ``Ready``, or ``EngineStartFailed``."""
+    match message:
+        case Ready():
+            return message
+        case LoadFailed(error=error):
+            raise EngineStartFailed(f"the model failed to load: {error}")
+        case Started() | Step() | Done() | Failed():
+            raise EngineStartFailed(f"the engine sent {type(message).__name__} before it was ready")
+        case _:
+            assert_never(message)
 
 
 class ProcessEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self._context = multiprocessing.get_context("spawn")
-        self._process = None
-        self._conn = None
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
         self._send_lock = threading.Lock()
         self._blocks: dict[int, tuple[shared_memory.SharedMemory, RunBatch]] = {}
         self._blocks_lock = threading.Lock()
@@ -133,25 +159,33 @@ class ProcessEngine:
         process.start()
         child.close()
         self._process, self._conn = process, conn
-        ready = self._await_ready(timeout_s)
-        self._reader = threading.Thread(target=self._read, args=(events,), name="engine-reader", daemon=True)
+        ready = self._await_ready(conn, process, timeout_s)
+        self._reader = threading.Thread(
+            target=self._read, args=(conn, process, events), name="engine-reader", daemon=True
+        )
         self._reader.start()
         return ready
 
-    def _await_ready(self, timeout_s: float | None) -> Ready:
-        if not wait([self._conn, self._process.sentinel], timeout_s):
-            self._process.kill()
+    @staticmethod
+    def _await_ready(conn: Connection, process: BaseProcess, timeout_s: float | None) -> Ready:
+        if not wait([conn, process.sentinel], timeout_s):
+            process.kill()
             raise EngineStartFailed(f"the model did not load and warm within {timeout_s}s")
         try:
-            message = self._conn.recv()
+            message = from_engine(conn.recv())
         except (EOFError, OSError):
-            self._process.join(5)
-            raise EngineStartFailed(f"the model did not load: {exit_reason(self._process.exitcode)}") from None
-        if isinstance(message, LoadFailed):
-            self._process.join(10)
-            raise EngineStartFailed(f"the model failed to load: {message.error}")
-        assert isinstance(message, Ready), message
-        return message
+            process.join(5)
+            raise EngineStartFailed(f"the model did not load: {exit_reason(process.exitcode)}") from None
+        except UnknownMessage as exc:
+            process.kill()
+            raise EngineStartFailed(exc.message) from exc
+        try:
+            return started(message)
+        except EngineStartFailed:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+            raise
 
     def submit(self, batch_id: int, key: CompatKey, work: list[ImageWork]) -> None:
         block = shared_memory.SharedMemory(create=True, size=max(1, image_bytes(key, len(work))))
@@ -163,9 +197,11 @@ class ProcessEngine:
     def cancel(self, batch_id: int) -> None:
         self._send(CancelBatch(batch_id))
 
-    def _send(self, message: object) -> None:
+    def _send(self, message: ToEngine) -> None:
         try:
             with self._send_lock:
+                if self._conn is None:
+                    raise OSError("the engine was never started")
                 self._conn.send(message)
         except (OSError, ValueError) as exc:  # it died: the reader reports that
             log.warning("could not reach the engine: %s", exc)
@@ -173,32 +209,28 @@ class ProcessEngine:
     def stop(self, timeout_s: float = 60) -> None:
         """Let the engine finish what it was sent, then end it."""
         self._stopping = True
-        if self._process is None:
+        process = self._process
+        if process is None:
             return
         self._send(Stop())
-        self._process.join(timeout_s)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(5)
+        process.join(timeout_s)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(5)
         self._free_blocks()
 
-    def kill(self) -> None:
-        """Kill the engine as the OOM killer would (tests)."""
-        self._process.kill()
-
     # -- the reader thread ---------------------------------------------------------------
-    def _read(self, events: EngineEvents) -> None:
-        conn, process = self._conn, self._process
+    def _read(self, conn: Connection, process: BaseProcess, events: EngineEvents) -> None:
         while True:
             ready = wait([conn, process.sentinel])
             if conn in ready:
                 try:
-                    message = conn.recv()
+                    received = conn.recv()
                 except (EOFError, OSError):
                     break
-                self._handle(message, events)
+                self._handle(received, process, events)
             elif not conn.poll():
                 break
         process.join(5)
@@ -209,19 +241,41 @@ class ProcessEngine:
             self._free_blocks()
             events.engine_died(reason)
 
-    def _handle(self, message: object, events: EngineEvents) -> None:
+    def _handle(self, received: object, process: BaseProcess, events: EngineEvents) -> None:
+        try:
+            message = from_engine(received)
+            images = self._images(message)
+            dispatch(message, events, images)
+        except UnknownMessage as exc:
+            # Never dropped: the batch it names fails (the runner retries it); one that names
+            # none means the engine speaks another protocol: it is replaced.
+            if exc.batch_id is not None and self._take_block(exc.batch_id) is not None:
+                log.error("%s: batch %s fails", exc.message, exc.batch_id)
+                events.batch_failed(exc.batch_id, exc.message, False)
+            else:
+                log.critical("%s: killing the engine for a new one", exc.message)
+                process.kill()
+
+    def _images(self, message: FromEngine) -> Images | None:
+        """A finished batch's images, copied out of its shared-memory block, which is freed."""
+        if not isinstance(message, (Done, Failed)):
+            return None
+        taken = self._take_block(message.batch_id)
+        if taken is None:
+            return None
+        block, batch = taken
         images = None
-        if isinstance(message, (Done, Failed)):
-            with self._blocks_lock:
-                block, batch = self._blocks.pop(message.batch_id, (None, None))
-            if block is not None:
-                if isinstance(message, Done):
-                    view = images_view(block.buf, batch)
-                    images = view.copy()
-                    del view
-                block.close()
-                block.unlink()
-        _dispatch(message, events, images)
+        if isinstance(message, Done) and not message.canceled:
+            view = images_view(block.buf, batch)
+            images = view.copy()
+            del view
+        block.close()
+        block.unlink()
+        return images
+
+    def _take_block(self, batch_id: int) -> tuple[shared_memory.SharedMemory, RunBatch] | None:
+        with self._blocks_lock:
+            return self._blocks.pop(batch_id, None)
 
     def _free_blocks(self) -> None:
         with self._blocks_lock:
@@ -232,8 +286,10 @@ class ProcessEngine:
 
 
 class _QueueInbox:
+    """The thread engine's inbox; ``None`` in the queue means the worker has gone."""
+
     def __init__(self) -> None:
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[ToEngine | None] = queue.SimpleQueue()
 
     def poll(self) -> bool:
         return not self.queue.empty()
@@ -247,39 +303,37 @@ class _QueueInbox:
 
 class ThreadEngine:
     """The engine loop on a thread of the worker process (no isolation, no shared memory).
-    ``load`` replaces the model loader (tests)."""
+    ``load`` replaces the model loader (a model built in-process)."""
 
-    def __init__(self, config: EngineConfig, load=None):
+    def __init__(self, config: EngineConfig, load: Callable[[EngineConfig], Model] | None = None):
         self.config = config
         self._load = load
-        self._inbox: _QueueInbox | None = None
+        self._inbox = _QueueInbox()
         self._thread: threading.Thread | None = None
 
     def start(self, events: EngineEvents, timeout_s: float | None = None) -> Ready:
         os.environ.update(self.config.environment())  # this process is the engine's
         inbox = self._inbox = _QueueInbox()
-        answer: queue.SimpleQueue = queue.SimpleQueue()
+        answer: queue.SimpleQueue[Ready | LoadFailed] = queue.SimpleQueue()
 
-        def send(message: object) -> None:
+        def send(message: FromEngine) -> None:
             if isinstance(message, (Ready, LoadFailed)):
                 answer.put(message)
             else:
-                _dispatch(message, events, getattr(message, "images", None))
+                dispatch(message, events, message.images if isinstance(message, Done) else None)
 
         def main() -> None:
             code = EngineCore(self.config, inbox, send, load=self._load).run()
             if code not in (0, EXIT_LOAD_FAILED):
                 events.engine_died(exit_reason(code))
 
-        self._thread = threading.Thread(target=main, name="model", daemon=True)
+        self._thread = threading.Thread(target=main, name="engine", daemon=True)
         self._thread.start()
         try:
             message = answer.get(timeout=timeout_s)
         except queue.Empty:
             raise EngineStartFailed(f"the model did not load and warm within {timeout_s}s") from None
-        if isinstance(message, LoadFailed):
-            raise EngineStartFailed(f"the model failed to load: {message.error}")
-        return message
+        return started(message)
 
     def submit(self, batch_id: int, key: CompatKey, work: list[ImageWork]) -> None:
         self._inbox.queue.put(RunBatch(batch_id, key, tuple(work)))
@@ -288,13 +342,7 @@ class ThreadEngine:
         self._inbox.queue.put(CancelBatch(batch_id))
 
     def stop(self, timeout_s: float = 60) -> None:
-        if self._inbox is not None:
-            self._inbox.queue.put(Stop())
-            self._inbox.queue.put(None)
+        self._inbox.queue.put(Stop())
+        self._inbox.queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout_s)
-
-
-def fake_engine(model: Model) -> ThreadEngine:
-    """An in-process engine around an already-built model (tests)."""
-    return ThreadEngine(EngineConfig(model_ref=model.name), load=lambda _config: model)

@@ -244,7 +244,7 @@ def _generate(ctx: WorkerContext, job: Job, queue: str) -> JobResult:
     crashes = job.crashes
     while True:
         future = ctx.runner.submit(
-            key, work, queue=queue, deadline=deadline, tag=job.id, isolated=crashes > 0, expires_at=expires_at
+            key, work, queue=queue, deadline=deadline, job_id=job.id, isolated=crashes > 0, expires_at=expires_at
         )
         try:
             return future.result()

@@ -24,7 +24,7 @@ from diffusers import DiffusionPipeline
 
 from tasks.errors import DeviceLost, ModelOutOfMemory, PipelineError
 from tasks.settings import WarmShape
-from workers.engine import EngineConfig
+from workers.protocol import EngineConfig
 from workers.work import CompatKey, ImageWork, StepCallback
 
 log = logging.getLogger(__name__)

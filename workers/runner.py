@@ -28,6 +28,7 @@ Failures:
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import threading
@@ -44,6 +45,7 @@ from tasks.cancel import NOT_STARTED_IN_TIME
 from tasks.errors import EngineCrashed, EngineStartFailed, JobCanceled, ModelOutOfMemory, PipelineError
 from workers.batcher import Batch, Batcher, Request, Slice
 from workers.engine_client import Engine
+from workers.protocol import Images
 from workers.work import BatchKey, CompatKey, ImageWork
 
 log = logging.getLogger(__name__)
@@ -82,11 +84,13 @@ class JobResult:
 
 @dataclass(eq=False)
 class _Pending:
+    """One job in the runner: its images to make and the future its task thread waits on."""
+
     work: list[ImageWork]
     submitted: float
-    tag: object = None
+    job_id: str | None = None
     expires_at: float | None = None  # canceled if no call has started it by then
-    future: Future = field(default_factory=Future)
+    future: Future[JobResult] = field(default_factory=Future)
     images: dict[int, np.ndarray] = field(default_factory=dict)
     first_start: float | None = None
     inference_s: float = 0.0
@@ -96,29 +100,40 @@ class _Pending:
 class _InFlight:
     """A batch sent to the engine: queued there until ``started_at`` is set."""
 
-    batch: Batch
+    batch: Batch[_Pending]
     started_at: float | None = None
     step: int = 0
 
     @property
-    def tags(self) -> list[object]:
-        return [s.request.payload.tag for s in self.batch.slices]
+    def job_ids(self) -> list[str]:
+        """The batch's jobs, once each (a job split over two slices is one job)."""
+        return list(dict.fromkeys(s.request.payload.job_id for s in self.batch.slices if s.request.payload.job_id))
+
+
+class _Restart(enum.Enum):
+    """What the dispatcher does instead of a batch while the engine is down."""
+
+    RESTART = "restart"
+
+
+#: A job-id hook: called with the ids of a batch's jobs.
+BatchHook = Callable[[list[str]], None]
 
 
 class ModelRunner:
     def __init__(
         self,
         engine: Engine,
-        batcher: Batcher,
+        batcher: Batcher[_Pending],
         observer: BatchObserver | None = None,
-        on_batch_start: Callable[[list[object]], None] | None = None,
-        on_batch_end: Callable[[list[object]], None] | None = None,
+        on_batch_start: BatchHook | None = None,
+        on_batch_end: BatchHook | None = None,
         on_engine_lost: Callable[[str], None] | None = None,
-        on_batch_step: Callable[[list[object], int, int], None] | None = None,
+        on_batch_step: Callable[[list[str], int, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         depth: int = 2,
     ):
-        """``on_batch_start`` and ``on_batch_end`` get the tags of a batch's jobs when the
+        """``on_batch_start`` and ``on_batch_end`` get the ids of a batch's jobs when the
         engine starts and ends its call: the worker counts a crash for each job before, and
         takes it back after, so the calls an engine or a worker died in stay counted.
         ``on_batch_step`` gets them with (step, total) at every step boundary of a call."""
@@ -135,7 +150,7 @@ class ModelRunner:
         self._stopping = False
         self._engine_up = False
         self._inflight: dict[int, _InFlight] = {}
-        self._retries: deque[Batch] = deque()  # halves of a failed batch, before anything else
+        self._retries: deque[Batch[_Pending]] = deque()  # halves of a failed batch, before anything else
         self._batch_ids = itertools.count(1)
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
         self.model_name = ""
@@ -161,10 +176,10 @@ class ModelRunner:
         images: list[ImageWork],
         queue: str = "",
         deadline: float | None = None,
-        tag: object = None,
+        job_id: str | None = None,
         isolated: bool = False,
         expires_at: float | None = None,
-    ) -> Future:
+    ) -> Future[JobResult]:
         """Queue one job's images; the future resolves to a ``JobResult``.
 
         ``isolated`` runs the job in batches of its own: for a job that was in a call an
@@ -172,8 +187,8 @@ class ModelRunner:
         has started by ``expires_at`` fails with ``JobCanceled``.
         """
         now = self._clock()
-        pending = _Pending(list(images), now, tag, expires_at)
-        batch_key = BatchKey(queue, key, alone=str(tag if tag is not None else id(pending)) if isolated else None)
+        pending = _Pending(list(images), now, job_id, expires_at)
+        batch_key = BatchKey(queue, key, alone=(job_id or str(id(pending))) if isolated else None)
         request = Request(batch_key, len(images), now, deadline, payload=pending)
         with self._cond:
             if self._stopping:
@@ -183,20 +198,20 @@ class ModelRunner:
             self._cond.notify_all()
         return pending.future
 
-    def cancel(self, tag: object, reason: str) -> bool:
-        """Drop the job tagged ``tag``; its future fails with ``JobCanceled``. Waiting, it
+    def cancel(self, job_id: str, reason: str) -> bool:
+        """Drop the job ``job_id``; its future fails with ``JobCanceled``. Waiting, it
         never runs. In a batch of its own (queued in the engine or running), the engine
         stops that call at its next step boundary. In a batch it shares, the call goes on
         for its neighbours and this job's images are discarded. True if it was here."""
 
-        def mine(s: Slice) -> bool:
-            return s.request.payload.tag == tag
+        def mine(s: Slice[_Pending]) -> bool:
+            return s.request.payload.job_id == job_id
 
         with self._cond:
             dropped = [s for s in self._batcher.waiting_slices() if mine(s)]
             for request in {id(s.request): s.request for s in dropped}.values():
                 self._batcher.remove(request)
-            retries: deque[Batch] = deque()
+            retries: deque[Batch[_Pending]] = deque()
             for batch in self._retries:
                 dropped += [s for s in batch.slices if mine(s)]
                 rest = tuple(s for s in batch.slices if not mine(s))
@@ -253,22 +268,22 @@ class ModelRunner:
                 batch = self._next_batch()
                 if batch is None:
                     return
-                if batch is not _RESTART:
+                if not isinstance(batch, _Restart):
                     batch_id = next(self._batch_ids)
                     self._inflight[batch_id] = _InFlight(batch)  # before the engine can answer
-            if batch is _RESTART:
+            if isinstance(batch, _Restart):
                 self._restart()
             else:
                 work = [w for s in batch.slices for w in s.request.payload.work[s.start : s.start + s.count]]
                 self._engine.submit(batch_id, batch.key.compat, work)
 
-    def _next_batch(self) -> Batch | object | None:
-        """Under the lock: the next batch to send, ``_RESTART``, or None when stopped."""
+    def _next_batch(self) -> Batch[_Pending] | _Restart | None:
+        """Under the lock: the next batch to send, a restart, or None when stopped."""
         while True:
             if not self._engine_up:
                 if self._stopping:
                     return None
-                return _RESTART
+                return _Restart.RESTART
             if len(self._inflight) >= self._depth:
                 self._cond.wait()
                 continue
@@ -290,10 +305,10 @@ class ModelRunner:
             self._cond.wait(None if decision.wake_at is None else max(0.0, decision.wake_at - now))
 
     @staticmethod
-    def _runnable(s: Slice, now: float) -> bool:
+    def _runnable(s: Slice[_Pending], now: float) -> bool:
         """False for a slice whose job has failed or been canceled, or whose ``expires_at``
         passed before any call started it (then it is canceled here)."""
-        pending: _Pending = s.request.payload
+        pending = s.request.payload
         if pending.future.done():
             return False
         if pending.expires_at is not None and pending.first_start is None and now >= pending.expires_at:
@@ -343,16 +358,17 @@ class ModelRunner:
             if flight is None:
                 return
             flight.started_at = self._clock()
-        self._hook(self._on_batch_start, flight.tags)
+        self._hook(self._on_batch_start, flight.job_ids)
 
     def batch_step(self, batch_id: int, step: int, total: int) -> None:
         flight = self._inflight.get(batch_id)
         if flight is not None:
             flight.step = step
-            if self._on_batch_step is not None:
-                self._hook(lambda tags: self._on_batch_step(tags, step, total), flight.tags)
+            on_step = self._on_batch_step
+            if on_step is not None:
+                self._hook(lambda job_ids: on_step(job_ids, step, total), flight.job_ids)
 
-    def batch_done(self, batch_id: int, images: np.ndarray, inference_s: float, canceled: bool) -> None:
+    def batch_done(self, batch_id: int, images: Images | None, inference_s: float, canceled: bool) -> None:
         with self._cond:
             flight = self._inflight.pop(batch_id, None)
             if flight is None:
@@ -361,7 +377,7 @@ class ModelRunner:
             if not canceled:  # a call stopped early says nothing of what a call costs
                 self._batcher.cost_model.observe(batch.key.compat, batch.images, inference_s)
             self._cond.notify_all()
-        self._hook(self._on_batch_end, flight.tags)
+        self._hook(self._on_batch_end, flight.job_ids)
         started = flight.started_at if flight.started_at is not None else self._clock()
         canceled = canceled or images is None
         if self._observer:
@@ -370,10 +386,10 @@ class ModelRunner:
         log.info(
             "batch %s: %d image(s) of %d job(s)%s, waited %.3fs, model %.3fs", label, batch.images,
             len(batch.slices), " canceled" * canceled, started - batch.oldest_arrival, inference_s,
-            extra={"batch_id": label, "batch_images": batch.images, "job_ids": _job_ids(flight.tags),
+            extra={"batch_id": label, "batch_images": batch.images, "job_ids": flight.job_ids,
                    "batch_wait_s": started - batch.oldest_arrival, "inference_s": inference_s},
         )  # fmt: skip
-        if canceled:
+        if images is None:  # canceled
             for s in batch.slices:
                 if not s.request.payload.future.done():
                     s.request.payload.future.set_exception(JobCanceled("the batch was canceled"))
@@ -391,13 +407,13 @@ class ModelRunner:
             retry = self._split(flight.batch, error, out_of_memory)
             self._retries.extendleft(reversed(retry))
             self._cond.notify_all()
-        self._hook(self._on_batch_end, flight.tags)
+        self._hook(self._on_batch_end, flight.job_ids)
         if self._observer:
             self._observer.batch_failed(out_of_memory)
         log.warning(
             "batch %s-%s of %d image(s) failed%s: %s", self.engine_pid, batch_id, flight.batch.images,
             " (out of memory)" * out_of_memory, error,
-            extra={"batch_id": f"{self.engine_pid}-{batch_id}", "job_ids": _job_ids(flight.tags)},
+            extra={"batch_id": f"{self.engine_pid}-{batch_id}", "job_ids": flight.job_ids},
         )  # fmt: skip
 
     def engine_died(self, reason: str) -> None:
@@ -427,7 +443,7 @@ class ModelRunner:
             self._observer.device_memory_used(allocated, reserved, peak)
 
     # -- helpers --------------------------------------------------------------------------
-    def _split(self, batch: Batch, error: str, out_of_memory: bool) -> list[Batch]:
+    def _split(self, batch: Batch[_Pending], error: str, out_of_memory: bool) -> list[Batch[_Pending]]:
         """Under the lock: the halves to retry; fails the job when it is alone."""
         slices = list(batch.slices)
         if out_of_memory and batch.images > 1:
@@ -447,18 +463,18 @@ class ModelRunner:
         return [Batch(batch.key, tuple(part)) for part in (slices[:middle], slices[middle:])]
 
     @staticmethod
-    def _hook(hook: Callable[[list[object]], None] | None, tags: list[object]) -> None:
+    def _hook(hook: BatchHook | None, job_ids: list[str]) -> None:
         if hook is None:
             return
         try:
-            hook(tags)
+            hook(job_ids)
         except Exception:
             log.exception("batch hook failed; the batch goes on")
 
     def _deliver(
-        self, s: Slice, images: np.ndarray, started: float, inference_s: float, batch_id: str, batch_images: int
+        self, s: Slice[_Pending], images: Images, started: float, inference_s: float, batch_id: str, batch_images: int
     ) -> None:
-        pending: _Pending = s.request.payload
+        pending = s.request.payload
         if pending.future.done():
             return
         for offset in range(s.count):
@@ -480,11 +496,3 @@ class ModelRunner:
     def _report_waiting(self) -> None:
         if self._observer:
             self._observer.waiting(self._batcher.waiting_images)
-
-
-def _job_ids(tags: list[object]) -> list[str]:
-    """A batch's jobs, once each (a job split over two slices is one job)."""
-    return list(dict.fromkeys(str(tag) for tag in tags if tag is not None))
-
-
-_RESTART = object()

@@ -122,6 +122,9 @@ class SimModel:
     def warm(self, shape: WarmShape) -> None:
         pass
 
+    def memory_stats(self) -> tuple[int, int, int] | None:
+        return None
+
     def run(self, key: CompatKey, images: list[ImageWork], on_step: StepCallback | None = None) -> np.ndarray:
         prompts = " ".join(w.prompt for w in images)
         if CRASH_MARK in prompts:

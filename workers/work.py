@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from tasks.settings import WarmShape
 
@@ -61,8 +62,15 @@ class Model(Protocol):
 
     name: str
 
-    def run(self, key: CompatKey, images: list[ImageWork], on_step: StepCallback | None = None) -> np.ndarray:
+    def run(
+        self, key: CompatKey, images: list[ImageWork], on_step: StepCallback | None = None
+    ) -> npt.NDArray[np.uint8]:
         """One call for all ``images``: a ``(n, height, width, 3)`` uint8 array."""
         ...
 
     def warm(self, shape: WarmShape) -> None: ...
+
+    def memory_stats(self) -> tuple[int, int, int] | None:
+        """Device bytes (allocated, reserved, peak since the last read); None where the
+        device does not report them."""
+        ...

@@ -41,7 +41,7 @@ def time_bare(model, key: CompatKey, batch_size: int, calls: int) -> BareRow:
 def measure_bare(model_ref: str, size: int, steps: int, device: str, calls: dict[int, int]) -> dict[int, BareRow]:
     """Batch size -> its row, the model loaded and run on this one thread."""
     from workers.backends import load_model
-    from workers.engine import EngineConfig
+    from workers.protocol import EngineConfig
 
     model = load_model(EngineConfig(model_ref, device=device))
     key = CompatKey(model.name, size, size, steps, 7.5)

@@ -205,7 +205,7 @@ def run(
     keeps submitting while batches run. ``follows``: each configuration once per way of
     following the jobs (what a polling client costs the fleet, against a waiting one)."""
     from workers.backends import load_model
-    from workers.engine import EngineConfig
+    from workers.protocol import EngineConfig
 
     model = load_model(EngineConfig(model_ref, device=device))
     key = CompatKey(model.name, size, size, steps, 7.5)

@@ -160,7 +160,7 @@ def simulate(
             w = min(free, key=lambda w: (w.load, (w.index - next_rr) % workers))
             next_rr = (w.index + 1) % workers
             job = broker.popleft()
-            w.batcher.add(Request(KEY, images_per_job, now, payload=job))
+            w.batcher.add(Request(KEY, images_per_job, now, None, payload=job))
             w.reserved += 1
             w.load += images_per_job
             given.add(w.index)

@@ -16,7 +16,7 @@ def batcher(max_images=4, wait_s=0.1, kind="fixed") -> Batcher:
 
 
 def add(b: Batcher, key=A, images=1, at=0.0, deadline=None) -> Request:
-    request = Request(key=key, images=images, arrival=at, deadline=deadline)
+    request = Request(key=key, images=images, arrival=at, deadline=deadline, payload=None)
     b.add(request)
     return request
 

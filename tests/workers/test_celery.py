@@ -8,11 +8,10 @@ import pytest
 from tasks.jobs import Job, JobState, new_job_id, parse_request
 from tasks.settings import Settings
 from tasks.store import now
-from tests.helpers import FakeModel
+from tests.helpers import FakeModel, fake_engine
 from workers import celery as worker_celery
 from workers.batcher import Batcher, BatchPolicy
 from workers.celery import engine_config, slot_device
-from workers.engine_client import fake_engine
 from workers.jobs import WorkerContext
 from workers.metrics import WorkerMetrics
 from workers.runner import ModelRunner

@@ -5,6 +5,8 @@ returns images through shared memory and reports its own death at once."""
 from __future__ import annotations
 
 import glob
+import os
+import signal
 import threading
 import time
 
@@ -12,21 +14,9 @@ import numpy as np
 import pytest
 
 from tasks.errors import DeviceLost
-from workers.engine import (
-    EXIT_DEVICE_LOST,
-    EXIT_LOAD_FAILED,
-    CancelBatch,
-    Done,
-    EngineConfig,
-    EngineCore,
-    LoadFailed,
-    Ready,
-    RunBatch,
-    Started,
-    Step,
-    Stop,
-)
+from workers.engine import EXIT_DEVICE_LOST, EXIT_LOAD_FAILED, EngineCore
 from workers.engine_client import ProcessEngine, _QueueInbox
+from workers.protocol import CancelBatch, Done, EngineConfig, LoadFailed, Ready, RunBatch, Started, Step, Stop
 from workers.work import CompatKey, ImageWork
 
 KEY = CompatKey("fake", 8, 8, 4, 7.5)
@@ -41,6 +31,9 @@ class StepModel:
         self.on_step_2 = on_step_2
         self.fail = fail
         self.steps_run: list[int] = []
+
+    def memory_stats(self):
+        return None
 
     def warm(self, shape):
         pass
@@ -155,7 +148,7 @@ def test_the_process_engine_returns_images_through_shared_memory_and_reports_its
     assert images.shape == (2, 8, 16, 3) and images.dtype == np.uint8 and not np.array_equal(images[0], images[1])
     engine.submit(2, key, [ImageWork("c", None, 3)])
     time.sleep(0.1)  # inside the 0.5 s call
-    engine.kill()
+    os.kill(engine.pid, signal.SIGKILL)  # as the OOM killer would
     killed = time.monotonic()
     with events.changed:
         assert events.changed.wait_for(lambda: events.died, 10)

@@ -10,9 +10,8 @@ from prometheus_client import generate_latest
 from tasks.jobs import Job, JobState, new_job_id, parse_request
 from tasks.settings import Settings
 from tasks.store import now
-from tests.helpers import FakeModel
+from tests.helpers import FakeModel, fake_engine
 from workers.batcher import Batcher, BatchPolicy
-from workers.engine_client import fake_engine
 from workers.jobs import WorkerContext, run_job
 from workers.metrics import WorkerMetrics
 from workers.runner import ModelRunner

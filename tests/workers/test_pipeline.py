@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from tasks.settings import WarmShape
-from workers.engine import EngineConfig
 from workers.jobs import encode_png
 from workers.pipeline import DiffusersModel, load_pipeline
+from workers.protocol import EngineConfig
 from workers.work import CompatKey, ImageWork
 
 

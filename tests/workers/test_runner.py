@@ -13,10 +13,10 @@ import pytest
 
 from tasks.errors import JobCanceled, PipelineError
 from tasks.settings import WarmShape
-from tests.helpers import FakeModel
+from tests.helpers import FakeModel, fake_engine
 from workers.batcher import Batcher, BatchPolicy
-from workers.engine import EngineConfig
-from workers.engine_client import ThreadEngine, fake_engine
+from workers.engine_client import ThreadEngine
+from workers.protocol import EngineConfig
 from workers.runner import ModelRunner
 from workers.work import CompatKey, ImageWork
 
@@ -131,7 +131,7 @@ class ScriptedEngine:
 
     def start(self, events, timeout_s=None):
         from tasks.errors import EngineStartFailed
-        from workers.engine import Ready
+        from workers.protocol import Ready
 
         self.starts += 1
         if self.starts > 1 and self.fail_restart:
@@ -189,8 +189,8 @@ def test_when_the_engine_dies_its_running_jobs_crash_and_its_queued_jobs_run_on_
     engine = ScriptedEngine()
     counted: list[list[object]] = []
     runner = scripted_runner(engine, on_batch_start=counted.append)
-    running = [runner.submit(KEY, work(f"r{i}"), tag=f"r{i}") for i in range(2)]
-    queued = [runner.submit(KEY, work(f"q{i}"), tag=f"q{i}") for i in range(2)]
+    running = [runner.submit(KEY, work(f"r{i}"), job_id=f"r{i}") for i in range(2)]
+    queued = [runner.submit(KEY, work(f"q{i}"), job_id=f"q{i}") for i in range(2)]
     first, _ = engine.wait_sent(2)
     engine.events.batch_started(first[0])
     engine.events.engine_died("the engine was killed by SIGKILL")
@@ -228,8 +228,8 @@ def test_a_canceled_job_waiting_for_the_engine_never_runs():
     runner = make_runner(model, wait_s=0)
     running = runner.submit(KEY, work("first"))
     waiting = runner.submit(CompatKey("fake", 16, 8, 1, 1.0), work("second"))  # queued behind it
-    assert runner.cancel("nobody", "x") is False  # no job with that tag
-    tagged = runner.submit(CompatKey("fake", 24, 8, 1, 1.0), work("third"), tag="job-3")
+    assert runner.cancel("nobody", "x") is False  # no such job
+    tagged = runner.submit(CompatKey("fake", 24, 8, 1, 1.0), work("third"), job_id="job-3")
     assert runner.cancel("job-3", "canceled by its client")
     with pytest.raises(JobCanceled):
         tagged.result(5)
@@ -241,7 +241,7 @@ def test_a_canceled_job_waiting_for_the_engine_never_runs():
 def test_a_running_job_alone_stops_at_its_next_step():
     model = FakeModel(call_s=2.0)
     runner = make_runner(model)
-    future = runner.submit(CompatKey("fake", 8, 8, 20, 1.0), work("long"), tag="job-1")
+    future = runner.submit(CompatKey("fake", 8, 8, 20, 1.0), work("long"), job_id="job-1")
     while model.steps_run == 0:
         time.sleep(0.01)
     assert runner.cancel("job-1", "canceled by its client")
@@ -255,8 +255,8 @@ def test_a_job_canceled_in_a_shared_batch_leaves_its_neighbour_its_images():
     model = FakeModel(call_s=0.5)
     runner = make_runner(model, wait_s=0.2)
     key = CompatKey("fake", 8, 8, 10, 1.0)
-    stays = runner.submit(key, work("stays", seed=5), tag="job-a")
-    leaves = runner.submit(key, work("leaves", seed=6), tag="job-b")
+    stays = runner.submit(key, work("stays", seed=5), job_id="job-a")
+    leaves = runner.submit(key, work("leaves", seed=6), job_id="job-b")
     while not model.calls:
         time.sleep(0.01)
     assert runner.cancel("job-b", "canceled by its client")

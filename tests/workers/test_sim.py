@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from workers.backends import load_model
-from workers.engine import EngineConfig
+from workers.protocol import EngineConfig
 from workers.sim import HOST_SLICE, RAISE_MARK, SimModel, SimProfile
 from workers.work import CompatKey, ImageWork
 
