@@ -116,10 +116,3 @@ def build_pipeline() -> StableDiffusionPipeline:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-def write_tiny_model(directory: Path, force: bool = False) -> bool:
-    """Write the tiny pipeline to ``directory``; returns False if one is already there."""
-    from workers.model_init import write_model  # it builds the tiny model from this module
-
-    return write_model(directory, arch="tiny", force=force)

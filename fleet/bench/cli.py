@@ -16,9 +16,9 @@ def _ensure_model(model: str | None) -> str:
 
     model = model or get_settings().model_ref
     if not model.startswith("sim:") and not (Path(model) / "model_index.json").exists():
-        from workers.tiny_model import write_tiny_model
+        from workers.model_init import write_model
 
-        write_tiny_model(Path(model))
+        write_model(Path(model), arch="tiny")
     return model
 
 

@@ -8,7 +8,6 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 
 from fleet.cli import build_parser, main
 from workers.model_init import ARCHES, CLIP_VOCAB, build_pipeline, resolve_device, write_model
-from workers.tiny_model import write_tiny_model
 
 # The parameter counts of the published checkpoints (stable-diffusion-v1-5, stable-diffusion-xl-base-1.0).
 SD_VAE = 83_653_863
@@ -29,10 +28,10 @@ def files(directory) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_tiny_is_byte_identical_through_write_tiny_model_and_loads(tmp_path):
-    """arch="tiny" writes exactly what write_tiny_model writes, and from_pretrained loads it."""
+def test_tiny_is_byte_identical_every_time_and_loads(tmp_path):
+    """arch="tiny" writes the same bytes every time, and from_pretrained loads them."""
     assert write_model(tmp_path / "new", arch="tiny")
-    assert write_tiny_model(tmp_path / "old")
+    assert write_model(tmp_path / "old", arch="tiny")
     assert files(tmp_path / "new") == files(tmp_path / "old")
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "new", local_files_only=True)
     assert isinstance(pipe, StableDiffusionPipeline)
