@@ -14,43 +14,62 @@ job, so a lost event delays nobody longer than the reconnect.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from tasks.errors import DependencyUnavailable
+from tasks.jobs import JobState
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "fleet:events"
 
 
+class EventKind(str, enum.Enum):
+    STATE = "state"  # the job moved to ``JobEvent.state``
+    PROGRESS = "progress"  # its model call finished ``step`` of ``total``
+    RESYNC = "resync"  # events may have been lost (never on the wire): read the job again
+
+
 @dataclass(frozen=True)
 class JobEvent:
-    """``kind``: ``state`` (``state`` is the new one), ``progress`` (``step`` of ``total``
-    done) or ``resync`` (events may have been lost: read the job again)."""
+    """One event of one job. The wire form (JSON on ``CHANNEL``, written by ``encode`` here
+    and by the job store's Lua scripts, which take their names from these enums) is read
+    back only by ``decode``."""
 
     job_id: str
-    kind: str
-    state: str | None = None
+    kind: EventKind
+    state: JobState | None = None
     step: int | None = None
     total: int | None = None
 
     def encode(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
+        raw: dict[str, Any] = {"job_id": self.job_id, "kind": self.kind.value}
+        if self.state is not None:
+            raw["state"] = self.state.value
+        if self.step is not None and self.total is not None:
+            raw |= {"step": self.step, "total": self.total}
+        return json.dumps(raw)
 
     @classmethod
     def decode(cls, data: bytes | str) -> JobEvent | None:
+        """The event, or None (logged) for a message that is not one."""
         try:
             raw = json.loads(data)
-            return cls(**raw)
-        except (ValueError, TypeError):
+            kind = EventKind(raw["kind"])
+            state = JobState(raw["state"]) if kind is EventKind.STATE else None
+            step, total = (int(raw["step"]), int(raw["total"])) if kind is EventKind.PROGRESS else (None, None)
+            return cls(str(raw["job_id"]), kind, state, step, total)
+        except (ValueError, TypeError, KeyError):
             log.warning("ignoring a malformed job event: %r", data)
             return None
 
@@ -151,4 +170,4 @@ class EventHub:
             targets = [(job_id, q) for job_id, qs in self._waiters.items() for q in qs]
             targets += [("", q) for q in self._all]
         for job_id, target in targets:
-            target.put(JobEvent(job_id, "resync"))
+            target.put(JobEvent(job_id, EventKind.RESYNC))

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.request import WEBHOOK_EVENTS, JobRequest, validate_request
+from tasks.request import WEBHOOK_EVENTS, JobRequest, WebhookEvent, validate_request
 from tasks.settings import Settings
 
 
@@ -111,7 +111,7 @@ class JobOptions:
     service_class: str
     priority: int = 0
     webhook: str | None = None
-    webhook_events: tuple[str, ...] = WEBHOOK_EVENTS
+    webhook_events: tuple[WebhookEvent, ...] = WEBHOOK_EVENTS
 
     @classmethod
     def of(cls, request: JobRequest, settings: Settings) -> JobOptions:
@@ -193,14 +193,14 @@ class Job:
     task_id: str | None = None  # the Celery task that last ran it (Flower's id)
     image_keys: list[str] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
-    batch: dict[str, Any] = field(default_factory=dict)
+    batch: BatchInfo | None = None
     step: int = 0  # denoising steps done in its current model call, of ``total_steps``
     total_steps: int = 0
     cancel_at: float | None = None  # canceled if not started by then (``Cancel-After``)
     owner: str = ""  # the name of the API key that submitted it
     priority: int = 0
     webhook: str | None = None
-    webhook_events: tuple[str, ...] = ()
+    webhook_events: tuple[WebhookEvent, ...] = ()
 
     def to_redis(self) -> dict[str, str]:
         raw = {
@@ -229,7 +229,7 @@ class Job:
             task_id=self.task_id,
             image_keys=self.image_keys,
             timings=self.timings,
-            batch=BatchInfo(**self.batch) if self.batch else None,
+            batch=self.batch,
         )
         return raw | update.to_redis()
 
@@ -253,12 +253,12 @@ class Job:
             task_id=raw.get("task_id"),
             image_keys=json.loads(raw.get("image_keys", "[]")),
             timings=Timings(**json.loads(raw.get("timings", "{}"))),
-            batch=json.loads(raw.get("batch", "{}")),
+            batch=BatchInfo(**json.loads(raw["batch"])) if raw.get("batch") else None,
             step=int(raw.get("step", 0)),
             total_steps=int(raw.get("total_steps", 0)),
             cancel_at=opt_float("cancel_at"),
             owner=raw.get("owner", ""),
             priority=int(raw.get("priority", 0)),
             webhook=raw.get("webhook"),
-            webhook_events=tuple(filter(None, raw.get("webhook_events", "").split(","))),
+            webhook_events=tuple(e for e in WEBHOOK_EVENTS if e in raw.get("webhook_events", "").split(",")),
         )

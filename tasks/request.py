@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
@@ -26,7 +26,7 @@ from tasks.settings import Settings
 
 #: What a job's webhook may be sent for: it started, each step, it ended.
 WebhookEvent = Literal["start", "progress", "completed"]
-WEBHOOK_EVENTS: tuple[str, ...] = ("start", "progress", "completed")
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = get_args(WebhookEvent)
 #: Priorities within a queue, highest first where the broker orders by them.
 MAX_PRIORITY = 9
 MAX_SEED = 2**63 - 1

@@ -8,6 +8,7 @@ twice) can never move a job backwards or finish it twice.
 from __future__ import annotations
 
 import hashlib
+import string
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 import redis
 
 from tasks.errors import DependencyUnavailable
-from tasks.events import CHANNEL
-from tasks.jobs import TRANSITIONS, Job, JobState, JobUpdate
+from tasks.events import CHANNEL, EventKind
+from tasks.jobs import TERMINAL_STATES, TRANSITIONS, Job, JobState, JobUpdate
+from tasks.request import WebhookEvent
 
 KEY_PREFIX = "fleet:job:"
 #: Jobs not yet taken by a worker: id -> when to publish their message (again) if still
@@ -39,14 +41,31 @@ PRIORITY_SPAN_S = 1e9
 #: ``<name>:active`` (those not finished: the cap on active jobs).
 OWNER_PREFIX = "fleet:owner:"
 
+_PROGRESS_HOOK: WebhookEvent = "progress"
+
+
+def lua(template: str) -> str:
+    """A Lua script with the names it shares with Python filled in from their one
+    definition: ``$QUEUED`` and the other states, ``$TERMINAL`` (a Lua set), the event kinds."""
+    names = {state.name: state.value for state in JobState} | {
+        "TERMINAL": "{" + ", ".join(f"{s.value} = true" for s in sorted(TERMINAL_STATES)) + "}",
+        "STATE_EVENT": EventKind.STATE.value,
+        "PROGRESS_EVENT": EventKind.PROGRESS.value,
+        "PROGRESS_HOOK": _PROGRESS_HOOK,
+        "WINDOW": str(THROUGHPUT_WINDOW_S),
+    }
+    return string.Template(template).substitute(names)
+
+
 _TRANSITION_LUA = """
 local THROUGHPUT_WINDOW_S = $WINDOW
+local TERMINAL = $TERMINAL
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return {0, ''} end
 if not string.find(',' .. ARGV[2] .. ',', ',' .. current .. ',', 1, true) then
   return {0, current}
 end
-if ARGV[1] == 'RUNNING' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+if ARGV[1] == '$RUNNING' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 redis.call('ZREM', KEYS[2], ARGV[4])  -- delivered or finished: published for sure
 if #ARGV > 5 then
   redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 6))
@@ -55,24 +74,24 @@ else
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local queue = redis.call('HGET', KEYS[1], 'queue') or ''
-if current == 'QUEUED' then redis.call('ZREM', KEYS[3] .. queue, ARGV[4]) end
-if ARGV[1] == 'RUNNING' then
+if current == '$QUEUED' then redis.call('ZREM', KEYS[3] .. queue, ARGV[4]) end
+if ARGV[1] == '$RUNNING' then
   redis.call('ZADD', KEYS[7] .. queue, ARGV[5], ARGV[4])
-elseif current == 'RUNNING' then
+elseif current == '$RUNNING' then
   redis.call('ZREM', KEYS[7] .. queue, ARGV[4])
 end
 local owner = redis.call('HGET', KEYS[1], 'owner')
-if owner and (ARGV[1] == 'SUCCEEDED' or ARGV[1] == 'FAILED' or ARGV[1] == 'CANCELED') then
+if owner and TERMINAL[ARGV[1]] then
   redis.call('ZREM', KEYS[6] .. owner .. ':active', ARGV[4])
 end
-if ARGV[1] == 'SUCCEEDED' then
+if ARGV[1] == '$SUCCEEDED' then
   local finished = KEYS[4] .. queue
   redis.call('ZADD', finished, ARGV[5], ARGV[4])
   redis.call('ZREMRANGEBYSCORE', finished, '-inf', ARGV[5] - THROUGHPUT_WINDOW_S)
 end
-redis.call('PUBLISH', KEYS[5], cjson.encode({job_id = ARGV[4], kind = 'state', state = ARGV[1]}))
+redis.call('PUBLISH', KEYS[5], cjson.encode({job_id = ARGV[4], kind = '$STATE_EVENT', state = ARGV[1]}))
 return {1, ARGV[1], redis.call('HGET', KEYS[1], 'webhook') or ''}
-""".replace("$WINDOW", str(THROUGHPUT_WINDOW_S))
+"""
 
 #: Add ARGV[2] to field ARGV[1] of each existing record: a counter never creates a record
 #: (one without its id, state or TTL) for a job that expired or was never there.
@@ -88,13 +107,15 @@ end
 _PROGRESS_LUA = """
 local hooked = {}
 for i, key in ipairs(KEYS) do
-  if i > 1 and redis.call('HGET', key, 'state') == 'RUNNING' then
+  if i > 1 and redis.call('HGET', key, 'state') == '$RUNNING' then
     redis.call('HSET', key, 'step', ARGV[1], 'total_steps', ARGV[2])
-    local event = {job_id = string.sub(key, #ARGV[3] + 1), kind = 'progress', step = tonumber(ARGV[1]),
+    local event = {job_id = string.sub(key, #ARGV[3] + 1), kind = '$PROGRESS_EVENT', step = tonumber(ARGV[1]),
                    total = tonumber(ARGV[2])}
     redis.call('PUBLISH', KEYS[1], cjson.encode(event))
     local events = redis.call('HGET', key, 'webhook_events')
-    if events and string.find(',' .. events .. ',', ',progress,', 1, true) then table.insert(hooked, event.job_id) end
+    if events and string.find(',' .. events .. ',', ',$PROGRESS_HOOK,', 1, true) then
+      table.insert(hooked, event.job_id)
+    end
   end
 end
 return hooked
@@ -120,15 +141,15 @@ class JobStore:
     def __init__(self, client: redis.Redis, ttl_s: int):
         self._redis = client
         self._ttl_s = ttl_s
-        self._transition = client.register_script(_TRANSITION_LUA)
+        self._transition = client.register_script(lua(_TRANSITION_LUA))
         self._count = client.register_script(_COUNT_LUA)
-        self._progress = client.register_script(_PROGRESS_LUA)
-        self._on_change: Callable[[str, JobState], None] | None = None
+        self._progress = client.register_script(lua(_PROGRESS_LUA))
+        self._on_change: list[Callable[[str, JobState], None]] = []
 
     def on_change(self, callback: Callable[[str, JobState], None]) -> None:
         """Call ``callback(job_id, state)`` after each state change this store applies to a
-        job with a webhook (``tasks.notify``)."""
-        self._on_change = callback
+        job with a webhook (``tasks.notify``), after the callbacks added before it."""
+        self._on_change.append(callback)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -249,8 +270,9 @@ class JobStore:
             applied, state, *hooked = self._transition(keys=keys, args=args)
         state = state.decode() if isinstance(state, bytes) else state
         result = TransitionResult(bool(applied), JobState(state) if state else None)
-        if result.applied and hooked and hooked[0] and self._on_change is not None:
-            self._on_change(job_id, target)
+        if result.applied and hooked and hooked[0]:
+            for callback in self._on_change:
+                callback(job_id, target)
         return result
 
     def progress(self, job_ids: list[str], step: int, total: int) -> list[str]:

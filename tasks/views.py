@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 from pydantic import BaseModel, Field
 
-from tasks.jobs import GenerationSpec, Job, JobState, Timings
+from tasks.jobs import BatchInfo, GenerationSpec, Job, JobState, Timings
 from tasks.storage import ObjectStorage, image_key
 
 
@@ -91,7 +91,7 @@ class JobView(BaseModel):
             attempts=job.attempts,
             crashes=job.crashes,
             timings=TimingsView(**asdict(job.timings)),
-            batch=BatchView(**job.batch) if job.batch else None,
+            batch=BatchView(id=job.batch.id, images=job.batch.images) if job.batch else None,
             worker=job.worker,
             task_id=job.task_id,
             error=job.error,
@@ -119,7 +119,7 @@ class JobView(BaseModel):
             task_id=self.task_id,
             image_keys=[image_key(self.id, i, self.request.output_format) for i in range(len(self.images))],
             timings=Timings(**self.timings.model_dump()),
-            batch=self.batch.model_dump() if self.batch else {},
+            batch=BatchInfo(self.batch.id, self.batch.images) if self.batch else None,
             step=self.progress.step if self.progress else 0,
             total_steps=self.progress.total if self.progress else 0,
             cancel_at=self.cancel_at.timestamp() if self.cancel_at else None,

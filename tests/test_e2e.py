@@ -61,6 +61,6 @@ def test_the_view_clients_get_is_the_record_the_fleet_keeps(api_url, store):
     view = JobView.model_validate(wait_done(api_url, job_id))
     record = store.get(job_id)
     assert view.to_job().image_keys == record.image_keys == [f"jobs/{job_id}/0.png", f"jobs/{job_id}/1.png"]
-    assert view.to_job().timings == record.timings and view.batch.images == record.batch["images"]
+    assert view.to_job().timings == record.timings and view.batch.images == record.batch.images
     schemas = requests.get(f"{api_url}/openapi.json", timeout=10).json()["components"]["schemas"]
     assert set(schemas["Job"]["properties"]) == set(JobView.model_fields)

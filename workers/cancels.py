@@ -13,7 +13,7 @@ import queue
 import threading
 
 from tasks.cancel import CANCELED_BY_CLIENT
-from tasks.events import EventHub
+from tasks.events import EventHub, EventKind
 from tasks.jobs import JobState
 from workers.runner import ModelRunner
 
@@ -44,7 +44,7 @@ class CancelListener:
                             event = events.get(timeout=1.0)
                         except queue.Empty:
                             continue
-                        if event.kind == "state" and event.state == JobState.CANCELED.value:
+                        if event.kind is EventKind.STATE and event.state is JobState.CANCELED:
                             if self._runner.cancel(event.job_id, CANCELED_BY_CLIENT):
                                 log.info("job %s canceled by its client: dropped", event.job_id)
             except Exception:

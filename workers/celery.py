@@ -28,6 +28,7 @@ from celery.signals import celeryd_after_setup, worker_shutdown, worker_shutting
 from tasks import probes
 from tasks.celery import GENERATE_TASK, app
 from tasks.events import EventHub
+from tasks.jobs import JobState
 from tasks.logs import install_celery_logging, log_context, set_process_fields
 from tasks.notify import Notifier
 from tasks.settings import Settings, get_settings
@@ -227,6 +228,6 @@ def generate(self, job_id: str) -> str:
         except HandBack as exc:
             log.warning("job %s handed back to the queue: %s", job_id, exc)
             raise Reject(str(exc), requeue=True) from exc
-    if outcome.state == "FAILED":
+    if outcome.state is JobState.FAILED:
         raise JobFailed(outcome.summary())
     return outcome.summary()

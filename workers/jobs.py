@@ -1,4 +1,4 @@
-"""Running one job on a worker: claim it, generate through the model thread, store its
+"""Running one job on a worker: claim it, generate through the runner and its engine, store its
 PNGs, finish its record. Safe to run twice for the same job (redelivery).
 
 What can go wrong, and what happens (docs/RELIABILITY.md has the tests):
@@ -63,14 +63,14 @@ class JobOutcome:
     and why it failed. ``summary`` is the task's result, which Flower shows: never the
     prompt, only ids, counts and bounded reasons."""
 
-    state: str
+    state: JobState | None  # None: the job has no record (it expired, or never was)
     batch_id: str | None = None
     batch_images: int = 0
     reason: str | None = None  # a FAILED job's reason code
     duplicate: bool = False  # another delivery finished (or runs) the job: this one did nothing
 
     def summary(self) -> str:
-        text = self.state
+        text = self.state.value if self.state is not None else "MISSING"
         if self.batch_id:
             text += f" batch {self.batch_id} ({self.batch_images} image{'s' * (self.batch_images != 1)})"
         if self.reason:
@@ -129,7 +129,7 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
         raise HandBack(f"job store unavailable: {exc.message}") from exc
     if job is None:
         log.warning("job %s has no record (expired?); dropping its message", job_id)
-        return JobOutcome("MISSING")
+        return JobOutcome(None)
     job = ctx.retrying(lambda: cancel_if_overdue(ctx.store, job), "canceling an overdue job")
     if job.state.terminal:  # a duplicate delivery of a finished (or canceled) job
         log.info("job %s is already %s: nothing to do", job_id, job.state.value)
@@ -141,9 +141,9 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
     started_at = now()
     claimed = _record(ctx, job_id, JobState.RUNNING, JobUpdate(started_at=started_at, worker=worker, task_id=task_id))
     if not claimed.applied:
-        state = claimed.state.value if claimed.state else "MISSING"
+        state = claimed.state.value if claimed.state else "gone"
         log.info("job %s is %s elsewhere: this delivery does nothing", job_id, state)
-        return JobOutcome(state, duplicate=True)
+        return JobOutcome(claimed.state, duplicate=True)
     if ctx.metrics:
         ctx.metrics.queue_wait.observe(max(0.0, started_at - job.created_at))
     log.info(
@@ -180,7 +180,7 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
         return _fail(ctx, job_id, reason, STORAGE)
     if keys is None:  # a duplicate run finished it, or its client canceled it, meanwhile
         latest = ctx.retrying(lambda: ctx.store.get(job_id), "reading the job")
-        return _recorded(latest, duplicate=True) if latest else JobOutcome("MISSING")
+        return _recorded(latest, duplicate=True) if latest else JobOutcome(None)
     log.info(
         "job %s uploaded %d image(s) in %.3fs", job_id, len(keys), upload_s,
         extra={"upload_s": upload_s, "image_keys": keys},
@@ -210,7 +210,7 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
     outcome = _finished(ctx, job_id, done, total_s=timings.total_s)
     if ctx.metrics and done.applied and done.state is JobState.SUCCEEDED:
         ctx.metrics.job_total.observe(timings.total_s)
-    if outcome.state == JobState.SUCCEEDED.value:
+    if outcome.state is JobState.SUCCEEDED:
         return dataclasses.replace(outcome, batch_id=result.batch_id, batch_images=result.batch_images)
     return outcome
 
@@ -218,9 +218,9 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
 def _recorded(job: Job, duplicate: bool = False) -> JobOutcome:
     """The outcome a job's record shows (a later delivery of a finished job). A job its
     client canceled is just CANCELED: no other delivery finished it."""
-    batch = job.batch or {}
     duplicate = duplicate and job.state is not JobState.CANCELED
-    return JobOutcome(job.state.value, batch.get("id"), int(batch.get("images", 0)), duplicate=duplicate)
+    batch_id, batch_images = (job.batch.id, job.batch.images) if job.batch else (None, 0)
+    return JobOutcome(job.state, batch_id, batch_images, duplicate=duplicate)
 
 
 class GaveUp(JobError):
@@ -308,7 +308,7 @@ def _release(ctx: WorkerContext, job_id: str) -> None:
 
 def _finished(ctx: WorkerContext, job_id: str, done: TransitionResult, reason: str | None = None,
               total_s: float | None = None) -> JobOutcome:  # fmt: skip
-    state = done.state.value if done.state else "MISSING"
+    state = done.state.value if done.state else "gone"
     if done.applied:
         if ctx.metrics:
             ctx.metrics.jobs.labels(state).inc()
@@ -317,8 +317,8 @@ def _finished(ctx: WorkerContext, job_id: str, done: TransitionResult, reason: s
         extra = {"state": state} | ({"reason": reason} if reason else {}) | ({"total_s": total_s} if total_s else {})
         log.log(logging.WARNING if reason else logging.INFO, "job %s %s%s", job_id, state,
                 f" ({reason})" if reason else "", extra=extra)  # fmt: skip
-        return JobOutcome(state, reason=reason)
-    return JobOutcome(state, duplicate=done.state is not JobState.CANCELED)  # another delivery finished it
+        return JobOutcome(done.state, reason=reason)
+    return JobOutcome(done.state, duplicate=done.state is not JobState.CANCELED)  # another delivery finished it
 
 
 def _fail(ctx: WorkerContext, job_id: str, message: str, reason: str) -> JobOutcome:

@@ -46,7 +46,7 @@ def test_soak_with_a_worker_killed_and_restarted(make_fleet, broker_kind):
         "broker": broker_kind,
         "redelivered_after_kill": redelivered,
         "images": sum(len(j.image_keys) for j in fleet.ledger.final.values()),
-        "batches": len({j.batch["id"] for j in fleet.ledger.final.values()}),
+        "batches": len({j.batch.id for j in fleet.ledger.final.values() if j.batch}),
     }
     print("soak ledger:", json.dumps(report))
     if os.environ.get("FLEET_TEST_REPORT_DIR"):

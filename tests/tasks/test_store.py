@@ -77,7 +77,7 @@ def test_an_update_is_stored_typed_and_read_back_as_it_was_written(store, job):
     assert store.transition(job.id, JobState.SUCCEEDED, update).applied
     record = store.get(job.id)
     assert record.finished_at == 1234.5 and record.image_keys == update.image_keys
-    assert record.timings == update.timings and record.batch == {"id": "7-3", "images": 8}
+    assert record.timings == update.timings and record.batch == BatchInfo("7-3", 8)
 
 
 def test_the_backlog_follows_a_job_from_queued_to_running_to_done(store):

@@ -50,7 +50,7 @@ def test_the_task_returns_its_jobs_summary_and_raises_for_a_failed_job(store, st
 
     try:
         good = job("a private prompt")
-        assert worker_celery.generate.run(good) == f"SUCCEEDED batch {store.get(good).batch['id']} (1 image)"
+        assert worker_celery.generate.run(good) == f"SUCCEEDED batch {store.get(good).batch.id} (1 image)"
         with pytest.raises(worker_celery.JobFailed, match=r"^FAILED \(pipeline_failed\)$"):
             worker_celery.generate.run(job("poison"))
         assert metrics.registry.get_sample_value("fleet_worker_jobs", {"queue": "unknown"}) == 0
