@@ -237,8 +237,9 @@ def wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
 def wait_worker(timeout_s: float, stop: threading.Event) -> bool:
     """Until a GPU worker (``workerN@host``, as ``fleet worker`` names it) answers a Celery
     ping: it does once its model is loaded and warm. ``hooks@host`` answers at once."""
-    from tasks.celery import app
+    from tasks.celery import shared_app
 
+    app = shared_app()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.is_set():
         try:

@@ -1,11 +1,18 @@
 """The Celery app both sides share, and the one way a job is published.
 
-``celery -A tasks`` finds ``app`` here (Flower uses it); the worker extends it in
-``workers.celery``. Messages carry only a job id: the job itself lives in the job store.
-A webhook delivery's message carries the delivery itself (``tasks.webhooks``).
+``make_celery(settings)`` makes the app every process configures alike (queues,
+serializer, acks, broker options); the GPU worker (``workers.celery``) and the webhook
+worker (``tasks.webhook_worker``) each make their own from it and add their pool, tasks and
+signals. Importing this module makes no app and reads no setting: ``celery -A tasks``
+(Flower) finds ``app`` here, made on first access (``__getattr__``).
+
+Messages carry only a job id: the job itself lives in the job store. A webhook delivery's
+message carries the delivery itself (``tasks.webhooks``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import redis
 from celery import Celery
@@ -141,7 +148,17 @@ def publish_job(celery_app: Celery, job_id: str, queue: str, publish_timeout_s: 
         raise DependencyUnavailable("broker", str(exc)) from exc
 
 
-app = make_celery()
+@functools.cache
+def shared_app() -> Celery:
+    """The app of a process that only publishes and inspects (Flower, ``fleet up``)."""
+    return make_celery()
+
+
+def __getattr__(name: str) -> Celery:
+    """``tasks.celery.app``, what ``celery -A tasks`` looks for, made when first asked for."""
+    if name == "app":
+        return shared_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def ping_broker(celery_app: Celery, timeout_s: float) -> None:

@@ -66,7 +66,7 @@ def _on_shutting_down(sender: str = "", **_) -> None:
 
 
 def connect() -> None:
-    """Keep this process's worker's ready file (the worker modules call it at import)."""
+    """Keep this process's worker's ready file (the worker apps' factories call it)."""
     celeryd_after_setup.connect(_on_setup, weak=False, dispatch_uid="fleet-probes-setup")
     worker_ready.connect(_on_ready, weak=False, dispatch_uid="fleet-probes-ready")
     worker_shutting_down.connect(_on_shutting_down, weak=False, dispatch_uid="fleet-probes-stopping")

@@ -9,50 +9,75 @@ once without holding up a single job.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict
+from typing import Any
+
+from celery import Celery, Task
 
 from tasks import probes
-from tasks.celery import WEBHOOK_TASK, app
+from tasks.celery import WEBHOOK_TASK, make_celery
 from tasks.logs import install_celery_logging
-from tasks.settings import get_settings
+from tasks.settings import Settings, get_settings
 from tasks.webhooks import WebhookDelivery, attempt
 
-_settings = get_settings()
-install_celery_logging(_settings.log_format, "hooks")
-app.conf.update(
-    worker_pool="threads",
-    worker_concurrency=_settings.webhook_threads,
-    worker_prefetch_multiplier=1,
-)
-app.amqp.queues.select(_settings.webhook_queue)
-probes.connect()  # the ready file a Kubernetes readiness probe reads (tasks/probes.py)
 
-#: The longest one message waits for its delivery's next attempt. On the Redis broker a
-#: message with a countdown is handed to a worker at once and held there, unacknowledged,
-#: until it is due; held past the visibility timeout, Redis hands it out again while the
-#: first worker still holds it, and the attempt runs twice (each of those retries twice
-#: again, and so on). Half the visibility timeout leaves the held message room to run and
-#: be acknowledged in time; a longer backoff is waited in hops: the message comes back,
-#: finds the delivery not yet due and goes out again for the rest of the wait. (On
-#: RabbitMQ the broker itself holds the countdown, through the topic exchange job_queue
-#: gives every queue; a hop there costs one message.)
-MAX_HOP_S = _settings.visibility_timeout_s / 2
+def max_hop_s(settings: Settings) -> float:
+    """The longest one message waits for its delivery's next attempt. On the Redis broker a
+    message with a countdown is handed to a worker at once and held there, unacknowledged,
+    until it is due; held past the visibility timeout, Redis hands it out again while the
+    first worker still holds it, and the attempt runs twice (each of those retries twice
+    again, and so on). Half the visibility timeout leaves the held message room to run and
+    be acknowledged in time; a longer backoff is waited in hops: the message comes back,
+    finds the delivery not yet due and goes out again for the rest of the wait. (On
+    RabbitMQ the broker itself holds the countdown, through the topic exchange job_queue
+    gives every queue; a hop there costs one message.)"""
+    return settings.visibility_timeout_s / 2
 
 
-@app.task(name=WEBHOOK_TASK, bind=True, max_retries=None)
-def deliver_webhook(self, message: dict) -> None:
-    """One attempt when the delivery is due, then, unless it is over, the same delivery
-    again as a new message with a countdown (``self.retry``: the message is republished
-    before this one is acknowledged, so a worker that dies in between loses nothing;
-    receivers deduplicate the rare second attempt by ``webhook-id``)."""
-    delivery = WebhookDelivery(**message)
-    if delivery.due_at <= time.time():
-        delivery = attempt(delivery, _settings)
-        if delivery is None:
-            return
-    # Whole seconds, at least one: RabbitMQ's native delayed delivery routes a countdown by
-    # its whole seconds and refuses zero (rounding down would bring the message back early).
-    countdown = max(1, math.ceil(min(delivery.due_at - time.time(), MAX_HOP_S)))
-    raise self.retry(args=[asdict(delivery)], countdown=countdown, argsrepr=delivery.argsrepr())
+def make_hooks_app(settings: Settings) -> Celery:
+    """The webhook worker's app: the shared configuration, a threads pool, only the webhook
+    queue, the delivery task, and the readiness probe's signals."""
+    install_celery_logging(settings.log_format, "hooks")
+    app = make_celery(settings)
+    app.conf.update(
+        worker_pool="threads",
+        worker_concurrency=settings.webhook_threads,
+        worker_prefetch_multiplier=1,
+    )
+    app.amqp.queues.select([settings.webhook_queue])
+    probes.connect()  # the ready file a Kubernetes readiness probe reads (tasks/probes.py)
+
+    @app.task(name=WEBHOOK_TASK, bind=True, max_retries=None)
+    def deliver_webhook(self: Task[Any, None], message: dict[str, Any]) -> None:
+        """One attempt when the delivery is due, then, unless it is over, the same delivery
+        again as a new message with a countdown (``self.retry``: the message is republished
+        before this one is acknowledged, so a worker that dies in between loses nothing;
+        receivers deduplicate the rare second attempt by ``webhook-id``)."""
+        delivery = WebhookDelivery(**message)
+        if delivery.due_at <= time.time():
+            retry = attempt(delivery, settings)
+            if retry is None:
+                return
+            delivery = retry
+        # Whole seconds, at least one: RabbitMQ's native delayed delivery routes a countdown by
+        # its whole seconds and refuses zero (rounding down would bring the message back early).
+        countdown = max(1, math.ceil(min(delivery.due_at - time.time(), max_hop_s(settings))))
+        raise self.retry(args=[asdict(delivery)], countdown=countdown, argsrepr=delivery.argsrepr())
+
+    return app
+
+
+@functools.cache
+def hooks_app() -> Celery:
+    return make_hooks_app(get_settings())
+
+
+def __getattr__(name: str) -> Celery:
+    """``app``, what ``celery -A tasks.webhook_worker`` looks for: made when first asked for,
+    never as a side effect of an import."""
+    if name == "app":
+        return hooks_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

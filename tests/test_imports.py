@@ -112,3 +112,15 @@ def test_the_worker_celery_process_loads_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_importing_the_celery_modules_makes_no_app_and_connects_no_signal():
+    """The apps are made by their factories when asked for, not as a side effect of an import."""
+    code = (
+        "import celery._state as state, celery.signals as signals\n"
+        "import tasks.celery, tasks.webhook_worker, workers.celery\n"
+        "print(len(state._apps), len(signals.celeryd_after_setup.receivers or []), 'app' in vars(tasks.celery))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "0", "False"]

@@ -1,11 +1,12 @@
-"""The worker's Celery app: the shared app plus the task body and lifecycle signals.
+"""The worker's Celery app: the shared configuration plus the task body and lifecycle signals.
 
 Run it with ``fleet worker`` (one per GPU: it picks a free slot, and with it the worker's
-name, metrics port and GPU) or ``celery -A workers worker``. The threads pool is the
-default here: task threads hand their job to the runner and wait for its images; the model
-itself runs in the engine process, spawned before the consumer starts. Task threads and
-prefetch are sized from ``max_batch_images`` so the next batch is already reserved while
-one runs.
+name, metrics port and GPU) or ``celery -A workers worker``, which finds ``app`` here: it
+is made by ``make_worker_app`` on first access, never as a side effect of an import. The
+threads pool is the default here: task threads hand their job to the runner and wait for
+its images; the model itself runs in the engine process, spawned before the consumer
+starts. Task threads and prefetch are sized from ``max_batch_images`` so the next batch is
+already reserved while one runs.
 
 A worker whose engine did not start (or whose metrics port is taken) exits before it
 consumes a single message: it never takes jobs it cannot run.
@@ -20,13 +21,15 @@ import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from typing import Any
 
 import redis
+from celery import Celery, Task
 from celery.exceptions import Reject, WorkerShutdown
 from celery.signals import celeryd_after_setup, worker_shutdown, worker_shutting_down
 
 from tasks import probes
-from tasks.celery import GENERATE_TASK, app
+from tasks.celery import GENERATE_TASK, make_celery
 from tasks.events import EventHub
 from tasks.jobs import JobState
 from tasks.logs import install_celery_logging, log_context, set_process_fields
@@ -46,21 +49,46 @@ from workers.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
-_settings = get_settings()
-install_celery_logging(_settings.log_format, "worker")
-app.conf.update(
-    worker_pool="threads",
-    worker_concurrency=_settings.task_threads,
-    # threads pool: the worker reserves concurrency x multiplier messages.
-    worker_prefetch_multiplier=1,
-)
-
+#: The worker process's own state, made once its consumer is set up (``_start_model``).
 _context: WorkerContext | None = None
 _sweeper: Sweeper | None = None
 
-# The ready file a Kubernetes readiness probe reads (tasks/probes.py): there once the
-# consumer starts, i.e. after _start_model below has the engine's model loaded and warm.
-probes.connect()
+
+def make_worker_app(settings: Settings) -> Celery:
+    """The GPU worker's app: the shared configuration, a threads pool sized for batching,
+    the job task, and the signals that start and stop the engine around the consumer."""
+    install_celery_logging(settings.log_format, "worker")
+    app = make_celery(settings)
+    app.conf.update(
+        worker_pool="threads",
+        worker_concurrency=settings.task_threads,
+        # threads pool: the worker reserves concurrency x multiplier messages.
+        worker_prefetch_multiplier=1,
+    )
+    app.task(name=GENERATE_TASK, bind=True, throws=(JobFailed,))(generate)
+    # The ready file a Kubernetes readiness probe reads (tasks/probes.py): there once the
+    # consumer starts, i.e. after _start_model has the engine's model loaded and warm.
+    # Connected first: its setup handler clears a stale file before an engine that cannot
+    # start stops the worker.
+    probes.connect()
+    # After logging is set up and before the consumer starts: no message is taken before
+    # the engine's model is loaded and warm.
+    celeryd_after_setup.connect(_start_model, weak=False, dispatch_uid="fleet-worker-start")
+    worker_shutting_down.connect(_release_waiting_jobs, weak=False, dispatch_uid="fleet-worker-release")
+    worker_shutdown.connect(_stop_model, weak=False, dispatch_uid="fleet-worker-stop")
+    return app
+
+
+@functools.cache
+def worker_app() -> Celery:
+    return make_worker_app(get_settings())
+
+
+def __getattr__(name: str) -> Celery:
+    """``app``, what ``celery -A workers`` looks for, made when first asked for."""
+    if name == "app":
+        return worker_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def batch_policy(settings: Settings, queue: str) -> BatchPolicy:
@@ -109,7 +137,7 @@ def slot_device(slot: int, visible: str | None) -> str:
     return devices[slot]
 
 
-def make_context(settings: Settings) -> WorkerContext:
+def make_context(settings: Settings, celery_app: Celery) -> WorkerContext:
     metrics = WorkerMetrics(compile_mode=settings.compile)
     if settings.metrics_port:
         try:
@@ -122,7 +150,7 @@ def make_context(settings: Settings) -> WorkerContext:
             ) from exc
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
     store, storage = JobStore(client, ttl_s=settings.job_ttl_s), make_storage(settings)
-    notifier = Notifier(store, app, settings, lambda job: render(job, storage))
+    notifier = Notifier(store, celery_app, settings, lambda job: render(job, storage))
     policy_of = functools.lru_cache(maxsize=None)(lambda queue: batch_policy(settings, queue))
     batcher = Batcher(batch_policy(settings, settings.queue), policy_of=policy_of)
     if settings.engine == "thread":
@@ -160,15 +188,12 @@ def _shut_down(reason: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-# After logging is set up and before the consumer starts: no message is taken before
-# the engine's model is loaded and warm.
-@celeryd_after_setup.connect
-def _start_model(sender: str = "", instance=None, **_) -> None:
+def _start_model(sender: str = "", instance: Any = None, **_: Any) -> None:
     global _context, _sweeper
     settings = get_settings()
     set_process_fields(worker=sender)
     try:
-        _context = make_context(settings)
+        _context = make_context(settings, instance.app if instance is not None else worker_app())
     except Exception as exc:
         # Celery logs and swallows an ordinary exception from a signal handler and starts
         # consuming anyway; a worker that cannot run jobs must not take any.
@@ -177,23 +202,21 @@ def _start_model(sender: str = "", instance=None, **_) -> None:
     if _context.metrics is not None:
         consumed = instance.app.amqp.queues.consume_from if instance is not None else {}
         _context.metrics.started(_context.runner.model_name, sorted(consumed or settings.job_queues))
-    _sweeper = Sweeper(_context.store, app, settings)
+    _sweeper = Sweeper(_context.store, instance.app if instance is not None else worker_app(), settings)
     _sweeper.start()
     log.info(
         "worker %s: model %s ready in engine pid %s", sender, _context.runner.model_name, _context.runner.engine_pid
     )
 
 
-@worker_shutting_down.connect
-def _release_waiting_jobs(**_) -> None:
+def _release_waiting_jobs(**_: Any) -> None:
     """SIGTERM: the batch running now finishes; jobs not started go back to the queue."""
     if _context is not None:
         released = _context.runner.release_waiting()
         log.info("warm shutdown: handing back %d job(s) that had not started", released)
 
 
-@worker_shutdown.connect
-def _stop_model(**_) -> None:
+def _stop_model(**_: Any) -> None:
     if _sweeper is not None:
         _sweeper.stop()
     if _context is not None:
@@ -211,8 +234,7 @@ class JobFailed(Exception):
     message is acknowledged like any other."""
 
 
-@app.task(name=GENERATE_TASK, bind=True, throws=(JobFailed,))
-def generate(self, job_id: str) -> str:
+def generate(self: Task[Any, str], job_id: str) -> str:
     """Run one job. The result is what Flower shows beside the task (whose id is the job's
     id): its state and the batch it ran in, e.g. ``SUCCEEDED batch 4242-17 (8 images)``;
     never the prompt. A job that ended FAILED raises ``JobFailed`` instead."""

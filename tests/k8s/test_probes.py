@@ -4,15 +4,15 @@ consumes, gone before it starts and once a warm shutdown begins."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from celery.signals import celeryd_after_setup, worker_ready, worker_shutting_down
 
 from fleet.processes import BIN, Server, free_port, wait_for
 from fleet.stack import start_redis, wait_answers
-from tasks import probes
 from tasks.probes import clear, mark_ready, ready_file
 
 #: The worker's engine start: sim calls are instant, and it loads no torch model.
@@ -43,17 +43,35 @@ def test_a_file_that_cannot_be_written_does_not_fail_the_worker(tmp_path, caplog
     assert "cannot write the ready file" in caplog.text
 
 
-def test_the_worker_modules_connect_the_probe_handlers():
-    """Both worker modules keep their ready file: the GPU worker and `fleet hooks`."""
-    import tasks.webhook_worker  # noqa: F401
-    import workers.celery  # noqa: F401
+PROBE_HANDLERS = """
+import sys
+from celery.signals import celeryd_after_setup, worker_ready, worker_shutting_down
+from tasks import probes
+from tasks.settings import get_settings
+import {module} as worker
 
-    for signal_, handler in (
+def connected():
+    return [handler in [r for _, r in signal.receivers] for signal, handler in (
         (celeryd_after_setup, probes._on_setup),
         (worker_ready, probes._on_ready),
         (worker_shutting_down, probes._on_shutting_down),
-    ):
-        assert handler in [receiver for _, receiver in signal_.receivers], signal_
+    )]
+
+print(connected())  # importing the module connects nothing
+worker.app  # what `celery -A` asks for
+print(connected())
+"""
+
+
+@pytest.mark.parametrize("module", ["workers.celery", "tasks.webhook_worker"])
+def test_the_worker_apps_connect_the_probe_handlers_when_made_not_when_imported(module):
+    """Both worker apps keep their ready file (the GPU worker and `fleet hooks`), and only
+    once made: an import configures nothing."""
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE_HANDLERS.format(module=module)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["[False, False, False]", "[True, True, True]"]
 
 
 @pytest.fixture(scope="module")

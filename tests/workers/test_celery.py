@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tasks.celery import GENERATE_TASK
 from tasks.jobs import Job, JobState, new_job_id, parse_request
 from tasks.settings import Settings
 from tasks.store import now
@@ -49,10 +50,11 @@ def test_the_task_returns_its_jobs_summary_and_raises_for_a_failed_job(store, st
         return record.id
 
     try:
+        generate = worker_celery.make_worker_app(settings).tasks[GENERATE_TASK]
         good = job("a private prompt")
-        assert worker_celery.generate.run(good) == f"SUCCEEDED batch {store.get(good).batch.id} (1 image)"
+        assert generate.run(good) == f"SUCCEEDED batch {store.get(good).batch.id} (1 image)"
         with pytest.raises(worker_celery.JobFailed, match=r"^FAILED \(pipeline_failed\)$"):
-            worker_celery.generate.run(job("poison"))
+            generate.run(job("poison"))
         assert metrics.registry.get_sample_value("fleet_worker_jobs", {"queue": "unknown"}) == 0
     finally:
         runner.stop()
