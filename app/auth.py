@@ -36,12 +36,12 @@ def admit_submission(svc: Services, name: str) -> None:
     cap on jobs not yet finished."""
     settings = svc.settings
     if settings.rate_limit_per_minute:
-        count, window_left_s = svc.store.count_request(name)
+        count, window_left_s = svc.owners.count_request(name)
         if count > settings.rate_limit_per_minute:
             raise TooManyRequests(
                 f"over {settings.rate_limit_per_minute} submissions a minute for this key", window_left_s
             )
-    if settings.max_active_jobs_per_key and svc.store.active_jobs(name) >= settings.max_active_jobs_per_key:
+    if settings.max_active_jobs_per_key and svc.owners.active_jobs(name) >= settings.max_active_jobs_per_key:
         raise TooManyRequests(
             f"this key has {settings.max_active_jobs_per_key} jobs queued or running: wait for some to finish", 5.0
         )

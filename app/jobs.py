@@ -131,7 +131,7 @@ def accept(
     )
     key = idempotency_key()
     if key is not None:
-        earlier = svc.store.claim_idempotency_key(job.owner, key, fingerprint, job.id, svc.settings.idempotency_ttl_s)
+        earlier = svc.owners.claim_idempotency_key(job.owner, key, fingerprint, job.id, svc.settings.idempotency_ttl_s)
         if earlier is not None:
             replayed = _replay(svc, *earlier, fingerprint)
             note_job(replayed.id)
@@ -141,7 +141,7 @@ def accept(
         submit_job(svc.store, svc.celery, svc.settings, job)
     except FleetError:
         if key is not None:
-            svc.store.forget_idempotency_key(job.owner, key)  # nothing was made: a retry may
+            svc.owners.forget_idempotency_key(job.owner, key)  # nothing was made: a retry may
         raise
     note_job(job.id)
     job_accepted(job.queue)

@@ -12,6 +12,7 @@ from tasks.celery import make_celery
 from tasks.events import EventHub
 from tasks.keys import KeyRing
 from tasks.notify import Notifier
+from tasks.owners import Owners
 from tasks.settings import Settings
 from tasks.storage import ObjectStorage, make_storage
 from tasks.store import JobStore
@@ -22,6 +23,7 @@ from tasks.views import render
 class Services:
     settings: Settings
     store: JobStore
+    owners: Owners
     storage: ObjectStorage
     celery: Celery
     #: The process's one job-event subscription: what waiting requests sleep on.
@@ -39,6 +41,7 @@ def make_services(settings: Settings) -> Services:
     return Services(
         settings=settings,
         store=store,
+        owners=Owners(client),
         storage=storage,
         celery=celery_app,
         events=EventHub(lambda: client),

@@ -1,4 +1,7 @@
-"""Job records in Redis: one hash per job, with a TTL, moved between states atomically.
+"""Job records in Redis: one hash per job, with a TTL, moved between states atomically,
+and the indexes kept with them (outbox, queue places, running jobs, Cancel-After
+deadlines, each API key's jobs). Key names are ``tasks.keyspace``'s; what an API key has
+beside its jobs (rate windows, idempotency keys) is ``tasks.owners``.
 
 Every state change runs as one Lua script that checks the current state against
 ``tasks.jobs.TRANSITIONS`` before writing, so two workers (or one message delivered
@@ -7,11 +10,9 @@ twice) can never move a job backwards or finish it twice.
 
 from __future__ import annotations
 
-import hashlib
 import string
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
@@ -19,27 +20,26 @@ import redis
 from tasks.errors import DependencyUnavailable
 from tasks.events import CHANNEL, EventKind
 from tasks.jobs import TERMINAL_STATES, TRANSITIONS, Job, JobState, JobUpdate
+from tasks.keyspace import (
+    CANCEL_AFTER_KEY,
+    FINISHED_PREFIX,
+    KEY_PREFIX,
+    OUTBOX_KEY,
+    OWNER_PREFIX,
+    QUEUED_PREFIX,
+    RUNNING_PREFIX,
+    active_key,
+    job_key,
+    lock_key,
+    owned_key,
+    store_errors,
+)
 from tasks.request import WebhookEvent
 
-KEY_PREFIX = "fleet:job:"
-#: Jobs not yet taken by a worker: id -> when to publish their message (again) if still
-#: QUEUED then. A worker's claim removes the entry. See ``workers.sweeper``.
-OUTBOX_KEY = "fleet:outbox"
-#: Per queue (the name follows): QUEUED jobs by position, for a job's place in line.
-QUEUED_PREFIX = "fleet:queued:"
-#: Per queue: RUNNING jobs (taken by a worker, in its batcher or its model call), by when
-#: they were taken. With ``QUEUED_PREFIX``: the queue's true backlog (``backlog``).
-RUNNING_PREFIX = "fleet:running:"
-#: Per queue: jobs that SUCCEEDED in the last ``THROUGHPUT_WINDOW_S``, by finish time: the
-#: measured throughput a queued job's estimated start is predicted from.
-FINISHED_PREFIX = "fleet:finished:"
 THROUGHPUT_WINDOW_S = 120
 #: A job of priority p is placed in line as if it had come p x this earlier: ahead of
 #: every job of a lower priority.
 PRIORITY_SPAN_S = 1e9
-#: Per API key name: ``<name>:jobs`` (every job, by creation: the listing) and
-#: ``<name>:active`` (those not finished: the cap on active jobs).
-OWNER_PREFIX = "fleet:owner:"
 
 _PROGRESS_HOOK: WebhookEvent = "progress"
 
@@ -120,9 +120,6 @@ for i, key in ipairs(KEYS) do
 end
 return hooked
 """
-#: Jobs with a ``Cancel-After`` deadline, by that deadline: the sweeper cancels those
-#: still QUEUED when it passes.
-CANCEL_AFTER_KEY = "fleet:cancel-after"
 
 
 def _sources(target: JobState, only_from: frozenset[JobState] | None = None) -> str:
@@ -153,7 +150,7 @@ class JobStore:
 
     @staticmethod
     def key(job_id: str) -> str:
-        return KEY_PREFIX + job_id
+        return job_key(job_id)
 
     def ping(self) -> None:
         try:
@@ -164,7 +161,7 @@ class JobStore:
     def create(self, job: Job, publish_by: float) -> None:
         """Record a new job and its outbox entry, atomically: if its message is not sent
         by ``publish_by`` (the API died first), a sweeper sends it."""
-        with self._errors():
+        with store_errors():
             with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self.key(job.id), mapping=job.to_redis())
                 pipe.expire(self.key(job.id), self._ttl_s)
@@ -173,7 +170,7 @@ class JobStore:
                 if job.cancel_at is not None:
                     pipe.zadd(CANCEL_AFTER_KEY, {job.id: job.cancel_at})
                 if job.owner:
-                    for index in (self._owned(job.owner), self._active(job.owner)):
+                    for index in (owned_key(job.owner), active_key(job.owner)):
                         pipe.zadd(index, {job.id: job.created_at})
                         pipe.zremrangebyscore(index, "-inf", job.created_at - self._ttl_s)  # expired
                 pipe.execute()
@@ -181,23 +178,23 @@ class JobStore:
     def published(self, job_id: str, republish_at: float) -> None:
         """The job's message is with the broker; if no worker has taken it by
         ``republish_at``, the message may be lost and is sent again."""
-        with self._errors():
+        with store_errors():
             self._redis.zadd(OUTBOX_KEY, {job_id: republish_at}, xx=True)
 
     def forget_outbox(self, job_id: str) -> None:
-        with self._errors():
+        with store_errors():
             self._redis.zrem(OUTBOX_KEY, job_id)
 
     def due_for_publishing(self, now: float, limit: int = 100) -> list[str]:
         """Outbox entries whose time has come."""
-        with self._errors():
+        with store_errors():
             ids = self._redis.zrangebyscore(OUTBOX_KEY, "-inf", now, start=0, num=limit)
         return [i.decode() for i in ids]
 
     def try_lock(self, name: str, ttl_s: int) -> bool:
         """A lock that expires by itself: True if this caller holds it now."""
-        with self._errors():
-            return bool(self._redis.set(f"fleet:lock:{name}", "1", nx=True, ex=max(1, ttl_s)))
+        with store_errors():
+            return bool(self._redis.set(lock_key(name), "1", nx=True, ex=max(1, ttl_s)))
 
     def enter_model(self, job_ids: list[str]) -> None:
         """Before a model call: count a crash for each job, taken back by ``leave_model``
@@ -209,25 +206,18 @@ class JobStore:
 
     def _count_crashes(self, job_ids: list[str], delta: int) -> None:
         if job_ids:
-            with self._errors():
+            with store_errors():
                 self._count(keys=[self.key(i) for i in job_ids], args=["crashes", delta])
 
     def release(self, job_id: str) -> None:
         """Undo a claim for a job handed back unstarted (worker shutdown): the next
         delivery is not counted as a retry. The state stays RUNNING: it never goes back."""
-        with self._errors():
+        with store_errors():
             self._count(keys=[self.key(job_id)], args=["attempts", -1])
             self._redis.hdel(self.key(job_id), "worker")
 
-    @contextmanager
-    def _errors(self):
-        try:
-            yield
-        except redis.RedisError as exc:
-            raise DependencyUnavailable("job store", str(exc)) from exc
-
     def get(self, job_id: str) -> Job | None:
-        with self._errors():
+        with store_errors():
             raw = self._redis.hgetall(self.key(job_id))
         if not raw:
             return None
@@ -235,22 +225,22 @@ class JobStore:
 
     def states(self, job_ids: list[str]) -> dict[str, JobState | None]:
         """The state of many jobs in one round trip (None: no record)."""
-        with self._errors(), self._redis.pipeline(transaction=False) as pipe:
+        with store_errors(), self._redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hget(self.key(job_id), "state")
             raw = pipe.execute()
         return {i: JobState(s.decode()) if s else None for i, s in zip(job_ids, raw, strict=True)}
 
     def delete(self, job: Job) -> None:
-        with self._errors(), self._redis.pipeline(transaction=True) as pipe:
+        with store_errors(), self._redis.pipeline(transaction=True) as pipe:
             job_id = job.id
             pipe.delete(self.key(job_id))
             pipe.zrem(QUEUED_PREFIX + job.queue, job_id)
             pipe.zrem(OUTBOX_KEY, job_id)
             pipe.zrem(CANCEL_AFTER_KEY, job_id)
             if job.owner:
-                pipe.zrem(self._owned(job.owner), job_id)
-                pipe.zrem(self._active(job.owner), job_id)
+                pipe.zrem(owned_key(job.owner), job_id)
+                pipe.zrem(active_key(job.owner), job_id)
             pipe.execute()
 
     def transition(
@@ -266,7 +256,7 @@ class JobStore:
         for name, value in (update or JobUpdate()).to_redis().items():
             args += [name, value]
         keys = [self.key(job_id), OUTBOX_KEY, QUEUED_PREFIX, FINISHED_PREFIX, CHANNEL, OWNER_PREFIX, RUNNING_PREFIX]
-        with self._errors():
+        with store_errors():
             applied, state, *hooked = self._transition(keys=keys, args=args)
         state = state.decode() if isinstance(state, bytes) else state
         result = TransitionResult(bool(applied), JobState(state) if state else None)
@@ -280,7 +270,7 @@ class JobStore:
         whose webhook wants to hear it."""
         if not job_ids:
             return []
-        with self._errors():
+        with store_errors():
             hooked = self._progress(keys=[CHANNEL] + [self.key(i) for i in job_ids], args=[step, total, KEY_PREFIX])
         return [i.decode() if isinstance(i, bytes) else i for i in hooked]
 
@@ -288,60 +278,11 @@ class JobStore:
         """A QUEUED job's position among the QUEUED jobs of its queue (0: next) and the
         images per second that queue finished over the last ``THROUGHPUT_WINDOW_S``."""
         now_s = time.time()
-        with self._errors(), self._redis.pipeline(transaction=False) as pipe:
+        with store_errors(), self._redis.pipeline(transaction=False) as pipe:
             pipe.zrank(QUEUED_PREFIX + job.queue, job.id)
             pipe.zcount(FINISHED_PREFIX + job.queue, now_s - THROUGHPUT_WINDOW_S, "+inf")
             position, finished = pipe.execute()
         return position, finished / THROUGHPUT_WINDOW_S
-
-    @staticmethod
-    def _owned(owner: str) -> str:
-        return f"{OWNER_PREFIX}{owner}:jobs"
-
-    @staticmethod
-    def _active(owner: str) -> str:
-        return f"{OWNER_PREFIX}{owner}:active"
-
-    def count_request(self, owner: str, window_s: int = 60) -> tuple[int, float]:
-        """Count one request of ``owner`` in the current fixed window: the count so far and
-        the seconds until the window ends."""
-        now_s = time.time()
-        window = int(now_s // window_s)
-        key = f"{OWNER_PREFIX}{owner}:rate:{window}"
-        with self._errors(), self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, window_s + 1)
-            count, _ = pipe.execute()
-        return int(count), (window + 1) * window_s - now_s
-
-    def claim_idempotency_key(
-        self, owner: str, key: str, fingerprint: str, job_id: str, ttl_s: int
-    ) -> tuple[str, str] | None:
-        """Remember that ``owner``'s ``key`` made ``job_id`` from a request with this
-        ``fingerprint``: None when the key is new, else the (fingerprint, job id) it was
-        first used with (within ``ttl_s``)."""
-        name = self._idempotency(owner, key)
-        with self._errors():
-            if self._redis.set(name, f"{fingerprint}:{job_id}", nx=True, ex=ttl_s):
-                return None
-            earlier = self._redis.get(name)
-        if earlier is None:  # expired in between: claim it afresh
-            return self.claim_idempotency_key(owner, key, fingerprint, job_id, ttl_s)
-        fingerprint_then, _, job_then = earlier.decode().partition(":")
-        return fingerprint_then, job_then
-
-    def forget_idempotency_key(self, owner: str, key: str) -> None:
-        with self._errors():
-            self._redis.delete(self._idempotency(owner, key))
-
-    @staticmethod
-    def _idempotency(owner: str, key: str) -> str:
-        return f"{OWNER_PREFIX}{owner}:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
-
-    def active_jobs(self, owner: str) -> int:
-        """Jobs of ``owner`` not finished yet."""
-        with self._errors():
-            return int(self._redis.zcard(self._active(owner)))
 
     def list_jobs(
         self, owner: str, state: JobState | None = None, limit: int = 50, before: float | None = None
@@ -351,9 +292,9 @@ class JobStore:
         found: list[Job] = []
         upper = "+inf" if before is None else f"({before!r}"
         for _ in range(20):
-            with self._errors():
+            with store_errors():
                 page = self._redis.zrevrangebyscore(
-                    self._owned(owner), upper, "-inf", start=0, num=limit, withscores=True
+                    owned_key(owner), upper, "-inf", start=0, num=limit, withscores=True
                 )
             if not page:
                 break
@@ -371,7 +312,7 @@ class JobStore:
         queue length it counts the jobs workers have already prefetched and are running,
         so a scaler that reads it never takes away a worker that still has work."""
         expired = time.time() - self._ttl_s  # entries whose record expired unfinished
-        with self._errors(), self._redis.pipeline(transaction=False) as pipe:
+        with store_errors(), self._redis.pipeline(transaction=False) as pipe:
             for queue in queues:
                 pipe.zremrangebyscore(RUNNING_PREFIX + queue, "-inf", expired)
                 pipe.zcard(QUEUED_PREFIX + queue)
@@ -381,16 +322,16 @@ class JobStore:
 
     def due_for_canceling(self, now: float, limit: int = 100) -> list[str]:
         """Jobs whose ``Cancel-After`` deadline has passed (whatever their state)."""
-        with self._errors():
+        with store_errors():
             ids = self._redis.zrangebyscore(CANCEL_AFTER_KEY, "-inf", now, start=0, num=limit)
         return [i.decode() for i in ids]
 
     def forget_cancel_after(self, job_id: str) -> None:
-        with self._errors():
+        with store_errors():
             self._redis.zrem(CANCEL_AFTER_KEY, job_id)
 
     def ttl(self, job_id: str) -> int:
-        with self._errors():
+        with store_errors():
             return int(self._redis.ttl(self.key(job_id)))
 
 

@@ -12,7 +12,7 @@ from fleet.processes import free_port
 from tasks.celery import PRIORITY_SEP, queued_messages, redis_priority
 from tasks.jobs import JobState
 from tasks.keys import DEV_KEY
-from tasks.store import KEY_PREFIX
+from tasks.keyspace import KEY_PREFIX
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import requests
 
 from fleet.processes import Server
 from tasks.jobs import Job, JobState, new_job_id, parse_request
-from tasks.store import KEY_PREFIX, OUTBOX_KEY, now
+from tasks.keyspace import KEY_PREFIX, OUTBOX_KEY
+from tasks.store import now
 from tests.helpers import http
 
 

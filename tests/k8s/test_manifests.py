@@ -411,7 +411,9 @@ class _FakeStore:
 
 class _FakeServices(Services):
     def __init__(self):
-        super().__init__(settings=Settings(), store=_FakeStore(), storage=None, celery=None, events=None, keys=None)
+        super().__init__(
+            settings=Settings(), store=_FakeStore(), owners=None, storage=None, celery=None, events=None, keys=None
+        )
 
 
 def gjson(document, path: str):
