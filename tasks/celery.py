@@ -13,6 +13,7 @@ message carries the delivery itself (``tasks.webhooks``).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import redis
 from celery import Celery
@@ -44,7 +45,7 @@ def job_queue(settings: Settings, name: str) -> Queue:
     return Queue(name, routing_key=name)
 
 
-def broker_options(settings: Settings) -> dict:
+def broker_options(settings: Settings) -> dict[str, Any]:
     if settings.broker_is_amqp:
         # Publisher confirms: send_task returns only once RabbitMQ has the message.
         return {"confirm_publish": True, "connect_timeout": settings.publish_timeout_s}
@@ -98,7 +99,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     # Declared with the others, so whoever publishes first creates it right (a quorum queue
     # on RabbitMQ), but consumed only by the worker that selects it (`fleet hooks`): a GPU
     # worker has no webhook task and would drop its messages.
-    app.amqp.queues.deselect(settings.webhook_queue)
+    app.amqp.queues.deselect([settings.webhook_queue])
     return app
 
 
@@ -164,6 +165,12 @@ def __getattr__(name: str) -> Celery:
 def ping_broker(celery_app: Celery, timeout_s: float) -> None:
     try:
         with celery_app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=timeout_s)
+            # kombu takes a float here; celery-types says int.
+            conn.ensure_connection(
+                max_retries=1,
+                interval_start=0,
+                interval_step=0,
+                timeout=timeout_s,  # type: ignore[arg-type]
+            )
     except Exception as exc:  # kombu raises transport-specific errors here
         raise DependencyUnavailable("broker", str(exc)) from exc

@@ -145,8 +145,8 @@ def resolve_destination(url: str, allow_private: bool) -> Destination:
     (``ForbiddenDestination`` for a forbidden address, unless ``allow_private``) and
     ``OSError`` when the name does not resolve."""
     parts = parse_url(url)
-    host, port = parts.hostname, parts.port or DEFAULT_PORTS[parts.scheme]
-    addresses = [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    host, port = parts.hostname or "", parts.port or DEFAULT_PORTS[parts.scheme]  # parse_url wants a host
+    addresses = [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
     for address in addresses:  # all of them: a name must not smuggle a private address in second place
         check_address(host, address, allow_private)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")

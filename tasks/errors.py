@@ -34,8 +34,10 @@ Every API error renders as ``{"error": {"code", "message", "field"}}``.
 
 from __future__ import annotations
 
+from typing import Any
 
-def error_body(code: str, message: str, field: str | None = None) -> dict:
+
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
     """The one shape of every API error."""
     return {"error": {"code": code, "message": message, "field": field}}
 
@@ -49,7 +51,7 @@ class FleetError(Exception):
         self.message = message
         self.field = field
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return error_body(self.code, self.message, self.field)
 
 

@@ -85,16 +85,16 @@ class EventHub:
         self._connect = connect
         self._ready_timeout_s = ready_timeout_s
         self._lock = threading.Lock()
-        self._waiters: dict[str, set[queue.Queue]] = {}
-        self._all: set[queue.Queue] = set()
+        self._waiters: dict[str, set[queue.Queue[JobEvent]]] = {}
+        self._all: set[queue.Queue[JobEvent]] = set()
         self._subscribed = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
 
     @contextmanager
-    def watch(self, job_id: str | None = None) -> Iterator[queue.Queue]:
+    def watch(self, job_id: str | None = None) -> Iterator[queue.Queue[JobEvent]]:
         """A queue of ``JobEvent`` for ``job_id`` (every job's when None) while inside."""
-        events: queue.Queue = queue.Queue()
+        events: queue.Queue[JobEvent] = queue.Queue()
         with self._lock:
             (self._waiters.setdefault(job_id, set()) if job_id else self._all).add(events)
             self._start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -162,7 +163,7 @@ class JobUpdate:
     batch: BatchInfo | None = None
 
     def to_redis(self) -> dict[str, str]:
-        encode = {
+        encode: dict[str, Callable[[Any], str]] = {
             "started_at": repr,
             "finished_at": repr,
             "error": str,

@@ -62,13 +62,13 @@ def bind_log_context(**fields: Any) -> None:
     _context.set({**_context.get(), **fields})
 
 
-def open_log_context(**fields: Any) -> Token:
+def open_log_context(**fields: Any) -> Token[Mapping[str, Any]]:
     """``log_context`` for a block that cannot be a ``with`` (a request, from its before
     hook to its teardown): pass the token to ``close_log_context``."""
     return _context.set(dict(fields))
 
 
-def close_log_context(token: Token) -> None:
+def close_log_context(token: Token[Mapping[str, Any]]) -> None:
     try:
         _context.reset(token)
     except ValueError:  # closed from another context: that context ends with its own

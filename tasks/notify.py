@@ -13,10 +13,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from celery import Celery
 
 from tasks.jobs import Job, JobState
+from tasks.request import WebhookEvent
 from tasks.settings import Settings
 from tasks.store import JobStore
 from tasks.webhooks import send_webhook
@@ -26,7 +28,9 @@ PROGRESS_INTERVAL_S = 1.0
 
 
 class Notifier:
-    def __init__(self, store: JobStore, celery_app: Celery, settings: Settings, render: Callable[[Job], dict]):
+    def __init__(
+        self, store: JobStore, celery_app: Celery, settings: Settings, render: Callable[[Job], dict[str, Any]]
+    ):
         self._store = store
         self._celery = celery_app
         self._settings = settings
@@ -36,7 +40,7 @@ class Notifier:
         store.on_change(self.state_changed)
 
     def state_changed(self, job_id: str, state: JobState) -> None:
-        event = "start" if state is JobState.RUNNING else "completed" if state.terminal else None
+        event: WebhookEvent | None = "start" if state is JobState.RUNNING else "completed" if state.terminal else None
         job = self._store.get(job_id) if event else None
         if job is None or not job.webhook or event not in job.webhook_events:
             return
@@ -59,7 +63,7 @@ class Notifier:
                 data = {"id": job_id, "step": step, "total": total}
                 self._send(job, "progress", f"{job_id}.progress.{job.attempts}-{step}", data)
 
-    def _send(self, job: Job, event: str, delivery_id: str, data: dict) -> None:
+    def _send(self, job: Job, event: WebhookEvent, delivery_id: str, data: dict[str, Any]) -> None:
         send_webhook(
             self._celery, self._settings, url=job.webhook or "", owner=job.owner, event=event, data=data,
             delivery_id=delivery_id,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutting_down
 
@@ -53,15 +54,15 @@ def _path(nodename: str) -> Path:
     return ready_file(get_settings().state_dir, nodename)
 
 
-def _on_setup(sender: str = "", **_) -> None:
+def _on_setup(sender: str = "", **_: Any) -> None:
     clear(_path(sender))
 
 
-def _on_ready(sender=None, **_) -> None:
+def _on_ready(sender: Any = None, **_: Any) -> None:
     mark_ready(_path(sender.hostname))
 
 
-def _on_shutting_down(sender: str = "", **_) -> None:
+def _on_shutting_down(sender: str = "", **_: Any) -> None:
     clear(_path(sender))
 
 

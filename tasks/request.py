@@ -52,10 +52,11 @@ def _whole(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def integer(**bounds: int) -> Any:
-    """An integer as JSON has it (strict, but ``64.0`` is 64) within ``bounds`` (``ge``,
-    ``le``, ``multiple_of``): bounds first, so the JSON Schema carries them as keywords."""
-    return Annotated[StrictInt, Field(**bounds), BeforeValidator(_whole)]
+#: An integer as JSON has it: strict, but ``64.0`` is 64. A bounded one is written
+#: ``Annotated[StrictInt, Field(ge=..., le=...), WHOLE]``: bounds before this validator, so
+#: the JSON Schema carries them as keywords (and the annotation stays one a checker reads).
+WHOLE = BeforeValidator(_whole)
+WholeInt = Annotated[StrictInt, WHOLE]
 
 
 class JobRequest(BaseModel):
@@ -78,27 +79,27 @@ class JobRequest(BaseModel):
 
     prompt: StrictStr
     negative_prompt: StrictStr | None = None
-    width: integer() | None = None
-    height: integer() | None = None
-    steps: integer() | None = None
+    width: WholeInt | None = None
+    height: WholeInt | None = None
+    steps: WholeInt | None = None
     guidance_scale: Annotated[float, Field(strict=True, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False)] | None = (
         Field(None, description="Classifier-free guidance; null: the configured default.")
     )
-    seed: integer(ge=0, le=MAX_SEED) | None = Field(
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED), WHOLE] | None = Field(
         None, description="Image i uses seed + i; null: a random seed (shown in the job)."
     )
-    num_images: integer() = 1
-    deadline_ms: integer(ge=1, le=MAX_DEADLINE_MS) | None = Field(
+    num_images: WholeInt = 1
+    deadline_ms: Annotated[StrictInt, Field(ge=1, le=MAX_DEADLINE_MS), WHOLE] | None = Field(
         None, description="Best effort: a batch flushes early rather than miss it."
     )
     output_format: Literal["png", "webp", "jpeg"] = "png"
-    output_quality: integer(ge=1, le=100) | None = Field(
+    output_quality: Annotated[StrictInt, Field(ge=1, le=100), WHOLE] | None = Field(
         None, description="webp and jpeg quality; null: the worker's default."
     )
     service_class: Literal["interactive", "batch"] | None = Field(
         None, description="The queue: interactive (small batches, low latency) or batch; null: the configured default."
     )
-    priority: integer(ge=0, le=MAX_PRIORITY) | None = Field(
+    priority: Annotated[StrictInt, Field(ge=0, le=MAX_PRIORITY), WHOLE] | None = Field(
         None, description="Higher runs first within its queue; null: 0."
     )
     webhook: StrictStr | None = None
@@ -154,7 +155,6 @@ def request_model(bounds: RequestBounds) -> type[JobRequest]:
             + ", without credentials"
         ),
     }
-    Side = integer(ge=8, le=side, multiple_of=8)
     budget = f"Width x height must be at most {bounds.max_pixels} pixels."
     webhook_pattern = url_pattern(bounds.webhook_allow_private)
 
@@ -171,16 +171,16 @@ def request_model(bounds: RequestBounds) -> type[JobRequest]:
         negative_prompt: Annotated[StrictStr, Field(max_length=chars, pattern=TEXT_PATTERN)] | None = Field(
             None, description=f"What to steer away from: {limits['negative_prompt']}."
         )
-        width: Side | None = Field(
+        width: Annotated[StrictInt, Field(ge=8, le=side, multiple_of=8), WHOLE] | None = Field(
             None, description=f"Pixels: {limits['width']}; null: {bounds.default_width}. {budget}"
         )
-        height: Side | None = Field(
+        height: Annotated[StrictInt, Field(ge=8, le=side, multiple_of=8), WHOLE] | None = Field(
             None, description=f"Pixels: {limits['height']}; null: {bounds.default_height}. {budget}"
         )
-        steps: integer(ge=1, le=bounds.max_steps) | None = Field(
+        steps: Annotated[StrictInt, Field(ge=1, le=bounds.max_steps), WHOLE] | None = Field(
             None, description="Denoising steps; null: the configured default."
         )
-        num_images: integer(ge=1, le=bounds.max_images_per_job) = Field(
+        num_images: Annotated[StrictInt, Field(ge=1, le=bounds.max_images_per_job), WHOLE] = Field(
             1, description="Images of this prompt, each with its own seed."
         )
         webhook: Annotated[StrictStr, Field(max_length=MAX_URL_CHARS, pattern=webhook_pattern)] | None = Field(

@@ -11,14 +11,17 @@ enforce it; moto's server, used locally, does not).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import boto3
-from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from tasks.errors import DependencyUnavailable
 from tasks.settings import Settings
+
+if TYPE_CHECKING:  # the stubs' client type (boto3-stubs[s3], a dev tool): nothing at run time
+    from mypy_boto3_s3 import S3Client
 
 #: File name extension of each output format.
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
@@ -35,7 +38,7 @@ class SignedUrl:
 
 
 class ObjectStorage:
-    def __init__(self, client: BaseClient, bucket: str, url_expiry_s: int):
+    def __init__(self, client: S3Client, bucket: str, url_expiry_s: int):
         self._s3 = client
         self.bucket = bucket
         self.url_expiry_s = url_expiry_s
@@ -83,7 +86,8 @@ class ObjectStorage:
 
     def get(self, key: str) -> bytes:
         try:
-            return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            body: bytes = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            return body
         except (BotoCoreError, ClientError) as exc:
             raise DependencyUnavailable("storage", str(exc)) from exc
 
@@ -94,7 +98,7 @@ class ObjectStorage:
         return SignedUrl(url=url, expires_in_s=self.url_expiry_s)
 
 
-def make_s3_client(settings: Settings) -> BaseClient:
+def make_s3_client(settings: Settings) -> S3Client:
     return boto3.session.Session().client(
         "s3",
         endpoint_url=settings.s3_endpoint_url or None,

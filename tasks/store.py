@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import string
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import redis
 
@@ -163,7 +164,8 @@ class JobStore:
         by ``publish_by`` (the API died first), a sweeper sends it."""
         with store_errors():
             with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self.key(job.id), mapping=job.to_redis())
+                fields: Mapping[Any, Any] = job.to_redis()  # redis-py's key type is a union: dict is invariant
+                pipe.hset(self.key(job.id), mapping=fields)
                 pipe.expire(self.key(job.id), self._ttl_s)
                 pipe.zadd(OUTBOX_KEY, {job.id: publish_by})
                 pipe.zadd(QUEUED_PREFIX + job.queue, {job.id: job.created_at - job.priority * PRIORITY_SPAN_S})
@@ -189,7 +191,7 @@ class JobStore:
         """Outbox entries whose time has come."""
         with store_errors():
             ids = self._redis.zrangebyscore(OUTBOX_KEY, "-inf", now, start=0, num=limit)
-        return [i.decode() for i in ids]
+        return [_text(i) for i in ids]
 
     def try_lock(self, name: str, ttl_s: int) -> bool:
         """A lock that expires by itself: True if this caller holds it now."""
@@ -221,7 +223,7 @@ class JobStore:
             raw = self._redis.hgetall(self.key(job_id))
         if not raw:
             return None
-        return Job.from_redis({k.decode(): v.decode() for k, v in raw.items()})
+        return Job.from_redis({_text(k): _text(v) for k, v in raw.items()})
 
     def states(self, job_ids: list[str]) -> dict[str, JobState | None]:
         """The state of many jobs in one round trip (None: no record)."""
@@ -229,7 +231,7 @@ class JobStore:
             for job_id in job_ids:
                 pipe.hget(self.key(job_id), "state")
             raw = pipe.execute()
-        return {i: JobState(s.decode()) if s else None for i, s in zip(job_ids, raw, strict=True)}
+        return {i: JobState(_text(s)) if s else None for i, s in zip(job_ids, raw, strict=True)}
 
     def delete(self, job: Job) -> None:
         with store_errors(), self._redis.pipeline(transaction=True) as pipe:
@@ -258,7 +260,7 @@ class JobStore:
         keys = [self.key(job_id), OUTBOX_KEY, QUEUED_PREFIX, FINISHED_PREFIX, CHANNEL, OWNER_PREFIX, RUNNING_PREFIX]
         with store_errors():
             applied, state, *hooked = self._transition(keys=keys, args=args)
-        state = state.decode() if isinstance(state, bytes) else state
+        state = _text(state)
         result = TransitionResult(bool(applied), JobState(state) if state else None)
         if result.applied and hooked and hooked[0]:
             for callback in self._on_change:
@@ -272,7 +274,7 @@ class JobStore:
             return []
         with store_errors():
             hooked = self._progress(keys=[CHANNEL] + [self.key(i) for i in job_ids], args=[step, total, KEY_PREFIX])
-        return [i.decode() if isinstance(i, bytes) else i for i in hooked]
+        return [_text(i) for i in hooked]
 
     def place_in_line(self, job: Job) -> tuple[int | None, float | None]:
         """A QUEUED job's position among the QUEUED jobs of its queue (0: next) and the
@@ -293,13 +295,14 @@ class JobStore:
         upper = "+inf" if before is None else f"({before!r}"
         for _ in range(20):
             with store_errors():
-                page = self._redis.zrevrangebyscore(
-                    owned_key(owner), upper, "-inf", start=0, num=limit, withscores=True
+                page = cast(
+                    "list[tuple[bytes, float]]",
+                    self._redis.zrevrangebyscore(owned_key(owner), upper, "-inf", start=0, num=limit, withscores=True),
                 )
             if not page:
                 break
             for job_id, _ in page:
-                job = self.get(job_id.decode())
+                job = self.get(_text(job_id))
                 if job is not None and (state is None or job.state is state):
                     found.append(job)
                     if len(found) == limit:
@@ -324,7 +327,7 @@ class JobStore:
         """Jobs whose ``Cancel-After`` deadline has passed (whatever their state)."""
         with store_errors():
             ids = self._redis.zrangebyscore(CANCEL_AFTER_KEY, "-inf", now, start=0, num=limit)
-        return [i.decode() for i in ids]
+        return [_text(i) for i in ids]
 
     def forget_cancel_after(self, job_id: str) -> None:
         with store_errors():
@@ -333,6 +336,15 @@ class JobStore:
     def ttl(self, job_id: str) -> int:
         with store_errors():
             return int(self._redis.ttl(self.key(job_id)))
+
+
+def _text(value: object) -> str:
+    """A value read from Redis (bytes: the client does not decode) as text."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"expected bytes or str from Redis, got {type(value).__name__}")
 
 
 def now() -> float:

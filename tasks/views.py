@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -130,7 +131,7 @@ def _utc(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
 
 
-def render(job: Job, storage: ObjectStorage, place: PlaceInLine | None = None) -> dict:
+def render(job: Job, storage: ObjectStorage, place: PlaceInLine | None = None) -> dict[str, Any]:
     """The job as JSON, with a fresh presigned URL per image once it succeeded."""
     images = []
     if job.state is JobState.SUCCEEDED:

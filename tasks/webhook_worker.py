@@ -65,7 +65,12 @@ def make_hooks_app(settings: Settings) -> Celery:
         # Whole seconds, at least one: RabbitMQ's native delayed delivery routes a countdown by
         # its whole seconds and refuses zero (rounding down would bring the message back early).
         countdown = max(1, math.ceil(min(delivery.due_at - time.time(), max_hop_s(settings))))
-        raise self.retry(args=[asdict(delivery)], countdown=countdown, argsrepr=delivery.argsrepr())
+        # argsrepr is a message option retry passes on (Flower shows it); celery-types omits it.
+        raise self.retry(
+            args=(asdict(delivery),),
+            countdown=countdown,
+            argsrepr=delivery.argsrepr(),  # type: ignore[call-arg]
+        )
 
     return app
 

@@ -125,7 +125,14 @@ def check_webhook_url(url: str, settings: Settings) -> None:
 
 
 def send_webhook(
-    celery_app: Celery, settings: Settings, *, url: str, owner: str, event: str, data: dict, delivery_id: str
+    celery_app: Celery,
+    settings: Settings,
+    *,
+    url: str,
+    owner: str,
+    event: str,
+    data: dict[str, Any],
+    delivery_id: str,
 ) -> None:
     """Publish one delivery for ``fleet hooks``. Waits at most about FLEET_PUBLISH_TIMEOUT_S
     for the broker and never raises for it: a lost webhook is logged, and the job goes on."""
@@ -173,7 +180,7 @@ def deliver(delivery: WebhookDelivery, settings: Settings) -> int:
 def backoff_s(attempts: int, base_s: float, rng: Callable[[], float] = random.random) -> float:
     """The wait after ``attempts`` failed attempts: ``base_s`` doubling up to an hour, less
     up to half of it at random, so receivers that failed together are not retried together."""
-    return min(MAX_BACKOFF_S, base_s * 2 ** (attempts - 1)) * (1 - rng() / 2)
+    return min(MAX_BACKOFF_S, base_s * 2.0 ** (attempts - 1)) * (1 - rng() / 2)
 
 
 def attempt(
