@@ -67,6 +67,15 @@ class QueuePolicy(BaseModel):
     batch_policy: Literal["fixed", "adaptive"] | None = None
 
 
+@dataclass(frozen=True)
+class Batching:
+    """One queue's batching, every field filled in (``Settings.policy_for``)."""
+
+    max_batch_images: int
+    max_wait_ms: float
+    batch_policy: Literal["fixed", "adaptive"]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", frozen=True)
 
@@ -204,10 +213,10 @@ class Settings(BaseSettings):
     def broker_is_amqp(self) -> bool:
         return self.effective_broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
 
-    def policy_for(self, queue: str) -> QueuePolicy:
+    def policy_for(self, queue: str) -> Batching:
         """The batching settings of ``queue``, every field filled in."""
         override = self.queue_policies.get(queue, QueuePolicy())
-        return QueuePolicy(
+        return Batching(
             max_batch_images=override.max_batch_images or self.max_batch_images,
             max_wait_ms=self.max_wait_ms if override.max_wait_ms is None else override.max_wait_ms,
             batch_policy=override.batch_policy or self.batch_policy,

@@ -40,11 +40,11 @@ from tasks.store import JobStore
 from tasks.views import render
 from workers.batcher import Batcher, BatchPolicy
 from workers.cancels import CancelListener
-from workers.engine_client import ProcessEngine, ThreadEngine
+from workers.engine_client import Engine, ProcessEngine, ThreadEngine
 from workers.jobs import HandBack, WorkerContext, run_job
 from workers.metrics import WorkerMetrics
 from workers.protocol import EngineConfig
-from workers.runner import ModelRunner
+from workers.runner import ModelRunner, PendingJob
 from workers.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,8 @@ def make_context(settings: Settings, celery_app: Celery) -> WorkerContext:
     store, storage = JobStore(client, ttl_s=settings.job_ttl_s), make_storage(settings)
     notifier = Notifier(store, celery_app, settings, lambda job: render(job, storage))
     policy_of = functools.lru_cache(maxsize=None)(lambda queue: batch_policy(settings, queue))
-    batcher = Batcher(batch_policy(settings, settings.queue), policy_of=policy_of)
+    batcher = Batcher[PendingJob](batch_policy(settings, settings.queue), policy_of=policy_of)
+    engine: Engine
     if settings.engine == "thread":
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         engine = ThreadEngine(engine_config(settings))

@@ -187,12 +187,13 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
     )  # fmt: skip
 
     finished_at = now()
+    total_s = finished_at - job.created_at
     timings = Timings(
         queue_wait_s=started_at - job.created_at,
         batch_wait_s=result.batch_wait_s,
         inference_s=result.inference_s,
         upload_s=upload_s,
-        total_s=finished_at - job.created_at,
+        total_s=total_s,
     )
     done = _record(
         ctx,
@@ -207,9 +208,9 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
     )
     if not done.applied and done.state is JobState.CANCELED:
         _discard(ctx, job_id, keys)
-    outcome = _finished(ctx, job_id, done, total_s=timings.total_s)
+    outcome = _finished(ctx, job_id, done, total_s=total_s)
     if ctx.metrics and done.applied and done.state is JobState.SUCCEEDED:
-        ctx.metrics.job_total.observe(timings.total_s)
+        ctx.metrics.job_total.observe(total_s)
     if outcome.state is JobState.SUCCEEDED:
         return dataclasses.replace(outcome, batch_id=result.batch_id, batch_images=result.batch_images)
     return outcome

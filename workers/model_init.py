@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
-    DiffusionPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -28,6 +28,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from workers import tiny_model
+from workers.pipeline import Pipeline
 
 ARCHES = ("tiny", "sd15", "sdxl")
 MARKER = "model_index.json"
@@ -49,10 +50,15 @@ def default_dtype(arch: str) -> torch.dtype:
     return torch.float32 if arch == "tiny" else torch.float16
 
 
-def build_pipeline(arch: str = "tiny", device: str = "cpu", dtype: torch.dtype | None = None) -> DiffusionPipeline:
+def build_pipeline(arch: str = "tiny", device: str = "cpu", dtype: torch.dtype | None = None) -> Pipeline:
     """The pipeline of ``arch`` with random weights, its modules created on ``device`` in ``dtype``."""
     _check_arch(arch)
-    builder = {"tiny": tiny_model.build_pipeline, "sd15": _build_sd15, "sdxl": _build_sdxl}[arch]
+    builders: dict[str, Callable[[], Pipeline]] = {
+        "tiny": tiny_model.build_pipeline,
+        "sd15": _build_sd15,
+        "sdxl": _build_sdxl,
+    }
+    builder = builders[arch]
     with torch.device(device), _default_dtype(dtype or default_dtype(arch)):
         return builder()
 
@@ -181,7 +187,7 @@ def _clip_tokenizer() -> CLIPTokenizer:
         return tiny_model.build_tokenizer(Path(tmp), vocab_size=CLIP_VOCAB)
 
 
-def _special_ids(tokenizer: CLIPTokenizer) -> dict[str, int]:
+def _special_ids(tokenizer: CLIPTokenizer) -> dict[str, Any]:
     return {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,

@@ -17,6 +17,7 @@ import bisect
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,11 @@ from workers.protocol import EngineConfig
 from workers.work import CompatKey, ImageWork, StepCallback
 
 log = logging.getLogger(__name__)
+
+#: A loaded diffusers pipeline. Its components (``unet``, ``vae``...) are attributes that
+#: ``register_modules`` sets at run time and its ``__call__`` is each subclass's own, so to
+#: a type checker a pipeline is ``Any`` past ``from_pretrained``.
+Pipeline = Any
 
 #: Enough steps that CUDA graphs are recorded and replayed once during warm-up.
 WARM_STEPS = 3
@@ -49,7 +55,7 @@ def select_dtype(device: str, preference: str = "auto") -> torch.dtype:
     return torch.float16 if device.startswith("cuda") else torch.float32
 
 
-def load_pipeline(model_ref: str, device: str, dtype: torch.dtype) -> DiffusionPipeline:
+def load_pipeline(model_ref: str, device: str, dtype: torch.dtype) -> Pipeline:
     """Load a model directory or, if configured, a hub id. Never downloads a local path."""
     path = Path(model_ref)
     is_local = path.exists() or model_ref.startswith((".", "/", "~"))
@@ -65,7 +71,7 @@ def load_pipeline(model_ref: str, device: str, dtype: torch.dtype) -> DiffusionP
     return pipe.to(device)
 
 
-def compile_unet(pipe: DiffusionPipeline, mode: str) -> None:
+def compile_unet(pipe: Pipeline, mode: str) -> None:
     """``torch.compile`` the UNet in channels-last. Its artefacts go to the cache the
     engine's environment names (``EngineConfig.environment``), so a restarted or
     scaled-out worker reuses them."""
@@ -81,7 +87,7 @@ def compile_unet(pipe: DiffusionPipeline, mode: str) -> None:
 class DiffusersModel:
     """A loaded pipeline on its device: the engine's one handle on torch."""
 
-    def __init__(self, pipe: DiffusionPipeline, device: str, name: str, compiled: bool = False):
+    def __init__(self, pipe: Pipeline, device: str, name: str, compiled: bool = False):
         self.pipe = pipe
         self.device = device
         self.name = name
@@ -142,7 +148,7 @@ class DiffusersModel:
 
 
 def generate(
-    pipe: DiffusionPipeline,
+    pipe: Pipeline,
     key: CompatKey,
     images: list[ImageWork],
     device: str,

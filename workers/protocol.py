@@ -192,6 +192,8 @@ def image_bytes(key: CompatKey, images: int) -> int:
     return images * key.height * key.width * 3
 
 
-def images_view(buffer: memoryview, batch: RunBatch) -> Images:
-    """The batch's images as an array over a shared-memory block (no copy)."""
+def images_view(buffer: memoryview | None, batch: RunBatch) -> Images:
+    """The batch's images as an array over a shared-memory block's buffer (no copy)."""
+    if buffer is None:
+        raise ValueError(f"the shared-memory block of batch {batch.batch_id} is closed")
     return np.ndarray((len(batch.work), batch.key.height, batch.key.width, 3), dtype=np.uint8, buffer=buffer)

@@ -83,7 +83,7 @@ class JobResult:
 
 
 @dataclass(eq=False)
-class _Pending:
+class PendingJob:
     """One job in the runner: its images to make and the future its task thread waits on."""
 
     work: list[ImageWork]
@@ -100,7 +100,7 @@ class _Pending:
 class _InFlight:
     """A batch sent to the engine: queued there until ``started_at`` is set."""
 
-    batch: Batch[_Pending]
+    batch: Batch[PendingJob]
     started_at: float | None = None
     step: int = 0
 
@@ -124,7 +124,7 @@ class ModelRunner:
     def __init__(
         self,
         engine: Engine,
-        batcher: Batcher[_Pending],
+        batcher: Batcher[PendingJob],
         observer: BatchObserver | None = None,
         on_batch_start: BatchHook | None = None,
         on_batch_end: BatchHook | None = None,
@@ -150,7 +150,7 @@ class ModelRunner:
         self._stopping = False
         self._engine_up = False
         self._inflight: dict[int, _InFlight] = {}
-        self._retries: deque[Batch[_Pending]] = deque()  # halves of a failed batch, before anything else
+        self._retries: deque[Batch[PendingJob]] = deque()  # halves of a failed batch, before anything else
         self._batch_ids = itertools.count(1)
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
         self.model_name = ""
@@ -187,7 +187,7 @@ class ModelRunner:
         has started by ``expires_at`` fails with ``JobCanceled``.
         """
         now = self._clock()
-        pending = _Pending(list(images), now, job_id, expires_at)
+        pending = PendingJob(list(images), now, job_id, expires_at)
         batch_key = BatchKey(queue, key, alone=(job_id or str(id(pending))) if isolated else None)
         request = Request(batch_key, len(images), now, deadline, payload=pending)
         with self._cond:
@@ -204,14 +204,14 @@ class ModelRunner:
         stops that call at its next step boundary. In a batch it shares, the call goes on
         for its neighbours and this job's images are discarded. True if it was here."""
 
-        def mine(s: Slice[_Pending]) -> bool:
+        def mine(s: Slice[PendingJob]) -> bool:
             return s.request.payload.job_id == job_id
 
         with self._cond:
             dropped = [s for s in self._batcher.waiting_slices() if mine(s)]
             for request in {id(s.request): s.request for s in dropped}.values():
                 self._batcher.remove(request)
-            retries: deque[Batch[_Pending]] = deque()
+            retries: deque[Batch[PendingJob]] = deque()
             for batch in self._retries:
                 dropped += [s for s in batch.slices if mine(s)]
                 rest = tuple(s for s in batch.slices if not mine(s))
@@ -277,7 +277,7 @@ class ModelRunner:
                 work = [w for s in batch.slices for w in s.request.payload.work[s.start : s.start + s.count]]
                 self._engine.submit(batch_id, batch.key.compat, work)
 
-    def _next_batch(self) -> Batch[_Pending] | _Restart | None:
+    def _next_batch(self) -> Batch[PendingJob] | _Restart | None:
         """Under the lock: the next batch to send, a restart, or None when stopped."""
         while True:
             if not self._engine_up:
@@ -305,7 +305,7 @@ class ModelRunner:
             self._cond.wait(None if decision.wake_at is None else max(0.0, decision.wake_at - now))
 
     @staticmethod
-    def _runnable(s: Slice[_Pending], now: float) -> bool:
+    def _runnable(s: Slice[PendingJob], now: float) -> bool:
         """False for a slice whose job has failed or been canceled, or whose ``expires_at``
         passed before any call started it (then it is canceled here)."""
         pending = s.request.payload
@@ -443,7 +443,7 @@ class ModelRunner:
             self._observer.device_memory_used(allocated, reserved, peak)
 
     # -- helpers --------------------------------------------------------------------------
-    def _split(self, batch: Batch[_Pending], error: str, out_of_memory: bool) -> list[Batch[_Pending]]:
+    def _split(self, batch: Batch[PendingJob], error: str, out_of_memory: bool) -> list[Batch[PendingJob]]:
         """Under the lock: the halves to retry; fails the job when it is alone."""
         slices = list(batch.slices)
         if out_of_memory and batch.images > 1:
@@ -472,7 +472,7 @@ class ModelRunner:
             log.exception("batch hook failed; the batch goes on")
 
     def _deliver(
-        self, s: Slice[_Pending], images: Images, started: float, inference_s: float, batch_id: str, batch_images: int
+        self, s: Slice[PendingJob], images: Images, started: float, inference_s: float, batch_id: str, batch_images: int
     ) -> None:
         pending = s.request.payload
         if pending.future.done():
