@@ -243,7 +243,7 @@ def wait_worker(timeout_s: float, stop: threading.Event) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.is_set():
         try:
-            if any(name.startswith("worker") for reply in app.control.ping(timeout=1.0) for name in reply):
+            if any(name.startswith("worker") for reply in app.control.ping(timeout=1.0) or [] for name in reply):
                 return True
         except Exception:
             pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -14,7 +15,8 @@ from tasks.settings import Settings
 
 
 def settings_from_env(env: dict[str, str]) -> Settings:
-    return Settings(**{key.removeprefix("FLEET_").lower(): value for key, value in env.items()})
+    values: dict[str, Any] = {key.removeprefix("FLEET_").lower(): value for key, value in env.items()}
+    return Settings(**values)
 
 
 class RedisServer:
@@ -69,8 +71,8 @@ class S3Server:
     def start(self) -> S3Server:
         log = self.work_dir / "s3.log"
         marks = log.read_text().count("private bucket") if log.exists() else 0
-        self.server = Server("s3", [str(BIN / "fleet"), "s3"], env=self.env, log_dir=self.work_dir).start()
-        wait_for(lambda: self.server.log().count("private bucket") > marks, 30, "s3", self.server.proc)
+        server = self.server = Server("s3", [str(BIN / "fleet"), "s3"], env=self.env, log_dir=self.work_dir).start()
+        wait_for(lambda: server.log().count("private bucket") > marks, 30, "s3", server.proc)
         return self
 
     def stop(self) -> None:
@@ -91,7 +93,9 @@ def wait_answers(env: dict[str, str], name: str, server: Server, timeout_s: floa
     try:
         wait_for(
             lambda: any(
-                reply_host.startswith(f"{name}@") for reply in app.control.ping(timeout=0.5) for reply_host in reply
+                reply_host.startswith(f"{name}@")
+                for reply in app.control.ping(timeout=0.5) or []
+                for reply_host in reply
             ),
             timeout_s,
             name,

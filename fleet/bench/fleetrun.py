@@ -89,7 +89,7 @@ def running_fleet(model: str, config: FleetConfig, work_dir: Path, default_size:
         worker_start_s = time.perf_counter() - started
         api, api_url = start_api(env, work_dir, workers=2)
         processes.append(api)
-        pids = {"api": api.proc.pid, "redis": redis_server.server.proc.pid}
+        pids = {"api": api.pid, "redis": redis_server.server.pid if redis_server.server else 0}
         yield RunningFleet(api_url, worker_start_s, env, work_dir, pids)
     except BaseException:
         for log in sorted(work_dir.glob("*.log")):

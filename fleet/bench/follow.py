@@ -15,10 +15,12 @@ from typing import Literal
 from fleet.client import FleetClient, StateEvent
 from tasks.views import JobView
 
+FollowMode = Literal["wait", "stream", "poll"]
+
 
 @dataclass(frozen=True)
 class Follow:
-    mode: Literal["wait", "stream", "poll"] = "wait"
+    mode: FollowMode = "wait"
     interval_s: float | None = None  # poll: between one answer and the next request
 
     def __post_init__(self):
@@ -28,8 +30,10 @@ class Follow:
     @classmethod
     def parse(cls, text: str) -> Follow:
         """``wait``, ``stream`` or ``poll:0.025``."""
-        mode, _, interval = text.partition(":")
-        if mode not in ("wait", "stream", "poll"):
+        name, _, interval = text.partition(":")
+        modes: dict[str, FollowMode] = {"wait": "wait", "stream": "stream", "poll": "poll"}
+        mode = modes.get(name)
+        if mode is None:
             raise ValueError(f"follow '{text}': expected wait, stream or poll:SECONDS")
         try:
             return cls(mode, float(interval) if interval else None)

@@ -40,7 +40,6 @@ import itertools
 import math
 import random
 from collections import deque
-from collections.abc import Hashable
 from dataclasses import dataclass
 
 from fleet.bench.stats import percentile
@@ -96,13 +95,13 @@ class _MemoCostModel(CostModel):
 
     def __init__(self) -> None:
         super().__init__()
-        self._fits: dict[Hashable, tuple[float, float] | None] = {}
+        self._fits: dict[CompatKey, tuple[float, float] | None] = {}
 
-    def observe(self, key: Hashable, images: int, seconds: float) -> None:
+    def observe(self, key: CompatKey, images: int, seconds: float) -> None:
         super().observe(key, images, seconds)
         self._fits.pop(key, None)
 
-    def coefficients(self, key: Hashable) -> tuple[float, float] | None:
+    def coefficients(self, key: CompatKey) -> tuple[float, float] | None:
         if key not in self._fits:
             self._fits[key] = super().coefficients(key)
         return self._fits[key]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from fleet.bench.load import LoadRun
 from fleet.bench.stats import percentile
-from tasks.jobs import JobState
+from tasks.jobs import Job, JobState
 
 PERCENTILES = (50, 90, 95, 99)
 PHASES = ("queue_wait", "batch_wait", "inference", "upload", "overhead", "end_to_end", "client_end_to_end")
@@ -81,16 +81,17 @@ class Summary:
 
 
 def summarize(run: LoadRun) -> Summary:
-    done = [s for s in run.sent if s.job is not None and s.job.state is JobState.SUCCEEDED]
+    done = [(s, s.job) for s in run.sent if s.job is not None and s.job.state is JobState.SUCCEEDED]
+    succeeded = {id(s) for s, _ in done}
     errors = collections.Counter(
         s.error or f"HTTP {s.status}" if not s.job_id else f"job {s.job.state.value}" if s.job else "job missing"
         for s in run.sent
-        if s not in done
+        if id(s) not in succeeded
     )
     samples: dict[str, list[float]] = {phase: [] for phase in PHASES}
-    for s in done:
-        t = s.job.timings
-        end_to_end = s.job.finished_at - s.job.created_at
+    for s, job in done:
+        t = job.timings
+        end_to_end = (job.finished_at or job.created_at) - job.created_at
         samples["queue_wait"].append(t.queue_wait_s or 0.0)
         samples["batch_wait"].append(t.batch_wait_s or 0.0)
         samples["inference"].append(t.inference_s or 0.0)
@@ -102,17 +103,17 @@ def summarize(run: LoadRun) -> Summary:
     phases = {phase: {f"p{p}": percentile(values, p) for p in PERCENTILES} for phase, values in samples.items()}
     for phase, values in samples.items():
         phases[phase]["mean"] = statistics.fmean(values) if values else float("nan")
-    calls = {s.job.batch["id"]: s.job.batch["images"] for s in done if s.job.batch}
+    calls = {job.batch.id: job.batch.images for _, job in done if job.batch}
     # A one-slice job's inference time is its call's duration: the batch-cost profile the
     # model showed inside the fleet (to set beside the bare one).
     durations: dict[int, list[float]] = collections.defaultdict(list)
     seen: set[str] = set()
-    for s in done:
-        if s.job.batch and s.job.batch["id"] not in seen and s.job.spec.num_images <= s.job.batch["images"]:
-            seen.add(s.job.batch["id"])
-            durations[s.job.batch["images"]].append(s.job.timings.inference_s or 0.0)
+    for _, job in done:
+        if job.batch and job.batch.id not in seen and job.spec.num_images <= job.batch.images:
+            seen.add(job.batch.id)
+            durations[job.batch.images].append(job.timings.inference_s or 0.0)
     if done:
-        window = max(s.job.finished_at for s in done) - min(s.job.created_at for s in done)
+        window = max(job.finished_at or job.created_at for _, job in done) - min(job.created_at for _, job in done)
     else:
         window = 0.0
     return Summary(
@@ -120,37 +121,36 @@ def summarize(run: LoadRun) -> Summary:
         jobs_sent=len(run.sent),
         jobs_succeeded=len(done),
         errors=dict(errors),
-        images=sum(len(s.job.image_keys) for s in done),
+        images=sum(len(job.image_keys) for _, job in done),
         window_s=window,
         phases=phases,
         batch_sizes=dict(sorted(collections.Counter(calls.values()).items())),
         call_seconds={n: statistics.fmean(v) for n, v in sorted(durations.items())},
-        steady_images_per_s=_steady_rate(done),
-        first_call_s=_first_call(done),
+        steady_images_per_s=_steady_rate([job for _, job in done]),
+        first_call_s=_first_call([job for _, job in done]),
     )
 
 
-def _first_call(done: list) -> float:
+def _first_call(jobs: list[Job]) -> float:
     """The duration of the run's first model call (the job whose call started first)."""
-    timed = [s.job for s in done if s.job.started_at is not None and s.job.timings.inference_s is not None]
-    if not timed:
-        return float("nan")
-    first = min(timed, key=lambda job: job.started_at + (job.timings.batch_wait_s or 0.0))
-    return first.timings.inference_s
+    timed = [(job.started_at, job.timings.batch_wait_s or 0.0, job.timings.inference_s) for job in jobs]
+    starts = [(started + wait, inference) for started, wait, inference in timed if started and inference is not None]
+    return min(starts)[1] if starts else float("nan")
 
 
-def _steady_rate(done: list) -> float:
+def _steady_rate(jobs: list[Job]) -> float:
     """Images/s once the run is under way, counted in whole model calls: the first quarter
     of the calls (the ramp-up: an idle worker starts the first arrivals in small batches)
     is left out, and the rate is the images of the remaining calls over the time from the
     end of the last left-out call to the end of the last call. Counting whole calls matters:
     a batch's images all finish together, so a window cut through calls miscounts them."""
-    calls: dict[str, list] = collections.defaultdict(list)
-    for s in done:
-        if s.job.batch:
-            calls[s.job.batch["id"]].append(s.job)
+    calls: dict[str, list[Job]] = collections.defaultdict(list)
+    for job in jobs:
+        if job.batch:
+            calls[job.batch.id].append(job)
     ends = sorted(
-        (max(job.finished_at for job in jobs), sum(len(job.image_keys) for job in jobs)) for jobs in calls.values()
+        (max(job.finished_at or job.created_at for job in call), sum(len(job.image_keys) for job in call))
+        for call in calls.values()
     )
     skip = max(1, -(-len(ends) // 4))
     if len(ends) <= skip:

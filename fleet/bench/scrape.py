@@ -311,7 +311,7 @@ def plot(scrapes: list[Scrape], path: Path, title: str) -> None:
     twin = backlog.twinx()
     twin.step(backlog_data.t, workers, where="post", color="black", linestyle="--", label="workers")
     twin.set_ylabel("workers")
-    twin.set_ylim(0, max([1, *workers]) + 1)
+    twin.set_ylim(0, max([1.0, *(w for w in workers if w is not None)]) + 1)
     twin.yaxis.set_major_locator(MaxNLocator(integer=True))
     handles, names = backlog.get_legend_handles_labels()
     more, more_names = twin.get_legend_handles_labels()

@@ -108,12 +108,16 @@ def test_the_status_read_benchmark_reports_cpu_per_read(tmp_path):
 
 def test_the_steady_rate_counts_whole_calls_after_the_ramp():
     """Calls of 8 every second after two small ramp-up calls: 8 images/s, whatever the ramp."""
-    from types import SimpleNamespace
-
     from fleet.bench.results import _steady_rate
+    from tasks.jobs import BatchInfo, Job, JobState, parse_request
+    from tasks.settings import Settings
 
-    def job(call: str, finished: float):
-        return SimpleNamespace(job=SimpleNamespace(batch={"id": call}, finished_at=finished, image_keys=["k"]))
+    spec = parse_request({"prompt": "p"}, Settings())
+
+    def job(call: str, finished: float) -> Job:
+        return Job(
+            "0" * 32, JobState.SUCCEEDED, spec, 0.0, finished_at=finished, image_keys=["k"], batch=BatchInfo(call, 8)
+        )
 
     done = [job("ramp-a", 0.5), job("ramp-b", 1.07)]
     done += [job(f"c{n}", 2.0 + n + i * 0.01) for n in range(6) for i in range(8)]
