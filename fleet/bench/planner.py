@@ -17,7 +17,7 @@ The model
     running; round robin among equals) gets it. The real broker hands a message to
     whichever consumer with prefetch credit left takes it first; least loaded is a simple
     stand-in that an idle, empty worker would win too. Each worker has its own
-    ``workers.batcher.Batcher``, exactly the code the real model thread runs: when its
+    ``workers.batcher.Batcher``, exactly the code a real worker's runner runs: when its
     model is free it calls ``next_batch(now)``; a batch keeps the model busy for
     ``t(images)`` and is then fed to the batcher's cost model; no batch means sleeping
     until ``wake_at`` or the next job it reserves.
@@ -50,7 +50,7 @@ from workers.work import BatchKey, CompatKey
 WARMUP_FRACTION = 0.1
 MAX_UTILIZATION = 0.85
 # The adaptive policy recomputes its wake-up from the arrival rate at every call, so it
-# could keep asking for one a hair later; a real model thread's sleep is not finer anyway.
+# could keep asking for one a hair later; a real dispatcher's sleep is not finer anyway.
 MIN_SLEEP_S = 1e-3
 KEY = BatchKey("planned", CompatKey("planned", 512, 512, 20, 7.5))  # every simulated job can share a batch
 
