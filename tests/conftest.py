@@ -11,10 +11,11 @@ import redis
 
 from fleet import stack
 from fleet.processes import BIN, free_port
-from fleet.stack import settings_from_env, start_api, start_hooks, start_redis, start_s3, start_worker
+from fleet.stack import settings_from_env, start_api, start_s3, start_worker
 from tasks.settings import Settings
 from tasks.storage import make_storage
 from tasks.store import JobStore
+from tests.stack import start_hooks, start_redis
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleet.local import api_metrics_path
 from fleet.processes import free_port, wait_for
-from fleet.stack import start_api, start_redis, start_worker
+from fleet.stack import start_api, start_worker
 from tests.helpers import submit, wait_done
+from tests.stack import start_redis
 
 pytestmark = pytest.mark.e2e
 

@@ -15,22 +15,13 @@ import redis
 import requests
 
 from fleet.processes import Server, free_port, wait_for
-from fleet.stack import (
-    RabbitMQ,
-    RedisServer,
-    S3Server,
-    rabbitmq_available,
-    s3_env,
-    settings_from_env,
-    start_api,
-    start_s3,
-    start_slot_worker,
-)
+from fleet.stack import RedisServer, S3Server, s3_env, settings_from_env, start_api, start_s3
 from fleet.stack import start_worker as start_worker_process
 from tasks.jobs import Job, JobState
 from tasks.storage import make_storage
 from tasks.store import JobStore
 from tests.helpers import http
+from tests.stack import RabbitMQ, rabbitmq_available, start_slot_worker
 
 #: batches of 8 take ~0.5 s: long enough to kill a worker in the middle of one
 SIM_MODEL = "sim:a=0.04,b=0.2"

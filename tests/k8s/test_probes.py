@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from fleet.processes import BIN, Server, free_port, wait_for
-from fleet.stack import start_redis, wait_answers
+from fleet.stack import wait_answers
 from tasks.probes import clear, mark_ready, ready_file
+from tests.stack import start_redis
 
 #: The worker's engine start: sim calls are instant, and it loads no torch model.
 SIM_MODEL = "sim:a=0.001,b=0.001"

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from fleet.processes import free_port, wait_for
-from fleet.stack import RabbitMQ, rabbitmq_available, settings_from_env, start_hooks
+from fleet.stack import settings_from_env
 from tasks import webhooks
 from tasks.celery import make_celery
 from tasks.destinations import resolve_destination
@@ -39,6 +39,7 @@ from tasks.webhooks import (
     verify,
     webhook_secret,
 )
+from tests.stack import RabbitMQ, rabbitmq_available, start_hooks
 
 SIGNING_KEY = "test-signing-key"
 OWNER = "dev"
