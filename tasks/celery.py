@@ -149,6 +149,13 @@ def publish_job(celery_app: Celery, job_id: str, queue: str, publish_timeout_s: 
         raise DependencyUnavailable("broker", str(exc)) from exc
 
 
+def use_threads_pool(app: Celery, threads: int) -> None:
+    """Run the worker's tasks on ``threads`` threads that mostly wait (on the runner, on a
+    webhook receiver). The threads pool reserves concurrency x multiplier messages, so the
+    multiplier is 1: ``threads`` is the prefetch."""
+    app.conf.update(worker_pool="threads", worker_concurrency=threads, worker_prefetch_multiplier=1)
+
+
 @functools.cache
 def shared_app() -> Celery:
     """The app of a process that only publishes and inspects (Flower, ``fleet up``)."""

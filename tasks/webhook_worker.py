@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery, Task
 
 from tasks import probes
-from tasks.celery import WEBHOOK_TASK, make_celery
+from tasks.celery import WEBHOOK_TASK, make_celery, use_threads_pool
 from tasks.logs import install_celery_logging
 from tasks.settings import Settings, get_settings
 from tasks.webhooks import WebhookDelivery, attempt
@@ -42,11 +42,7 @@ def make_hooks_app(settings: Settings) -> Celery:
     queue, the delivery task, and the readiness probe's signals."""
     install_celery_logging(settings.log_format, "hooks")
     app = make_celery(settings)
-    app.conf.update(
-        worker_pool="threads",
-        worker_concurrency=settings.webhook_threads,
-        worker_prefetch_multiplier=1,
-    )
+    use_threads_pool(app, settings.webhook_threads)
     app.amqp.queues.select([settings.webhook_queue])
     probes.connect()  # the ready file a Kubernetes readiness probe reads (tasks/probes.py)
 

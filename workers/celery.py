@@ -29,7 +29,7 @@ from celery.exceptions import Reject, WorkerShutdown
 from celery.signals import celeryd_after_setup, worker_shutdown, worker_shutting_down
 
 from tasks import probes
-from tasks.celery import GENERATE_TASK, make_celery
+from tasks.celery import GENERATE_TASK, make_celery, use_threads_pool
 from tasks.events import EventHub
 from tasks.jobs import JobState
 from tasks.logs import install_celery_logging, log_context, set_process_fields
@@ -59,12 +59,7 @@ def make_worker_app(settings: Settings) -> Celery:
     the job task, and the signals that start and stop the engine around the consumer."""
     install_celery_logging(settings.log_format, "worker")
     app = make_celery(settings)
-    app.conf.update(
-        worker_pool="threads",
-        worker_concurrency=settings.task_threads,
-        # threads pool: the worker reserves concurrency x multiplier messages.
-        worker_prefetch_multiplier=1,
-    )
+    use_threads_pool(app, settings.task_threads)
     app.task(name=GENERATE_TASK, bind=True, throws=(JobFailed,))(generate)
     # The ready file a Kubernetes readiness probe reads (tasks/probes.py): there once the
     # consumer starts, i.e. after _start_model has the engine's model loaded and warm.
