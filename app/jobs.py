@@ -20,7 +20,6 @@ import logging
 import math
 import re
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
@@ -321,11 +320,7 @@ def job_view(job: Job) -> dict:
     svc = services()
     place = None
     if job.state is JobState.QUEUED:
-        position, jobs_per_s = svc.store.place_in_line(job)
+        position, jobs_per_s, running = svc.store.place_in_line(job)
         if position is not None:
-            start = time.time() + (position + 1) / jobs_per_s if jobs_per_s else None
-            place = PlaceInLine(
-                position=position,
-                estimated_start_at=datetime.fromtimestamp(start, timezone.utc) if start else None,
-            )
+            place = PlaceInLine.estimate(position, jobs_per_s, running, svc.settings.task_threads, time.time())
     return render(job, svc.storage, place)
