@@ -239,7 +239,7 @@ def status(job_id: str):
 def events(job_id: str):
     svc = services()
     job = find_job(svc, job_id)  # a 404 before the stream starts
-    stream = event_stream(svc, job, lambda current: job_view(current))
+    stream = event_stream(svc, job, lambda current: job_view(current), request.headers.get("Last-Event-ID"))
     response = Response(stream_with_context(stream), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: pass events through at once
