@@ -207,6 +207,7 @@ def test_the_live_api_keeps_its_document(idle_api, tmp_path):
     assert result["complete"] and not result["failures"] and not result["errors"], run.stdout[-20000:]
     assert all(phase["status"] == "success" for phase in result["phases"].values()), result["phases"]
     assert result["test_cases"]["generated"] >= MIN_CASES, result["test_cases"]
+    print(f"schemathesis: {result['test_cases']['generated']} cases in {result['running_time']:.0f} s")
 
 
 @pytest.mark.e2e
