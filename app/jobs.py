@@ -20,7 +20,6 @@ import logging
 import math
 import re
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
@@ -28,7 +27,21 @@ from flask import Blueprint, Response, jsonify, request, stream_with_context, ur
 from app.auth import admit_submission, owner, require_key
 from app.logs import note_job
 from app.metrics import job_accepted
-from app.openapi import CANCEL_AFTER, IDEMPOTENCY_KEY, JOB, JOB_ID, PREFER, errors, json_body, operation, response
+from app.openapi import (
+    CANCEL_AFTER,
+    ERROR,
+    IDEMPOTENCY_KEY,
+    JOB,
+    JOB_ID,
+    LAST_EVENT_ID,
+    PREFER,
+    PROGRESS,
+    errors,
+    json_body,
+    operation,
+    response,
+    sse_events,
+)
 from app.services import Services, services
 from app.waiting import event_stream, parse_prefer_wait, wait_until_done
 from tasks.cancel import cancel, cancel_if_overdue, parse_duration
@@ -73,7 +86,7 @@ _LIST_PARAMETERS = [
     responses={
         200: response("It ended while the request waited", JOB, headers=_SUBMITTED),
         202: response("Accepted; read it at Location", JOB, headers=_SUBMITTED),
-        **errors(400, 409, 413, 415, 422, 503),
+        **errors(400, 409, 413, 415, 422, 503, idempotent=True),
     },
 )
 def submit():
@@ -205,20 +218,28 @@ def status(job_id: str):
 @operation(
     "A job's changes as Server-Sent Events, until it ends",
     description=(
-        "`state` events carry the whole job (as `GET /v1/jobs/{job_id}`) on each change of state, `progress` "
-        'events `{"id", "step", "total"}` at each denoising step; the stream ends with the job. An `error` '
-        "event (an Error) ends it early if the job store goes away."
+        "`state` events carry the whole job (as `GET /v1/jobs/{job_id}`) on each change of state, and while it is "
+        'QUEUED on each change of its place in line; `progress` events `{"id", "step", "total"}` at each '
+        "denoising step; the stream ends with the job. An `error` event (an Error) ends it early if the job store "
+        "goes away. Each event's `id` says how far the job had got (`RUNNING.12`: state and step); a client that "
+        "reconnects with it as `Last-Event-ID` gets the job's current state first, and nothing more if it had "
+        "already seen the job end."
     ),
-    parameters=[JOB_ID],
+    parameters=[JOB_ID, LAST_EVENT_ID],
     responses={
-        200: response("The stream", {"type": "string"}, media="text/event-stream", headers=("Cache-Control",)),
+        200: response(
+            "The stream; its schema describes each event",
+            sse_events({"state": JOB, "progress": PROGRESS, "error": ERROR}),
+            media="text/event-stream",
+            headers=("Cache-Control",),
+        ),
         **errors(404, 503),
     },
 )
 def events(job_id: str):
     svc = services()
     job = find_job(svc, job_id)  # a 404 before the stream starts
-    stream = event_stream(svc, job, lambda current: job_view(current))
+    stream = event_stream(svc, job, lambda current: job_view(current), request.headers.get("Last-Event-ID"))
     response = Response(stream_with_context(stream), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: pass events through at once
@@ -299,11 +320,7 @@ def job_view(job: Job) -> dict:
     svc = services()
     place = None
     if job.state is JobState.QUEUED:
-        position, jobs_per_s = svc.store.place_in_line(job)
+        position, jobs_per_s, running = svc.store.place_in_line(job)
         if position is not None:
-            start = time.time() + (position + 1) / jobs_per_s if jobs_per_s else None
-            place = PlaceInLine(
-                position=position,
-                estimated_start_at=datetime.fromtimestamp(start, timezone.utc) if start else None,
-            )
+            place = PlaceInLine.estimate(position, jobs_per_s, running, svc.settings.task_threads, time.time())
     return render(job, svc.storage, place)

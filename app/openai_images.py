@@ -21,17 +21,17 @@ from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr
 from app.auth import require_key
 from app.errors import error_response
 from app.jobs import accept, parse_json_body, request_fingerprint, wait_for
-from app.openapi import errors, operation, response
+from app.openapi import BOUNDED_SCHEMAS, IDEMPOTENCY_KEY, Schema, errors, operation, ref, response
 from app.services import Services, services
 from tasks.cancel import NOT_STARTED_IN_TIME
 from tasks.errors import Conflict, FleetError, JobError, ValidationFailed, WaitTimedOut
 from tasks.jobs import Job, JobState
-from tasks.request import validate_body, validate_request
+from tasks.request import RequestBounds, integer, request_model, validate_body, validate_request
 
 bp = Blueprint("openai_images", __name__, url_prefix="/v1/images")
 require_key(bp)
 
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # ASCII digits only: int() reads others too
 #: The job fields whose bounds this route's clients know by OpenAI's names: a refusal
 #: names the field they sent (``param``) and says it in their words.
 _OPENAI_NAMES = {
@@ -53,7 +53,7 @@ class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: StrictStr
-    n: StrictInt = 1
+    n: integer() = 1  # integers as JSON has them (1.0 is 1), like every job field
     size: StrictStr = "auto"  # "WIDTHxHEIGHT"; auto: the fleet's default size
     response_format: Literal["url", "b64_json"] | None = None  # None: url
     output_format: Literal["png", "webp", "jpeg"] | None = None  # None: png
@@ -65,8 +65,8 @@ class ImageGenerationRequest(BaseModel):
     user: StrictStr | None = None
     safety_identifier: StrictStr | None = None
     # The fleet's extras.
-    seed: StrictInt | None = None
-    num_inference_steps: StrictInt | None = None
+    seed: integer() | None = None
+    num_inference_steps: integer() | None = None
     guidance_scale: StrictFloat | StrictInt | None = None
     negative_prompt: StrictStr | None = None
 
@@ -87,6 +87,55 @@ class ImageGenerationRequest(BaseModel):
         return {name: value for name, value in body.items() if value is not None}
 
 
+#: This route's fields -> the job fields they become: the document shows the job's bounds on them.
+_AS_JOB_FIELDS = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "n": "num_images",
+    "num_inference_steps": "steps",
+    "guidance_scale": "guidance_scale",
+    "seed": "seed",
+}
+
+
+def generation_schema(bounds: RequestBounds) -> Schema:
+    """The request's JSON Schema with the bounds it is held to: each field that becomes a
+    job field has that field's schema (``request_model``'s, which ``validate_request``
+    checks the job with) and ``size`` a pattern of exactly the sizes the bounds allow."""
+    schema = ImageGenerationRequest.model_json_schema()
+    job = request_model(bounds).model_json_schema()["properties"]
+    for name, field in _AS_JOB_FIELDS.items():
+        ours = schema["properties"][name]
+        schema["properties"][name] = {**job[field], **{k: v for k, v in ours.items() if k in ("title", "default")}}
+    schema["properties"]["size"] = {
+        "type": "string",
+        "pattern": size_pattern(bounds),
+        "default": "auto",
+        "description": (
+            f"WIDTHxHEIGHT, each a multiple of 8 from 8 to {bounds.largest_side} and together at most "
+            f"{bounds.max_pixels} pixels; auto: {bounds.default_width}x{bounds.default_height}."
+        ),
+    }
+    return schema
+
+
+def size_pattern(bounds: RequestBounds) -> str:
+    """Every ``size`` the bounds allow, as a pattern: per run of widths that share a tallest
+    height, those widths by those heights (one run where the budget fits every pair)."""
+    runs: dict[int, list[int]] = {}
+    for width in range(8, bounds.largest_side + 1, 8):
+        runs.setdefault(bounds.tallest(width), []).append(width)
+    sizes = [f"(?:{_numbers(widths)})x(?:{_numbers(range(8, tallest + 1, 8))})" for tallest, widths in runs.items()]
+    return f"^(?:auto|{'|'.join(sizes)})$"
+
+
+def _numbers(values) -> str:
+    """Alternatives matching each value as ``_SIZE`` reads it: up to 5 digits, zeros first."""
+    return "|".join(f"0{{0,{5 - len(str(v))}}}{v}" for v in values)
+
+
+BOUNDED_SCHEMAS["ImageGenerationRequest"] = generation_schema
+
 _GENERATED = {
     "type": "object",
     "required": ["created", "data"],
@@ -105,13 +154,11 @@ _GENERATED = {
     "OpenAI-compatible image generation, answered when its job ends",
     tag="images",
     description="An ordinary job (same queue and batching as `POST /v1/jobs`), held up to FLEET_OPENAI_TIMEOUT_S.",
-    body={
-        "required": True,
-        "content": {"application/json": {"schema": ImageGenerationRequest.model_json_schema()}},
-    },
+    parameters=[IDEMPOTENCY_KEY],
+    body={"required": True, "content": {"application/json": {"schema": ref("schemas", "ImageGenerationRequest")}}},
     responses={
         200: response("The images", _GENERATED, headers=("Idempotent-Replayed",)),
-        **errors(400, 409, 413, 415, 422, 500, 503, 504),
+        **errors(400, 409, 413, 415, 422, 500, 503, 504, idempotent=True),
     },
 )
 def generate():
@@ -158,7 +205,7 @@ def _openai_error_keys(response: Response) -> Response:
 def _size(size: str) -> tuple[int | None, int | None]:
     if size == "auto":
         return None, None
-    match = _SIZE.match(size)
+    match = _SIZE.fullmatch(size)
     if not match:
         raise ValidationFailed(f"'size' must be WIDTHxHEIGHT (e.g. 512x512) or auto, got '{size}'", field="size")
     return int(match[1]), int(match[2])

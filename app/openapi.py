@@ -69,6 +69,37 @@ def ref(kind: str, name: str) -> Schema:
 
 JOB = ref("schemas", "Job")
 ERROR = ref("schemas", "Error")
+PROGRESS = ref("schemas", "Progress")
+
+#: Request bodies whose bounds are configured, by component name: ``document`` builds each
+#: for the settings it describes (``POST /v1/jobs``'s ``JobRequest`` is built in place; a
+#: route module adds its own here at import, as ``app.openai_images`` does).
+BOUNDED_SCHEMAS: dict[str, Callable[[RequestBounds], Schema]] = {}
+
+
+def sse_events(events: Mapping[str, Schema]) -> Schema:
+    """The schema of one Server-Sent Event of a stream whose events are named by ``events``
+    and carry the JSON ``events[name]`` describes in their ``data``.
+
+    Under OpenAPI 3.1 a ``text/event-stream`` schema describes each event (3.2 names the
+    same thing ``itemSchema``): an object of the event's fields, ``event``, ``data``, ``id``
+    and ``retry``, as schemathesis and 3.2 tools parse them; ``data`` is a string holding
+    JSON, so it is described by ``contentMediaType`` and ``contentSchema``."""
+    return {
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"const": name},
+                    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+                    "id": {"type": "string"},
+                    "retry": {"type": "integer"},
+                },
+            }
+            for name, data in events.items()
+        ]
+    }
 
 
 def json_body(schema: str, example: Schema) -> Schema:
@@ -105,14 +136,23 @@ ERRORS = {
 }
 
 
-def errors(*statuses: int) -> dict[int, Schema]:
-    return {s: response(ERRORS[s], ERROR, headers=("Retry-After",) if s in (429, 503) else ()) for s in statuses}
+#: What a 422 also means where a submission takes an ``Idempotency-Key``.
+REUSED_KEY = (
+    " Also an `Idempotency-Key` used before with another request (field `Idempotency-Key`): a new job needs a new key."
+)
+
+
+def errors(*statuses: int, idempotent: bool = False) -> dict[int, Schema]:
+    """The error responses of ``statuses``; ``idempotent``: the route takes an ``Idempotency-Key``."""
+    described = {s: ERRORS[s] + (REUSED_KEY if idempotent and s == 422 else "") for s in statuses}
+    return {s: response(d, ERROR, headers=("Retry-After",) if s in (429, 503) else ()) for s, d in described.items()}
 
 
 JOB_ID = ref("parameters", "job_id")
 PREFER = ref("parameters", "Prefer")
 CANCEL_AFTER = ref("parameters", "Cancel-After")
 IDEMPOTENCY_KEY = ref("parameters", "Idempotency-Key")
+LAST_EVENT_ID = ref("parameters", "Last-Event-ID")
 
 _PARAMETERS: Schema = {
     "job_id": {
@@ -156,6 +196,17 @@ _PARAMETERS["Idempotency-Key"] = {
     "schema": {"type": "string", "pattern": "^[\\x20-\\x7e]{1,255}$"},
 }
 
+_PARAMETERS["Last-Event-ID"] = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "description": (
+        "The `id` of the last event a client got before its connection dropped (EventSource sends it when it "
+        "reconnects): the stream starts with the job's current state, or ends at once if that id says the "
+        "client saw the job end. Any other value is a fresh start."
+    ),
+    "schema": {"type": "string"},
+}
+
 _HEADERS: Schema = {
     "Location": {
         "description": "Where the job can be read: `/v1/jobs/{job_id}`.",
@@ -196,6 +247,18 @@ _ERROR: Schema = {
 }
 
 
+_PROGRESS: Schema = {
+    "type": "object",
+    "description": "A `progress` event: the model call job `id` is in finished denoising step `step` of `total`.",
+    "required": ["id", "step", "total"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        "step": {"type": "integer", "minimum": 0},
+        "total": {"type": "integer", "minimum": 1},
+    },
+}
+
+
 def document(app: Flask, settings: Settings) -> Schema:
     """The document: every documented rule of ``app``, its components for ``settings``."""
     paths: dict[str, Schema] = {}
@@ -216,8 +279,10 @@ def document(app: Flask, settings: Settings) -> Schema:
         "components": {
             "schemas": {
                 **_schemas(request, "validation"),
+                **{name: build(RequestBounds.of(settings)) for name, build in BOUNDED_SCHEMAS.items()},
                 **_schemas(JobView, "serialization", name="Job"),
                 "Error": _ERROR,
+                "Progress": _PROGRESS,
             },
             "parameters": _PARAMETERS,
             "headers": _HEADERS,

@@ -25,6 +25,10 @@ MAX_WAIT_S = 60
 #: A comment line this often keeps proxies from closing a quiet stream, and lets the
 #: server notice a client that went away.
 KEEPALIVE_S = 15.0
+#: A QUEUED job's stream reads its place in line again at most this often, and only when
+#: some job changed state since: 100 streams cost at most 100 reads a second, whatever
+#: the fleet does.
+PLACE_RECHECK_S = 1.0
 
 # ``Prefer`` (RFC 7240) as a pattern the API parses with and the OpenAPI document shows:
 # a comma-separated list of preferences in printable ASCII, any of them, except that a
@@ -86,36 +90,79 @@ def wait_until_done(store: JobStore, job: Job, events: queue.Queue, wait_s: floa
     return job
 
 
-def event_stream(svc: Services, job: Job, render: Callable[[Job], dict]) -> Iterator[str]:
-    """``state`` events (the whole job, as ``GET`` shows it) on every change of state and
-    ``progress`` events (``{"id", "step", "total"}``) at every step, until the job ends."""
+def event_stream(
+    svc: Services, job: Job, render: Callable[[Job], dict], last_event_id: str | None = None
+) -> Iterator[str]:
+    """``state`` events (the whole job, as ``GET`` shows it) on every change of state, and
+    while it is QUEUED on every change of its place in line; ``progress`` events
+    (``{"id", "step", "total"}``) at every step, until the job ends.
+
+    Each event's ``id`` is how far the job had got (``event_id``). A client that reconnects
+    with one as ``Last-Event-ID`` gets the job's current state first (no step is replayed:
+    the state carries the latest), or, if that id says it saw the job end, an empty stream.
+
+    A queued job's place changes when other jobs of its queue start or end; their events
+    are not sent to this stream (a waiter per job would get the whole fleet's). The hub's
+    change count says whether any job changed state, and the place is read again at most
+    once every ``PLACE_RECHECK_S``, only if it did."""
     yield f"retry: {int(KEEPALIVE_S * 1000)}\n\n"
     try:
         with svc.events.watch(job.id) as events:
             current = svc.store.get(job.id) or job
-            yield _event("state", render(current))
+            if current.state.terminal and (last_event_id or "").partition(".")[0] == current.state.value:
+                return  # it saw the end already: sending it again would be a second end
+            view = render(current)
+            yield _event("state", view, event_id(current))
+            changes, quiet_since = svc.events.changes, time.monotonic()
             while not current.state.terminal:
+                queued = current.state is JobState.QUEUED
+                limit = KEEPALIVE_S - (time.monotonic() - quiet_since)
                 try:
-                    event: JobEvent = events.get(timeout=_timeout(current, KEEPALIVE_S))
+                    event: JobEvent = events.get(
+                        timeout=_timeout(current, min(limit, PLACE_RECHECK_S) if queued else limit)
+                    )
                 except queue.Empty:
                     latest = cancel_if_overdue(svc.store, current)
                     if latest.state is not current.state:
-                        current = latest
-                        yield _event("state", render(current))
-                    else:
+                        current, view = latest, render(latest)
+                        yield _event("state", view, event_id(current))
+                        quiet_since = time.monotonic()
+                    elif queued and svc.events.changes != changes:
+                        changes = svc.events.changes
+                        moved = render(current)
+                        if _position(moved) not in (None, _position(view)):
+                            view = moved
+                            yield _event("state", view, event_id(current))
+                            quiet_since = time.monotonic()
+                    if time.monotonic() - quiet_since >= KEEPALIVE_S:
                         yield ": keepalive\n\n"
+                        quiet_since = time.monotonic()
                     continue
                 if event.kind == "progress":
-                    yield _event("progress", {"id": job.id, "step": event.step, "total": event.total})
+                    progress = {"id": job.id, "step": event.step, "total": event.total}
+                    yield _event("progress", progress, f"{JobState.RUNNING.value}.{event.step}")
+                    quiet_since = time.monotonic()
                     continue
                 latest = svc.store.get(job.id)
                 if latest is None:
                     return  # expired
                 if event.kind == "state" or latest.state is not current.state:
-                    current = latest
-                    yield _event("state", render(current))
+                    current, view = latest, render(latest)
+                    yield _event("state", view, event_id(current))
+                    quiet_since = time.monotonic()
     except DependencyUnavailable as exc:
         yield _event("error", exc.to_dict())
+
+
+def event_id(job: Job) -> str:
+    """An event's ``id``: the job's state and the step its model call had reached
+    (``RUNNING.12``; ``QUEUED.0``)."""
+    return f"{job.state.value}.{job.step}"
+
+
+def _position(view: dict) -> int | None:
+    place = view.get("place_in_line")
+    return place["position"] if place else None
 
 
 def _timeout(job: Job, limit: float) -> float:
@@ -125,5 +172,6 @@ def _timeout(job: Job, limit: float) -> float:
     return max(0.0, min(limit, job.cancel_at - time.time() + 0.01))
 
 
-def _event(name: str, data: dict) -> str:
-    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+def _event(name: str, data: dict, event_id: str | None = None) -> str:
+    id_line = f"id: {event_id}\n" if event_id is not None else ""
+    return f"event: {name}\n{id_line}data: {json.dumps(data, separators=(',', ':'))}\n\n"

@@ -42,6 +42,11 @@ MAX_WAIT_S = 60.0
 #: the connection is taken for dead.
 STREAM_SILENCE_S = 45.0
 
+#: A dropped event stream is opened again this many times in a row (``Last-Event-ID``),
+#: after 0.5, 1, 2, 4, 8 s: rides out an API restart or a proxy's idle cut, not an outage.
+STREAM_RECONNECTS = 5
+STREAM_BACKOFF_S = 0.5
+
 #: Content-Type -> file extension, as the images are stored (``jpeg`` -> ``.jpg``).
 _EXTENSIONS = {content_type: EXTENSIONS[output_format] for output_format, content_type in OUTPUT_TYPES.items()}
 
@@ -213,28 +218,52 @@ class FleetClient:
 
     def stream(self, job_id: str, timeout_s: float | None = None) -> Iterator[Event]:
         """The job's events as they happen: a ``StateEvent`` first and on every change of
-        state, a ``ProgressEvent`` at every denoising step; it ends when the API closes
-        the stream, after the job's last state. ``timeout_s``: stop after that long
-        anyway (noticed at the next event or keepalive, so up to 15 s late)."""
+        state (and of its place in line while it is queued), a ``ProgressEvent`` at every
+        denoising step; it ends after the job's last state. ``timeout_s``: stop after that
+        long anyway (noticed at the next event or keepalive, so up to 15 s late).
+
+        A connection that drops (or a server that closes the stream before the job ended)
+        is opened again, up to ``STREAM_RECONNECTS`` times in a row with a growing pause,
+        sending the last event's id as ``Last-Event-ID``: the API then starts with the
+        job's current state, so nothing is missed and the end never comes twice. Steps
+        made while it was away are not replayed (the state event carries the latest).
+        Past the attempts, the connection's error is raised."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        response = self._request(
-            "GET",
-            f"/v1/jobs/{job_id}/events",
-            headers={"Accept": "text/event-stream"},
-            read_timeout_s=STREAM_SILENCE_S,
-            stream=True,
-        )
-        with response:
-            for name, data in _server_sent_events(response.iter_lines(chunk_size=None)):
-                if name == "state":
-                    yield StateEvent(JobView.model_validate_json(data))
-                elif name == "progress":
-                    progress = json.loads(data)
-                    yield ProgressEvent(progress["id"], progress["step"], progress["total"])
-                elif name == "error":  # the API lost its job store mid-stream
-                    raise FleetAPIError.from_body(503, json.loads(data))
-                if deadline is not None and time.monotonic() >= deadline:
-                    return
+        last_event_id: str | None = None
+        failures = 0
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last_event_id is not None:
+                headers["Last-Event-ID"] = last_event_id
+            dropped: requests.RequestException | None = None
+            try:
+                response = self._request(
+                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, read_timeout_s=STREAM_SILENCE_S, stream=True
+                )
+                with response:
+                    for name, data, event_id in _server_sent_events(response.iter_lines(chunk_size=None)):
+                        last_event_id = event_id or last_event_id
+                        failures = 0
+                        if name == "state":
+                            state = StateEvent(JobView.model_validate_json(data))
+                            yield state
+                            if state.job.state.terminal:
+                                return
+                        elif name == "progress":
+                            progress = json.loads(data)
+                            yield ProgressEvent(progress["id"], progress["step"], progress["total"])
+                        elif name == "error":  # the API lost its job store mid-stream
+                            raise FleetAPIError.from_body(503, json.loads(data))
+                        if deadline is not None and time.monotonic() >= deadline:
+                            return
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                dropped = exc
+            if failures >= STREAM_RECONNECTS or (deadline is not None and time.monotonic() >= deadline):
+                if dropped is not None:
+                    raise dropped
+                return
+            time.sleep(min(STREAM_BACKOFF_S * 2**failures, 8.0))
+            failures += 1
 
     def cancel(self, job_id: str) -> JobView:
         """Cancel the job: its view, now CANCELED. ``FleetAPIError`` 409 if it had already
@@ -321,16 +350,16 @@ class FleetClient:
             attempt += 1
 
 
-def _server_sent_events(lines: Iterator[bytes]) -> Iterator[tuple[str, str]]:
-    """``(event name, data)`` of each event of a ``text/event-stream``, as it arrives;
-    comments (keepalives) and ``retry:`` lines are skipped."""
-    name, data = "message", []
+def _server_sent_events(lines: Iterator[bytes]) -> Iterator[tuple[str, str, str | None]]:
+    """``(event name, data, id)`` of each event of a ``text/event-stream``, as it arrives
+    (id: the event's own, else None); comments (keepalives) and ``retry:`` lines are skipped."""
+    name, data, event_id = "message", [], None
     for raw in lines:
         line = raw.decode("utf-8")
         if not line:
             if data:
-                yield name, "\n".join(data)
-            name, data = "message", []
+                yield name, "\n".join(data), event_id
+            name, data, event_id = "message", [], None
         elif line.startswith(":"):
             continue
         else:
@@ -340,6 +369,8 @@ def _server_sent_events(lines: Iterator[bytes]) -> Iterator[tuple[str, str]]:
                 name = value
             elif key == "data":
                 data.append(value)
+            elif key == "id":
+                event_id = value
 
 
 def _retry_after(value: str | None) -> float | None:

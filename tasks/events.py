@@ -90,6 +90,7 @@ class EventHub:
         self._subscribed = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._changes = 0
 
     @contextmanager
     def watch(self, job_id: str | None = None) -> Iterator[queue.Queue[JobEvent]]:
@@ -117,6 +118,13 @@ class EventHub:
         """Queues open now (for tests and metrics)."""
         with self._lock:
             return sum(len(w) for w in self._waiters.values()) + len(self._all)
+
+    @property
+    def changes(self) -> int:
+        """How many state changes (of any job) and resyncs this process has heard of: a
+        waiter that keeps the count it last saw knows, without a queue of every job's
+        events, whether anything may have moved since (a queued job's place in line)."""
+        return self._changes
 
     def close(self) -> None:
         self._closed = True
@@ -160,12 +168,15 @@ class EventHub:
                         pass
 
     def _dispatch(self, event: JobEvent) -> None:
+        if event.kind != "progress":
+            self._changes += 1  # only the listener thread writes it
         with self._lock:
             targets = list(self._waiters.get(event.job_id, ())) + list(self._all)
         for target in targets:
             target.put(event)
 
     def _broadcast_resync(self) -> None:
+        self._changes += 1
         with self._lock:
             targets = [(job_id, q) for job_id, qs in self._waiters.items() for q in qs]
             targets += [("", q) for q in self._all]

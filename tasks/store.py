@@ -276,15 +276,17 @@ class JobStore:
             hooked = self._progress(keys=[CHANNEL] + [self.key(i) for i in job_ids], args=[step, total, KEY_PREFIX])
         return [_text(i) for i in hooked]
 
-    def place_in_line(self, job: Job) -> tuple[int | None, float | None]:
-        """A QUEUED job's position among the QUEUED jobs of its queue (0: next) and the
-        images per second that queue finished over the last ``THROUGHPUT_WINDOW_S``."""
+    def place_in_line(self, job: Job) -> tuple[int | None, float, int]:
+        """A QUEUED job's position among the QUEUED jobs of its queue (0: next), the jobs
+        per second that queue finished over the last ``THROUGHPUT_WINDOW_S``, and how many
+        of its jobs are RUNNING now (``tasks.views.PlaceInLine.estimate`` weighs them)."""
         now_s = time.time()
         with store_errors(), self._redis.pipeline(transaction=False) as pipe:
             pipe.zrank(QUEUED_PREFIX + job.queue, job.id)
             pipe.zcount(FINISHED_PREFIX + job.queue, now_s - THROUGHPUT_WINDOW_S, "+inf")
-            position, finished = pipe.execute()
-        return position, finished / THROUGHPUT_WINDOW_S
+            pipe.zcard(RUNNING_PREFIX + job.queue)
+            position, finished, running = pipe.execute()
+        return position, finished / THROUGHPUT_WINDOW_S, int(running)
 
     def list_jobs(
         self, owner: str, state: JobState | None = None, limit: int = 50, before: float | None = None

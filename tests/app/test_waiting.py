@@ -112,3 +112,38 @@ def test_the_backlog_counts_queued_and_running_jobs_per_queue(idle_api):
         for job_id in ids:
             http.post(f"{idle_api}/v1/jobs/{job_id}/cancel", timeout=10)
     assert requests.get(f"{idle_api}/metrics/backlog", timeout=10).json()["queues"]["fleet.idle"] == before
+
+
+def test_the_stream_of_a_queued_job_pushes_its_place_when_a_job_ahead_leaves(idle_api):
+    """A queued job's stream sends a state event with its new position when a job ahead is canceled."""
+    ahead, waiting = submit(idle_api, prompt="ahead"), submit(idle_api, prompt="behind")
+    with http.get(f"{idle_api}/v1/jobs/{waiting}/events", stream=True, timeout=30) as response:
+        events = sse(response)
+        name, first = next(events)
+        assert name == "state" and first["state"] == "QUEUED"
+        http.post(f"{idle_api}/v1/jobs/{ahead}/cancel", timeout=10)
+        name, moved = next(events)  # within PLACE_RECHECK_S of the cancel, which moved the hub's count
+        assert name == "state" and moved["state"] == "QUEUED"
+        assert moved["place_in_line"]["position"] == first["place_in_line"]["position"] - 1
+        http.post(f"{idle_api}/v1/jobs/{waiting}/cancel", timeout=10)
+        assert [data["state"] for _, data in events] == ["CANCELED"]
+
+
+def events_with_ids(api_url: str, job_id: str, last_event_id: str | None = None) -> list[tuple[str, str, str]]:
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    with http.get(f"{api_url}/v1/jobs/{job_id}/events", headers=headers, stream=True, timeout=30) as response:
+        assert response.status_code == 200
+        blocks = response.text.split("\n\n")
+    fields = [dict(line.split(": ", 1) for line in block.splitlines() if ": " in line) for block in blocks]
+    return [(f["event"], f.get("id", ""), f["data"]) for f in fields if "event" in f]
+
+
+def test_each_event_has_an_id_and_a_reconnect_never_sees_the_end_twice(idle_api):
+    """Events carry `STATE.step` ids; Last-Event-ID gets the current state first, or nothing after the end."""
+    job_id = submit(idle_api, prompt="resumed")
+    http.post(f"{idle_api}/v1/jobs/{job_id}/cancel", timeout=10)
+    assert [(name, event_id) for name, event_id, _ in events_with_ids(idle_api, job_id)] == [("state", "CANCELED.0")]
+    resumed = events_with_ids(idle_api, job_id, last_event_id="QUEUED.0")  # it dropped while queued
+    assert [(name, event_id) for name, event_id, _ in resumed] == [("state", "CANCELED.0")]
+    assert events_with_ids(idle_api, job_id, last_event_id="CANCELED.0") == []  # it saw the end
+    assert [name for name, _, _ in events_with_ids(idle_api, job_id, last_event_id="garbage")] == ["state"]

@@ -4,6 +4,7 @@ worker; its error, retry and event-stream handling against a scripted server."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import requests
 from PIL import Image
 
 from fleet.client import FleetAPIError, FleetClient, ProgressEvent, StateEvent, _server_sent_events
@@ -31,9 +33,12 @@ def test_importing_the_client_loads_neither_flask_nor_torch():
 
 
 def test_server_sent_events_are_parsed_as_they_are_framed():
-    lines = [b"retry: 15000", b"", b"event: state", b'data: {"a":', b"data: 1}", b"", b": keepalive", b""]
-    lines += [b"event: progress", b'data: {"step": 2}', b""]
-    assert list(_server_sent_events(iter(lines))) == [("state", '{"a":\n1}'), ("progress", '{"step": 2}')]
+    lines = [b"retry: 15000", b"", b"event: state", b"id: QUEUED.0", b'data: {"a":', b"data: 1}", b"", b": keepalive"]
+    lines += [b"", b"event: progress", b'data: {"step": 2}', b""]
+    assert list(_server_sent_events(iter(lines))) == [
+        ("state", '{"a":\n1}', "QUEUED.0"),
+        ("progress", '{"step": 2}', None),
+    ]
 
 
 # -- against the real fleet ----------------------------------------------------------------
@@ -214,3 +219,80 @@ def test_wait_refuses_to_poll_a_server_that_ignores_prefer_wait(scripted):
         client.wait("a" * 32)
     assert error.value.code == "wait_unsupported" and len(server.requests) == 1
     assert server.requests[0][2]["Prefer"] == "wait=60"
+
+
+class CuttableProxy:
+    """A TCP proxy to a local port whose open connections the test cuts at will (it keeps
+    listening, so the client can connect again); it records what clients sent."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sent: list[bytes] = []
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.port))
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if from_client:
+                    self.sent.append(data)
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        self.sockets = []
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+@pytest.mark.e2e
+def test_a_dropped_stream_resumes_with_last_event_id_and_ends_with_the_job(idle_api):
+    """A stream whose connection is cut reconnects with Last-Event-ID and ends with the job's final state, once."""
+    proxy = CuttableProxy(int(idle_api.rsplit(":", 1)[1]))
+    try:
+        with FleetClient(idle_api, api_key=DEV_KEY) as direct, FleetClient(proxy.url, api_key=DEV_KEY) as client:
+            job = direct.submit("cut off")
+            events = []
+            for event in client.stream(job.id):
+                events.append(event)
+                if len(events) == 1:
+                    proxy.cut()  # mid-stream: the job has not ended
+                    direct.cancel(job.id)
+    finally:
+        proxy.close()
+    assert [type(e) for e in events] == [StateEvent, StateEvent]
+    assert [e.job.state for e in events] == [JobState.QUEUED, JobState.CANCELED]
+    requests_sent = [data for data in proxy.sent if data.startswith(b"GET ")]
+    assert len(requests_sent) == 2 and b"Last-Event-ID: QUEUED.0" in requests_sent[1]
+
+
+def test_a_stream_that_keeps_dropping_gives_up_after_its_reconnects(monkeypatch):
+    """Reconnects are bounded: past them the connection's error is raised."""
+    monkeypatch.setattr("fleet.client.STREAM_BACKOFF_S", 0.0)
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"  # nothing listens there once closed
+    with FleetClient(url) as client, pytest.raises(requests.ConnectionError):
+        list(client.stream("a" * 32))

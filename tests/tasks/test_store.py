@@ -89,3 +89,21 @@ def test_the_backlog_follows_a_job_from_queued_to_running_to_done(store):
     assert store.backlog(["backlog-test"]) == {"backlog-test": (0, 1)}
     store.transition(job.id, JobState.SUCCEEDED)
     assert store.backlog(["backlog-test"]) == {"backlog-test": (0, 0)}
+
+
+def test_place_in_line_counts_the_queue_s_running_jobs_and_recent_throughput(store, redis_client):
+    """place_in_line reads position, jobs finished per second lately and jobs running, per queue."""
+    queue = f"place-{new_job_id()}"
+    spec = parse_request({"prompt": "a", "seed": 1}, Settings())
+    jobs = [
+        Job(id=new_job_id(), state=JobState.QUEUED, spec=spec, created_at=time.time() + i, queue=queue)
+        for i in range(3)
+    ]
+    for job in jobs:
+        store.create(job, publish_by=job.created_at + 60)
+    assert store.place_in_line(jobs[2]) == (2, 0.0, 0)
+    store.transition(jobs[0].id, JobState.RUNNING)
+    assert store.place_in_line(jobs[2]) == (1, 0.0, 1)
+    store.transition(jobs[0].id, JobState.SUCCEEDED)
+    position, jobs_per_s, running = store.place_in_line(jobs[2])
+    assert (position, running) == (1, 0) and jobs_per_s == pytest.approx(1 / 120)
