@@ -6,7 +6,7 @@ import logging
 import math
 
 from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from tasks.errors import DependencyUnavailable, FleetError, PayloadTooLarge, TooManyRequests, Unauthorized, error_body
 
@@ -42,8 +42,9 @@ def register(app: Flask) -> None:
         code = (exc.name or "error").lower().replace(" ", "_")
         response = jsonify(error_body(code, exc.description or ""))
         response.status_code = exc.code or 500
-        if exc.code == 405 and exc.valid_methods:
-            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        allowed = exc.valid_methods if isinstance(exc, MethodNotAllowed) else None
+        if allowed:
+            response.headers["Allow"] = ", ".join(allowed)
         return response
 
     @app.errorhandler(Exception)

@@ -26,7 +26,7 @@ from app.services import Services, services
 from tasks.cancel import NOT_STARTED_IN_TIME
 from tasks.errors import Conflict, FleetError, JobError, ValidationFailed, WaitTimedOut
 from tasks.jobs import Job, JobState
-from tasks.request import RequestBounds, integer, request_model, validate_body, validate_request
+from tasks.request import RequestBounds, WholeInt, request_model, validate_body, validate_request
 
 bp = Blueprint("openai_images", __name__, url_prefix="/v1/images")
 require_key(bp)
@@ -53,7 +53,7 @@ class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: StrictStr
-    n: integer() = 1  # integers as JSON has them (1.0 is 1), like every job field
+    n: WholeInt = 1  # integers as JSON has them (1.0 is 1), like every job field
     size: StrictStr = "auto"  # "WIDTHxHEIGHT"; auto: the fleet's default size
     response_format: Literal["url", "b64_json"] | None = None  # None: url
     output_format: Literal["png", "webp", "jpeg"] | None = None  # None: png
@@ -65,8 +65,8 @@ class ImageGenerationRequest(BaseModel):
     user: StrictStr | None = None
     safety_identifier: StrictStr | None = None
     # The fleet's extras.
-    seed: integer() | None = None
-    num_inference_steps: integer() | None = None
+    seed: WholeInt | None = None
+    num_inference_steps: WholeInt | None = None
     guidance_scale: StrictFloat | StrictInt | None = None
     negative_prompt: StrictStr | None = None
 

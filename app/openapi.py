@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from flask import Blueprint, Flask, current_app, jsonify
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode
 
 from app.services import services
 from app.waiting import MAX_WAIT_S, PREFER_PATTERN
@@ -302,7 +304,7 @@ def openapi_path(rule: str) -> str:
     return re.sub(r"<(?:[^<>:]+:)?([^<>]+)>", r"{\1}", rule)
 
 
-def _schemas(model: type, mode: str, name: str | None = None) -> Schema:
+def _schemas(model: type[BaseModel], mode: JsonSchemaMode, name: str | None = None) -> Schema:
     """A model's JSON schema and the models it uses, as components of their own."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
     nested = schema.pop("$defs", {})

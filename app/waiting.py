@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from app.services import Services
 from tasks.cancel import cancel_if_overdue
 from tasks.errors import DependencyUnavailable, ValidationFailed
-from tasks.events import JobEvent
+from tasks.events import EventKind, JobEvent
 from tasks.jobs import Job, JobState
 from tasks.store import JobStore
 
@@ -85,7 +85,7 @@ def wait_until_done(store: JobStore, job: Job, events: queue.Queue, wait_s: floa
         except queue.Empty:
             job = cancel_if_overdue(store, job)  # its Cancel-After deadline may have come
             continue
-        if event.kind != "progress":
+        if event.kind is not EventKind.PROGRESS:
             job = store.get(job.id) or job
     return job
 
@@ -138,16 +138,16 @@ def event_stream(
                         yield ": keepalive\n\n"
                         quiet_since = time.monotonic()
                     continue
-                if event.kind == "progress":
+                if event.kind is EventKind.PROGRESS:
                     progress = {"id": job.id, "step": event.step, "total": event.total}
                     yield _event("progress", progress, f"{JobState.RUNNING.value}.{event.step}")
                     quiet_since = time.monotonic()
                     continue
-                latest = svc.store.get(job.id)
-                if latest is None:
+                stored = svc.store.get(job.id)
+                if stored is None:
                     return  # expired
-                if event.kind == "state" or latest.state is not current.state:
-                    current, view = latest, render(latest)
+                if event.kind is EventKind.STATE or stored.state is not current.state:
+                    current, view = stored, render(stored)
                     yield _event("state", view, event_id(current))
                     quiet_since = time.monotonic()
     except DependencyUnavailable as exc:

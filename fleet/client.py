@@ -241,7 +241,9 @@ class FleetClient:
                     "GET", f"/v1/jobs/{job_id}/events", headers=headers, read_timeout_s=STREAM_SILENCE_S, stream=True
                 )
                 with response:
-                    for name, data, event_id in _server_sent_events(response.iter_lines(chunk_size=None)):
+                    # chunk_size None: each chunk as it arrives (requests' annotation says int).
+                    lines = response.iter_lines(chunk_size=None)  # type: ignore[call-overload]
+                    for name, data, event_id in _server_sent_events(lines):
                         last_event_id = event_id or last_event_id
                         failures = 0
                         if name == "state":
@@ -353,13 +355,13 @@ class FleetClient:
 def _server_sent_events(lines: Iterator[bytes]) -> Iterator[tuple[str, str, str | None]]:
     """``(event name, data, id)`` of each event of a ``text/event-stream``, as it arrives
     (id: the event's own, else None); comments (keepalives) and ``retry:`` lines are skipped."""
-    name, data, event_id = "message", [], None
+    name, data, event_id = "message", list[str](), None
     for raw in lines:
         line = raw.decode("utf-8")
         if not line:
             if data:
                 yield name, "\n".join(data), event_id
-            name, data, event_id = "message", [], None
+            name, data, event_id = "message", list[str](), None
         elif line.startswith(":"):
             continue
         else:

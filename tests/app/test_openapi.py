@@ -200,8 +200,10 @@ def test_the_live_api_keeps_its_document(idle_api, tmp_path):
     command = [str(Path(sys.executable).parent / "st"), "--config-file", str(config), "run", f"{idle_api}/openapi.json"]
     command += ["--phases", PHASES, "--max-examples", str(EXAMPLES_PER_OPERATION), "--workers", "1"]
     command += ["--request-timeout", "10", "--no-color", "--report", "json", "--report-json-path", str(report)]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.app.schemathesis_hooks"}
-    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=270)
+    # Run from tmp_path: schemathesis keeps a cache of crashes in its working directory.
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.app.schemathesis_hooks", "PYTHONPATH": path}
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=270)
     assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
     result = json.loads(report.read_text())
     assert result["complete"] and not result["failures"] and not result["errors"], run.stdout[-20000:]
