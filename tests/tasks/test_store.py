@@ -8,6 +8,7 @@ import pytest
 
 from tasks.jobs import BatchInfo, Job, JobState, JobUpdate, Timings, new_job_id, parse_request
 from tasks.settings import Settings
+from tasks.store import JobStore
 
 
 @pytest.fixture
@@ -107,3 +108,18 @@ def test_place_in_line_counts_the_queue_s_running_jobs_and_recent_throughput(sto
     store.transition(jobs[0].id, JobState.SUCCEEDED)
     position, jobs_per_s, running = store.place_in_line(jobs[2])
     assert (position, running) == (1, 0) and jobs_per_s == pytest.approx(1 / 120)
+
+
+def test_every_change_callback_hears_a_webhooked_job_s_change(redis_client, settings):
+    """Callbacks added with on_change are all called, in order, for a job with a webhook."""
+    store = JobStore(redis_client, ttl_s=settings.job_ttl_s)
+    heard: list[tuple[str, str, JobState]] = []
+    store.on_change(lambda job_id, state: heard.append(("first", job_id, state)))
+    store.on_change(lambda job_id, state: heard.append(("second", job_id, state)))
+    spec = parse_request({"prompt": "a"}, Settings())
+    hooked = Job(new_job_id(), JobState.QUEUED, spec, time.time(), webhook="https://hooks.example.com/x")
+    quiet = Job(new_job_id(), JobState.QUEUED, spec, time.time())
+    for record in (hooked, quiet):
+        store.create(record, publish_by=record.created_at + 60)
+        store.transition(record.id, JobState.RUNNING)
+    assert heard == [("first", hooked.id, JobState.RUNNING), ("second", hooked.id, JobState.RUNNING)]
