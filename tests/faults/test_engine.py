@@ -68,4 +68,7 @@ def test_a_job_that_brings_down_the_engine_fails_at_the_cap_and_spares_its_neigh
     assert dead.state is JobState.FAILED and "died 2 times" in dead.error
     assert all(fleet.ledger.final[i].state is JobState.SUCCEEDED for i in ids)
     assert worker.alive(), "the worker outlives its engine"
-    assert reason in worker.log() and worker.log().count(RESTARTED) == 2
+    assert reason in worker.log()
+    # The poison job ends FAILED when its second engine dies, before the worker has a third
+    # one ready: the ledger settling says nothing of that restart, so wait for it.
+    wait_for(lambda: worker.log().count(RESTARTED) == 2, 60, "the engine after the second death", worker.proc)
