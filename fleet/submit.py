@@ -44,14 +44,13 @@ STREAM_END_GRACE_S = 5.0
 def run(args: argparse.Namespace) -> int:
     submission = _Submission(args)
     with Interrupts(signal.SIGINT, on_repeat=lambda _: _quit_now(submission)) as ctrl_c:
-        submission.wake = ctrl_c.wake
+        submission.ctrl_c = ctrl_c
         submission.start()
         while not submission.finished and not ctrl_c.received:
             ctrl_c.wait()
         # A Ctrl-C in the same instant as the end does not undo what was done.
         if submission.finished:
             return submission.exit_status()
-        submission.interrupted = True
         return _interrupted(submission, ctrl_c)
 
 
@@ -67,8 +66,7 @@ class _Submission(threading.Thread):
         self.api_key = settings.api_key or None
         self.job_id: str | None = None
         self.finished = False
-        self.interrupted = False
-        self.wake = lambda: None
+        self.ctrl_c: Interrupts | None = None
         self._status: int | None = None
         self._error: BaseException | None = None
 
@@ -79,7 +77,7 @@ class _Submission(threading.Thread):
             self._error = exc
         finally:
             self.finished = True
-            self.wake()
+            self._wake()
 
     def exit_status(self) -> int:
         if self._error is not None:
@@ -87,9 +85,19 @@ class _Submission(threading.Thread):
         assert self._status is not None
         return self._status
 
+    @property
+    def interrupted(self) -> bool:
+        """Ctrl-C was pressed: the main thread cancels the job, and what this thread then
+        sees (the job CANCELED, its stream cut) is no news to report."""
+        return bool(self.ctrl_c and self.ctrl_c.received)
+
     def submitted(self, job: JobView) -> None:
         self.job_id = job.id
-        self.wake()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.ctrl_c is not None:
+            self.ctrl_c.wake()
 
     def _run(self) -> int:
         try:
@@ -142,7 +150,7 @@ def _submit(client: FleetClient, args: argparse.Namespace, submission: _Submissi
         return 0
     _say(f"job {job.id} submitted")
     job = _follow(client, job)
-    if submission.interrupted:  # the main thread canceled the job: its end is no news
+    if submission.interrupted:
         return INTERRUPTED
     if job.state is not JobState.SUCCEEDED:
         return _fail(f"job {job.id} {job.state.value}: {job.error or 'no reason given'}")
