@@ -11,8 +11,11 @@ same way when the code it interrupted holds that lock.
 
 ``Interrupts`` installs handlers that only record the signal and write a byte to a pipe:
 nothing is raised and no lock is taken. The main thread blocks in ``wait`` (a read of that
-pipe, which a signal always ends) and decides what to do in its own code; other threads
-``wake`` it the same way when their work is done.
+pipe) and decides what to do in its own code; other threads ``wake`` it the same way when
+their work is done. The pipe is also the wakeup fd (``signal.set_wakeup_fd``): the kernel
+delivers a signal to any thread of the process, and when it picks one other than the main
+thread, the main thread's blocking read is not interrupted and Python's handler never gets
+to run; the C handler writes to the wakeup fd from whichever thread it ran in.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Interrupts:
         self.received: list[int] = []
         self._on_repeat = on_repeat
         self._previous: dict[int, object] = {}
+        self._previous_wakeup_fd = -1
         # Guards the pipe against a thread's `wake` after `__exit__` closed it (its fd
         # number could already name another file). The handler never takes it: it runs
         # only while the pipe is open.
@@ -43,6 +47,7 @@ class Interrupts:
     def __enter__(self) -> Interrupts:
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._write_fd, False)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
         for signum in self.signums:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
@@ -50,6 +55,7 @@ class Interrupts:
     def __exit__(self, *exc_info: object) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
+        signal.set_wakeup_fd(self._previous_wakeup_fd)
         with self._open:
             os.close(self._read_fd)
             os.close(self._write_fd)
@@ -72,6 +78,8 @@ class Interrupts:
         self.received.append(signum)
         if len(self.received) > 1 and self._on_repeat is not None:
             self._on_repeat(signum)
+        # The wakeup fd's byte may have been read before this handler ran: one more, so a
+        # `wait` after a check of `received` that came too early still ends.
         self._poke()
 
     def _poke(self) -> None:

@@ -40,6 +40,22 @@ def test_a_signal_before_the_wait_is_not_lost():
         assert time.monotonic() - started < 5
 
 
+def test_a_signal_delivered_to_another_thread_still_ends_the_wait():
+    """The kernel gives a process's signal to any of its threads: one that lands on a thread
+    other than the main one still ends the main thread's ``wait``, and is recorded."""
+
+    def signal_this_thread() -> None:
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+    with Interrupts(signal.SIGUSR1) as interrupts:
+        threading.Timer(0.2, signal_this_thread).start()  # once the main thread is blocked
+        started = time.monotonic()
+        while not interrupts.received and time.monotonic() - started < 10:
+            interrupts.wait(timeout_s=10)
+        assert time.monotonic() - started < 5
+    assert interrupts.received == [signal.SIGUSR1]
+
+
 def test_another_thread_wakes_the_wait_and_a_late_wake_is_harmless():
     """``wake`` from a thread ends the wait; one after the exit (a thread finishing late)
     does nothing, and the previous handler is back."""

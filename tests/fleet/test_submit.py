@@ -5,12 +5,14 @@ it comes."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import queue
 import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -103,10 +105,34 @@ def test_ctrl_c_while_it_waits_cancels_the_job_and_exits_130(idle_api, tmp_path,
     finally:
         process.kill()
         process.wait()
+    assert_interrupted_and_canceled(idle_api, job_id, status, stderr)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="tgkill: a signal aimed at one thread of another process")
+def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_cancels_the_job(idle_api, tmp_path):
+    """The kernel delivers a process's SIGINT to any of its threads: one that lands on the
+    thread that follows the job, not on the main one, still cancels it and exits 130."""
+    process, lines = start_submit(idle_api, tmp_path)
+    try:
+        job_id = lines.next(60, "'job <id> submitted'").split()[1]
+        # The lowest id after the main thread's is the first thread it started: the one
+        # that follows the job (tqdm's monitor comes after it).
+        threads = sorted(int(tid) for tid in os.listdir(f"/proc/{process.pid}/task") if int(tid) != process.pid)
+        assert threads, "fleet submit follows the job in a thread of its own"
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.tgkill(process.pid, threads[0], signal.SIGINT) == 0, os.strerror(ctypes.get_errno())
+        status, stderr = exited(process, lines, EXIT_BOUND_S)
+    finally:
+        process.kill()
+        process.wait()
+    assert_interrupted_and_canceled(idle_api, job_id, status, stderr)
+
+
+def assert_interrupted_and_canceled(api: str, job_id: str, status: int, stderr: str) -> None:
     assert status == 130, stderr
     assert f"canceled job {job_id}" in stderr
-    assert http.get(f"{idle_api}/v1/jobs/{job_id}", timeout=10).json()["state"] == "CANCELED"
-    assert not list(tmp_path.iterdir())
+    assert http.get(f"{api}/v1/jobs/{job_id}", timeout=10).json()["state"] == "CANCELED"
 
 
 def test_ctrl_c_before_the_api_answers_the_submission_cancels_the_job_it_makes(idle_api, tmp_path):
@@ -123,10 +149,7 @@ def test_ctrl_c_before_the_api_answers_the_submission_cancels_the_job_it_makes(i
         finally:
             process.kill()
             process.wait()
-    job_id = api.job_id()
-    assert status == 130, stderr
-    assert f"canceled job {job_id}" in stderr
-    assert http.get(f"{idle_api}/v1/jobs/{job_id}", timeout=10).json()["state"] == "CANCELED"
+    assert_interrupted_and_canceled(idle_api, api.job_id(), status, stderr)
 
 
 def test_a_second_ctrl_c_quits_at_once(idle_api, tmp_path):
