@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         "submit",
         help="generate images through a running fleet's API",
         description="Submits a job, shows its progress (its place in line while it waits), saves the images under -o "
-        "and prints their paths. Ctrl-C while it waits cancels the job. It sends FLEET_API_KEY (default: the local "
-        "fleet's development key). Exit status: 0 saved, 1 refused, failed or canceled, 130 interrupted.",
+        "and prints their paths. Ctrl-C while it waits cancels the job (a second Ctrl-C quits at once). It sends "
+        "FLEET_API_KEY (default: the local fleet's development key). Exit status: 0 saved, 1 refused, failed or "
+        "canceled, 130 interrupted.",
     )
     submit.add_argument("prompt")
     submit.add_argument("-n", "--num-images", type=int, help="images of this prompt (seeds seed, seed+1, ...)")

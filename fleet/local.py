@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+from fleet.interrupts import Interrupts
 from tasks.settings import get_settings
 
 #: embedded server -> the setting that, when given, means "use that server instead"
@@ -102,10 +103,12 @@ def serve_s3() -> int:
     server.start()
     make_storage(settings).ensure_bucket()
     print(f"S3-compatible server on {settings.s3_endpoint_url}, private bucket '{settings.s3_bucket}'", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    # Not a handler that sets a threading.Event: Event.set takes a lock, and a second signal
+    # whose handler runs inside the first one's Event.set deadlocks on it (SIGINT from the
+    # terminal and SIGTERM from honcho arrive together on a Ctrl-C of `fleet up`).
+    with Interrupts(signal.SIGINT, signal.SIGTERM) as stop:
+        while not stop.received:
+            stop.wait()
     server.stop()
     return 0
 

@@ -4,8 +4,10 @@ the runner and the engine loop."""
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
+from typing import IO
 
 import numpy as np
 import requests
@@ -53,6 +55,49 @@ def sse(response: requests.Response):
             name = line[6:].strip()
         elif line.startswith("data:"):
             data.append(line[5:].strip())
+
+
+class Lines:
+    """A child process's pipe read line by line in a thread of its own, so that a test
+    waits for a line with a bound: a line that never comes fails the test with what the
+    child did say, instead of hanging it (``pipe.readline()`` waits forever)."""
+
+    def __init__(self, pipe: IO[str]):
+        self.seen: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, args=(pipe,), daemon=True).start()
+
+    def _pump(self, pipe: IO[str]) -> None:
+        for line in pipe:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def next(self, timeout_s: float, what: str) -> str:
+        """The next line, expected to be ``what`` (for the failure's message)."""
+        try:
+            line = self._lines.get(timeout=timeout_s)
+        except queue.Empty:
+            raise AssertionError(f"no {what} after {timeout_s} s; it said: {self.text()!r}") from None
+        if line is None:
+            raise AssertionError(f"the pipe closed before {what}; it said: {self.text()!r}")
+        self.seen.append(line)
+        return line
+
+    def rest(self, timeout_s: float) -> str:
+        """Every line until the pipe closes (the child exited), then all it said."""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                return self.text()
+            self.seen.append(line)
+        raise AssertionError(f"the pipe still open after {timeout_s} s; it said: {self.text()!r}")
+
+    def text(self) -> str:
+        return "".join(self.seen)
 
 
 def download(job: dict) -> list[bytes]:
