@@ -320,7 +320,7 @@ def job_view(job: Job) -> dict:
     svc = services()
     place = None
     if job.state is JobState.QUEUED:
-        position, jobs_per_s, running = svc.store.place_in_line(job)
-        if position is not None:
-            place = PlaceInLine.estimate(position, jobs_per_s, running, svc.settings.task_threads, time.time())
+        queue_place = svc.store.place_in_line(job)
+        if queue_place is not None:
+            place = PlaceInLine.estimate(queue_place, time.time())
     return render(job, svc.storage, place)

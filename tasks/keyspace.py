@@ -25,6 +25,10 @@ RUNNING_PREFIX = "fleet:running:"
 #: Per queue: jobs that SUCCEEDED lately, by finish time: the measured throughput a queued
 #: job's estimated start is predicted from.
 FINISHED_PREFIX = "fleet:finished:"
+#: Per queue: the workers consuming it, by when their presence lapses unless renewed.
+CONSUMERS_PREFIX = "fleet:consumers:"
+#: Worker name -> its task threads: how many jobs it holds at once.
+CONSUMER_THREADS_KEY = "fleet:consumer-threads"
 #: Jobs with a ``Cancel-After`` deadline, by that deadline: the sweeper cancels those
 #: still QUEUED when it passes.
 CANCEL_AFTER_KEY = "fleet:cancel-after"

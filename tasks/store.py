@@ -23,6 +23,8 @@ from tasks.events import CHANNEL, EventKind
 from tasks.jobs import TERMINAL_STATES, TRANSITIONS, Job, JobState, JobUpdate
 from tasks.keyspace import (
     CANCEL_AFTER_KEY,
+    CONSUMER_THREADS_KEY,
+    CONSUMERS_PREFIX,
     FINISHED_PREFIX,
     KEY_PREFIX,
     OUTBOX_KEY,
@@ -127,6 +129,17 @@ def _sources(target: JobState, only_from: frozenset[JobState] | None = None) -> 
     return ",".join(
         s.value for s, targets in TRANSITIONS.items() if target in targets and (only_from is None or s in only_from)
     )
+
+
+@dataclass(frozen=True)
+class QueuePlace:
+    """Where a QUEUED job stands in its queue, and what that queue's workers are doing
+    (``tasks.views.PlaceInLine.estimate`` weighs it)."""
+
+    position: int  # QUEUED jobs of its queue ahead of it
+    jobs_per_s: float  # jobs the queue finished per second over the last THROUGHPUT_WINDOW_S
+    running: int  # its jobs RUNNING now (held by workers)
+    threads: int  # task threads of the workers consuming it now (``announce``)
 
 
 @dataclass(frozen=True)
@@ -276,17 +289,42 @@ class JobStore:
             hooked = self._progress(keys=[CHANNEL] + [self.key(i) for i in job_ids], args=[step, total, KEY_PREFIX])
         return [_text(i) for i in hooked]
 
-    def place_in_line(self, job: Job) -> tuple[int | None, float, int]:
-        """A QUEUED job's position among the QUEUED jobs of its queue (0: next), the jobs
-        per second that queue finished over the last ``THROUGHPUT_WINDOW_S``, and how many
-        of its jobs are RUNNING now (``tasks.views.PlaceInLine.estimate`` weighs them)."""
+    def place_in_line(self, job: Job) -> QueuePlace | None:
+        """A QUEUED job's place in its queue; None when it is not QUEUED there."""
         now_s = time.time()
         with store_errors(), self._redis.pipeline(transaction=False) as pipe:
             pipe.zrank(QUEUED_PREFIX + job.queue, job.id)
             pipe.zcount(FINISHED_PREFIX + job.queue, now_s - THROUGHPUT_WINDOW_S, "+inf")
             pipe.zcard(RUNNING_PREFIX + job.queue)
-            position, finished, running = pipe.execute()
-        return position, finished / THROUGHPUT_WINDOW_S, int(running)
+            pipe.zrangebyscore(CONSUMERS_PREFIX + job.queue, now_s, "+inf")
+            position, finished, running, consumers = pipe.execute()
+        if position is None:
+            return None
+        threads = 0
+        if consumers:
+            with store_errors():
+                threads = sum(int(t) for t in self._redis.hmget(CONSUMER_THREADS_KEY, consumers) if t)
+        return QueuePlace(int(position), finished / THROUGHPUT_WINDOW_S, int(running), threads)
+
+    def announce(self, worker: str, queues: list[str], threads: int, ttl_s: float) -> None:
+        """``worker`` consumes ``queues`` with ``threads`` task threads, for ``ttl_s`` more
+        seconds unless announced again (a worker does every few seconds: one that died
+        lapses by itself)."""
+        expires = time.time() + ttl_s
+        with store_errors(), self._redis.pipeline(transaction=True) as pipe:
+            for queue in queues:
+                pipe.zadd(CONSUMERS_PREFIX + queue, {worker: expires})
+                pipe.zremrangebyscore(CONSUMERS_PREFIX + queue, "-inf", time.time())  # lapsed
+            pipe.hset(CONSUMER_THREADS_KEY, worker, str(threads))
+            pipe.execute()
+
+    def withdraw(self, worker: str, queues: list[str]) -> None:
+        """``worker`` stopped consuming ``queues``."""
+        with store_errors(), self._redis.pipeline(transaction=True) as pipe:
+            for queue in queues:
+                pipe.zrem(CONSUMERS_PREFIX + queue, worker)
+            pipe.hdel(CONSUMER_THREADS_KEY, worker)
+            pipe.execute()
 
     def list_jobs(
         self, owner: str, state: JobState | None = None, limit: int = 50, before: float | None = None

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from tasks.jobs import BatchInfo, GenerationSpec, Job, JobState, Timings
 from tasks.storage import ObjectStorage, image_key
+from tasks.store import QueuePlace
 
 
 class ImageLink(BaseModel):
@@ -43,28 +44,28 @@ class PlaceInLine(BaseModel):
     The estimate (``estimate``): a worker takes a job as soon as it has a free task thread,
     so the jobs that fit the free threads start now, and each one after them waits for the
     next start, at the rate the queue finished jobs lately (``r`` jobs/s over the last two
-    minutes). With ``s`` task threads per worker (``FLEET_WORKER_THREADS``) of which
+    minutes). The workers consuming the queue say so in the job store every few seconds,
+    with their task threads (``JobStore.announce``): with ``s`` threads among them, of which
     ``running`` hold jobs of this queue, ``free = s - running`` (none when negative):
     position ``p < free`` starts now, any other at ``now + (p - free + 1) / r``. So a job
-    at position 0 of an idle queue starts now, not one average job time later, and a busy
-    queue (no free thread) keeps ``(p + 1) / r``. Null when the store shows no worker (none
-    running, nothing finished lately) or there is no rate to wait at."""
+    at position 0 on an idle worker starts now, not one average job time later, and a busy
+    queue (no free thread) keeps ``(p + 1) / r``. Null when it must wait and there is no
+    rate to wait at (no worker consumes the queue, or none finished a job lately)."""
 
     position: int
     estimated_start_at: datetime | None = None
 
     @classmethod
-    def estimate(cls, position: int, jobs_per_s: float, running: int, threads: int, now: float) -> PlaceInLine:
-        """The job's place; ``threads``: a worker's task threads (at least one worker)."""
-        worker_seen = jobs_per_s > 0 or running > 0
-        free = max(0, threads - running) if worker_seen else 0
-        if worker_seen and position < free:
+    def estimate(cls, place: QueuePlace, now: float) -> PlaceInLine:
+        """The job's place and its estimated start, from what the store says of its queue."""
+        free = max(0, place.threads - place.running)
+        if place.position < free:
             start: float | None = now
-        elif jobs_per_s > 0:
-            start = now + (position - free + 1) / jobs_per_s
+        elif place.jobs_per_s > 0:
+            start = now + (place.position - free + 1) / place.jobs_per_s
         else:
             start = None
-        return cls(position=position, estimated_start_at=_utc(start))
+        return cls(position=place.position, estimated_start_at=_utc(start))
 
 
 class TimingsView(BaseModel):

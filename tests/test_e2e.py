@@ -4,11 +4,13 @@ download through presigned URLs with a plain HTTP client."""
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 import requests
 from PIL import Image
 
+from tasks.keyspace import CONSUMER_THREADS_KEY, CONSUMERS_PREFIX
 from tests.helpers import download, submit, wait_done
 
 pytestmark = pytest.mark.e2e
@@ -64,3 +66,12 @@ def test_the_view_clients_get_is_the_record_the_fleet_keeps(api_url, store):
     assert view.to_job().timings == record.timings and view.batch.images == record.batch.images
     schemas = requests.get(f"{api_url}/openapi.json", timeout=10).json()["components"]["schemas"]
     assert set(schemas["Job"]["properties"]) == set(JobView.model_fields)
+
+
+def test_a_running_worker_announces_its_queues_and_threads(worker, redis_client, settings):
+    """The session worker is in the store as a consumer of its queues, with its task threads."""
+    for queue in settings.job_queues:
+        consumers = redis_client.zrangebyscore(CONSUMERS_PREFIX + queue, time.time(), "+inf")
+        assert any(name.startswith(b"test-worker@") for name in consumers), (queue, consumers)
+    threads = {k.decode(): int(v) for k, v in redis_client.hgetall(CONSUMER_THREADS_KEY).items()}
+    assert any(name.startswith("test-worker@") and n == settings.task_threads for name, n in threads.items())

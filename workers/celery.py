@@ -43,6 +43,7 @@ from workers.cancels import CancelListener
 from workers.engine_client import Engine, ProcessEngine, ThreadEngine
 from workers.jobs import HandBack, WorkerContext, run_job
 from workers.metrics import WorkerMetrics
+from workers.presence import Presence
 from workers.protocol import EngineConfig
 from workers.runner import ModelRunner, PendingJob
 from workers.sweeper import Sweeper
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 #: The worker process's own state, made once its consumer is set up (``_start_model``).
 _context: WorkerContext | None = None
 _sweeper: Sweeper | None = None
+_presence: Presence | None = None
 
 
 def make_worker_app(settings: Settings) -> Celery:
@@ -185,7 +187,7 @@ def _shut_down(reason: str) -> None:
 
 
 def _start_model(sender: str = "", instance: Any = None, **_: Any) -> None:
-    global _context, _sweeper
+    global _context, _sweeper, _presence
     settings = get_settings()
     set_process_fields(worker=sender)
     try:
@@ -195,9 +197,12 @@ def _start_model(sender: str = "", instance: Any = None, **_: Any) -> None:
         # consuming anyway; a worker that cannot run jobs must not take any.
         log.critical("the worker cannot start: %s", exc)
         raise WorkerShutdown(EXIT_NOT_STARTED) from exc
+    consumed = instance.app.amqp.queues.consume_from if instance is not None else {}
+    queues = sorted(consumed or settings.job_queues)
     if _context.metrics is not None:
-        consumed = instance.app.amqp.queues.consume_from if instance is not None else {}
-        _context.metrics.started(_context.runner.model_name, sorted(consumed or settings.job_queues))
+        _context.metrics.started(_context.runner.model_name, queues)
+    _presence = Presence(_context.store, sender, queues, settings.task_threads)
+    _presence.start()
     _sweeper = Sweeper(_context.store, instance.app if instance is not None else worker_app(), settings)
     _sweeper.start()
     log.info(
@@ -207,12 +212,22 @@ def _start_model(sender: str = "", instance: Any = None, **_: Any) -> None:
 
 def _release_waiting_jobs(**_: Any) -> None:
     """SIGTERM: the batch running now finishes; jobs not started go back to the queue."""
+    _withdraw()
     if _context is not None:
         released = _context.runner.release_waiting()
         log.info("warm shutdown: handing back %d job(s) that had not started", released)
 
 
+def _withdraw() -> None:
+    """The worker takes no more jobs: queued jobs stop counting on its threads."""
+    global _presence
+    if _presence is not None:
+        _presence.stop()
+        _presence = None
+
+
 def _stop_model(**_: Any) -> None:
+    _withdraw()
     if _sweeper is not None:
         _sweeper.stop()
     if _context is not None:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import pytest
 import requests
@@ -74,6 +76,25 @@ def test_queued_jobs_show_their_place_in_line(idle_api):
         for job_id in ids:
             http.post(f"{idle_api}/v1/jobs/{job_id}/cancel", timeout=10)
     assert http.get(f"{idle_api}/v1/jobs/{ids[0]}", timeout=10).json()["place_in_line"] is None
+
+
+def test_a_job_a_free_worker_thread_waits_for_starts_now(idle_api, store):
+    """With a worker announced on its queue and threads free, the next job's estimated start
+    is now; once the worker withdraws, nothing can take it and there is no estimate."""
+    job_id = submit(idle_api, prompt="next in line")
+    queue = store.get(job_id).queue
+    try:
+        store.announce("idle-worker@test", [queue], threads=1000, ttl_s=60)
+        place = http.get(f"{idle_api}/v1/jobs/{job_id}", timeout=10).json()["place_in_line"]
+        started = datetime.fromisoformat(place["estimated_start_at"].replace("Z", "+00:00")).timestamp()
+        assert abs(started - time.time()) < 5, place
+        store.withdraw("idle-worker@test", [queue])
+        assert (
+            http.get(f"{idle_api}/v1/jobs/{job_id}", timeout=10).json()["place_in_line"]["estimated_start_at"] is None
+        )
+    finally:
+        store.withdraw("idle-worker@test", [queue])
+        http.post(f"{idle_api}/v1/jobs/{job_id}/cancel", timeout=10)
 
 
 def test_a_hundred_waiting_clients_do_not_starve_the_api(idle_api):

@@ -8,7 +8,7 @@ import pytest
 
 from tasks.jobs import BatchInfo, Job, JobState, JobUpdate, Timings, new_job_id, parse_request
 from tasks.settings import Settings
-from tasks.store import JobStore
+from tasks.store import JobStore, QueuePlace
 
 
 @pytest.fixture
@@ -102,12 +102,29 @@ def test_place_in_line_counts_the_queue_s_running_jobs_and_recent_throughput(sto
     ]
     for job in jobs:
         store.create(job, publish_by=job.created_at + 60)
-    assert store.place_in_line(jobs[2]) == (2, 0.0, 0)
+    assert store.place_in_line(jobs[2]) == QueuePlace(2, 0.0, 0, 0)
     store.transition(jobs[0].id, JobState.RUNNING)
-    assert store.place_in_line(jobs[2]) == (1, 0.0, 1)
+    assert store.place_in_line(jobs[2]) == QueuePlace(1, 0.0, 1, 0)
     store.transition(jobs[0].id, JobState.SUCCEEDED)
-    position, jobs_per_s, running = store.place_in_line(jobs[2])
-    assert (position, running) == (1, 0) and jobs_per_s == pytest.approx(1 / 120)
+    place = store.place_in_line(jobs[2])
+    assert place is not None and (place.position, place.running) == (1, 0)
+    assert place.jobs_per_s == pytest.approx(1 / 120)
+    store.transition(jobs[2].id, JobState.CANCELED)
+    assert store.place_in_line(jobs[2]) is None, "not queued any more"
+
+
+def test_the_threads_of_the_workers_announced_on_a_queue_count_until_they_lapse_or_withdraw(store):
+    """A queue's threads: those of the workers that announced it and have not lapsed or withdrawn."""
+    queue = f"announced-{new_job_id()}"
+    spec = parse_request({"prompt": "a", "seed": 1}, Settings())
+    job = Job(id=new_job_id(), state=JobState.QUEUED, spec=spec, created_at=time.time(), queue=queue)
+    store.create(job, publish_by=job.created_at + 60)
+    store.announce("w1@host", [queue, "elsewhere"], threads=16, ttl_s=60)
+    store.announce("w2@host", [queue], threads=4, ttl_s=60)
+    store.announce("gone@host", [queue], threads=8, ttl_s=-1)  # lapsed already
+    assert store.place_in_line(job) == QueuePlace(0, 0.0, 0, 20)
+    store.withdraw("w1@host", [queue, "elsewhere"])
+    assert store.place_in_line(job) == QueuePlace(0, 0.0, 0, 4)
 
 
 def test_every_change_callback_hears_a_webhooked_job_s_change(redis_client, settings):
