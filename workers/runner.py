@@ -389,7 +389,7 @@ class ModelRunner:
             extra={"batch_id": label, "batch_images": batch.images, "job_ids": flight.job_ids,
                    "batch_wait_s": started - batch.oldest_arrival, "inference_s": inference_s},
         )  # fmt: skip
-        if images is None:  # canceled
+        if canceled or images is None:  # the thread engine hands a canceled call's images over too
             for s in batch.slices:
                 if not s.request.payload.future.done():
                     s.request.payload.future.set_exception(JobCanceled("the batch was canceled"))
