@@ -65,15 +65,16 @@ def redis_server_binary() -> str:
     )
 
 
-def redis_args(port: int, data_dir: Path, appendonly: bool = True) -> list[str]:
+def redis_args(port: int, data_dir: Path, appendonly: bool = True, host: str = "127.0.0.1") -> list[str]:
     return [
         redis_server_binary(),
-        "--bind", "127.0.0.1",
+        "--bind", host,
         "--port", str(port),
         "--dir", str(data_dir),
         "--appendonly", "yes" if appendonly else "no",
         "--save", "",
-        "--protected-mode", "yes",
+        # Off only where a test binds another address on purpose (its simulated hosts).
+        "--protected-mode", "yes" if host == "127.0.0.1" else "no",
     ]  # fmt: skip
 
 

@@ -36,10 +36,10 @@ def wait_for(check: Callable[[], bool], timeout_s: float, what: str, proc: subpr
     raise TimeoutError(f"{what} not ready after {timeout_s}s")
 
 
-def port_open(port: int) -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+        return sock.connect_ex((host, port)) == 0
 
 
 @dataclass

@@ -3,6 +3,7 @@ processes. The tests and the benchmarks both run on it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ def settings_from_env(env: dict[str, str]) -> Settings:
 class RedisServer:
     """A Redis of our own, restartable on the same port and data directory."""
 
-    def __init__(self, work_dir: Path, appendonly: bool = False):
+    def __init__(self, work_dir: Path, appendonly: bool = False, host: str = "127.0.0.1"):
+        self.host = host
         self.port = free_port()
         self.data = work_dir / f"redis-{self.port}"
         self.data.mkdir(parents=True, exist_ok=True)
@@ -31,12 +33,12 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def start(self) -> RedisServer:
-        args = redis_args(self.port, self.data, appendonly=self.appendonly)
+        args = redis_args(self.port, self.data, appendonly=self.appendonly, host=self.host)
         self.server = Server(f"redis-{self.port}", args, log_dir=self.work_dir).start()
-        wait_for(lambda: port_open(self.port), 10, "redis", self.server.proc)
+        wait_for(lambda: port_open(self.port, self.host), 10, "redis", self.server.proc)
         return self
 
     def stop(self) -> None:
@@ -100,11 +102,18 @@ def wait_answers(env: dict[str, str], name: str, server: Server, timeout_s: floa
 
 
 def start_worker(
-    env: dict[str, str], work_dir: Path, name: str, extra_args: tuple[str, ...] = (), timeout_s: float = 180
+    env: dict[str, str],
+    work_dir: Path,
+    name: str,
+    extra_args: tuple[str, ...] = (),
+    timeout_s: float = 180,
+    prefix: Sequence[str] = (),
 ) -> Server:
     """A Celery worker; returns once it answers a ping, i.e. its model is loaded and warm
-    (and compiled: allow minutes for that)."""
+    (and compiled: allow minutes for that). ``prefix`` runs it through another command (on
+    another simulated host: ``ip netns exec <host>``)."""
     args = [
+        *prefix,
         str(BIN / "celery"),
         "-A",
         "workers",
@@ -120,8 +129,11 @@ def start_worker(
     return server
 
 
-def start_api(env: dict[str, str], work_dir: Path, workers: int = 1, name: str = "api") -> tuple[Server, str]:
-    server = Server(name, [str(BIN / "fleet"), "web", "--workers", str(workers)], env=env, log_dir=work_dir).start()
-    url = f"http://127.0.0.1:{env['FLEET_API_PORT']}"
+def start_api(
+    env: dict[str, str], work_dir: Path, workers: int = 1, name: str = "api", prefix: Sequence[str] = ()
+) -> tuple[Server, str]:
+    args = [*prefix, str(BIN / "fleet"), "web", "--workers", str(workers)]
+    server = Server(name, args, env=env, log_dir=work_dir).start()
+    url = f"http://{env.get('FLEET_API_HOST', '127.0.0.1')}:{env['FLEET_API_PORT']}"
     wait_for(lambda: requests.get(f"{url}/readyz", timeout=2).status_code == 200, 60, "api", server.proc)
     return server, url

@@ -13,6 +13,7 @@ message carries the delivery itself (``tasks.webhooks``).
 from __future__ import annotations
 
 import functools
+import socket
 from typing import Any
 
 import redis
@@ -47,9 +48,30 @@ def job_queue(settings: Settings, name: str) -> Queue:
 
 def broker_options(settings: Settings) -> dict[str, Any]:
     if settings.broker_is_amqp:
-        # Publisher confirms: send_task returns only once RabbitMQ has the message.
-        return {"confirm_publish": True, "connect_timeout": settings.publish_timeout_s}
+        dead_after_s = 2 * settings.broker_heartbeat_s
+        options: dict[str, Any] = {
+            # Publisher confirms: send_task returns only once RabbitMQ has the message.
+            "confirm_publish": True,
+            "connect_timeout": settings.publish_timeout_s,
+            # A blocking read on a connection a partition left half open (a confirm that
+            # never comes, the close at shutdown) gives up after two heartbeats: the worker's
+            # event publisher waited forever for one and held its whole consumer loop.
+            "read_timeout": dead_after_s,
+            "write_timeout": dead_after_s,
+        }
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            # Unacknowledged data fails the connection after two heartbeats too, not after
+            # py-amqp's 1 s, which a slow, lossy link exceeds without being down.
+            options["socket_settings"] = {socket.TCP_USER_TIMEOUT: dead_after_s * 1000}
+        return options
     return {
+        # A partition can leave the connection half open: no reply ever comes and no error
+        # either. The transport pings its consuming connections every heartbeat and drops one
+        # whose reply is overdue; a blocking read (a publish, the BRPOP a closing channel
+        # still waits for at shutdown) gives up after the publish timeout.
+        "health_check_interval": settings.broker_heartbeat_s,
+        "socket_timeout": settings.publish_timeout_s,
+        "socket_keepalive": True,
         # A message reserved by a worker that died comes back after this long: it must
         # exceed the longest a message can stay reserved (prefetch wait + batch + retries).
         "visibility_timeout": settings.visibility_timeout_s,
@@ -95,6 +117,15 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_connection_max_retries=None,  # a worker outlives a broker restart
         broker_transport_options=broker_options(settings),
         broker_connection_timeout=settings.publish_timeout_s,
+        # RabbitMQ: both ends drop a connection that stayed silent two heartbeats, so a
+        # partition is noticed within seconds instead of Celery's two minutes.
+        broker_heartbeat=settings.broker_heartbeat_s,
+        # The worker's remote-control queue (``<name>.celery.pidbox``) is not exclusive: after
+        # a partition the worker reconnects while RabbitMQ still holds its old connection, and
+        # an exclusive queue then answers RESOURCE_LOCKED, which ends the worker process.
+        control_queue_exclusive=False,
+        # Reconnects every few seconds after a partition, not Celery's up to 30 s.
+        worker_consumer="tasks.consumer:Consumer",
     )
     # Declared with the others, so whoever publishes first creates it right (a quorum queue
     # on RabbitMQ), but consumed only by the worker that selects it (`fleet hooks`): a GPU
@@ -137,6 +168,8 @@ def publish_job(celery_app: Celery, job_id: str, queue: str, publish_timeout_s: 
             task_id=job_id,
             queue=queue,
             priority=priority if amqp else redis_priority(priority),
+            # A publish on a connection a partition left open waits no longer for its confirm.
+            confirm_timeout=publish_timeout_s if amqp else None,
             retry=True,
             retry_policy={
                 "max_retries": 2,
@@ -167,6 +200,21 @@ def __getattr__(name: str) -> Celery:
     if name == "app":
         return shared_app()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def declare_queues(celery_app: Celery, timeout_s: float) -> None:
+    """Declare every queue of the app, consumed here or not.
+
+    A worker declares only the queues it consumes, but on RabbitMQ binds every queue of the
+    app to Celery's native delayed-delivery exchanges when its consumer starts: the webhook
+    queue, which the GPU worker publishes to and never consumes, failed that binding until
+    `fleet hooks` had first declared it ("no exchange 'fleet.webhooks'"), and the worker
+    then ran without delayed delivery.
+    """
+    with celery_app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=timeout_s)  # type: ignore[arg-type]
+        for queue in celery_app.amqp.queues.values():
+            queue.bind(conn.default_channel).declare()
 
 
 def ping_broker(celery_app: Celery, timeout_s: float) -> None:

@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     job_ttl_s: int = Field(WEEK_S, gt=0)
     visibility_timeout_s: int = Field(900, gt=0)
     consumer_timeout_s: int = Field(1800, gt=0)
+    # How soon a dead broker link is noticed: the AMQP heartbeat on RabbitMQ (either side
+    # drops the connection after about two silent intervals); on Redis the interval of the
+    # transport's health checks, and half the socket timeout of its blocking reads.
+    broker_heartbeat_s: int = Field(10, gt=0)
     max_attempts: int = Field(3, gt=0)
     retry_window_s: float = Field(60.0, ge=0)
     retry_backoff_s: float = Field(0.5, gt=0)

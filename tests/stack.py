@@ -5,6 +5,7 @@ user starts them, and a Redis started in one call."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from fleet.processes import BIN, Server, free_port, port_open, wait_for
@@ -30,9 +31,9 @@ def start_slot_worker(env: dict[str, str], work_dir: Path, label: str) -> tuple[
     return server, found[0]
 
 
-def start_hooks(env: dict[str, str], work_dir: Path, name: str = "hooks") -> Server:
+def start_hooks(env: dict[str, str], work_dir: Path, name: str = "hooks", prefix: Sequence[str] = ()) -> Server:
     """``fleet hooks``, named ``name@host``; returns once it answers a ping (it consumes)."""
-    args = [str(BIN / "fleet"), "hooks", "--", "--hostname", f"{name}@%h"]
+    args = [*prefix, str(BIN / "fleet"), "hooks", "--", "--hostname", f"{name}@%h"]
     server = Server(name, args, env=env, log_dir=work_dir).start()
     wait_answers(env, name, server, timeout_s=60)
     return server
@@ -49,19 +50,22 @@ class RabbitMQ:
     """A RabbitMQ node of our own (Debian's ``rabbitmq-server``), restartable on the same
     port and data directory, so durable quorum queues survive a restart."""
 
-    def __init__(self, work_dir: Path, consumer_timeout_s: int = 1800):
+    def __init__(self, work_dir: Path, consumer_timeout_s: int = 1800, host: str = "127.0.0.1"):
+        self.host = host
         self.port = free_port()
         self.base = work_dir / f"rabbitmq-{self.port}"
         self.base.mkdir(parents=True, exist_ok=True)
         (self.base / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            f"listeners.tcp.default = {host}:{self.port}\n"
             f"consumer_timeout = {consumer_timeout_s * 1000}\n"
             "log.console = true\nlog.file = false\n"
+            # guest may log in from other hosts than this one (the partition suite's).
+            "loopback_users = none\n"
         )
         (self.base / "enabled_plugins").write_text("[].\n")
         self.env = {
             "RABBITMQ_NODENAME": f"fleet{self.port}@localhost",
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_IP_ADDRESS": host,
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(free_port()),
             "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq"),
@@ -75,12 +79,12 @@ class RabbitMQ:
 
     @property
     def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        return f"amqp://guest:guest@{self.host}:{self.port}//"
 
     def start(self) -> RabbitMQ:
         self.server = Server(f"rabbitmq-{self.port}", [str(RABBITMQ_SERVER)], env=self.env, log_dir=self.work_dir)
         self.server.start()
-        wait_for(lambda: port_open(self.port), 90, "rabbitmq", self.server.proc)
+        wait_for(lambda: port_open(self.port, self.host), 90, "rabbitmq", self.server.proc)
         return self
 
     def stop(self) -> None:

@@ -29,7 +29,7 @@ from celery.exceptions import Reject, WorkerShutdown
 from celery.signals import celeryd_after_setup, worker_shutdown, worker_shutting_down
 
 from tasks import probes
-from tasks.celery import GENERATE_TASK, make_celery, use_threads_pool
+from tasks.celery import GENERATE_TASK, declare_queues, make_celery, use_threads_pool
 from tasks.events import EventHub
 from tasks.jobs import JobState
 from tasks.logs import install_celery_logging, log_context, set_process_fields
@@ -197,6 +197,11 @@ def _start_model(sender: str = "", instance: Any = None, **_: Any) -> None:
         # consuming anyway; a worker that cannot run jobs must not take any.
         log.critical("the worker cannot start: %s", exc)
         raise WorkerShutdown(EXIT_NOT_STARTED) from exc
+    if settings.broker_is_amqp and instance is not None:
+        try:
+            declare_queues(instance.app, settings.publish_timeout_s)
+        except Exception as exc:  # the consumer reconnects on its own; only the binding waits
+            log.warning("could not declare the queues on the broker yet: %s", exc)
     consumed = instance.app.amqp.queues.consume_from if instance is not None else {}
     queues = sorted(consumed or settings.job_queues)
     if _context.metrics is not None:

@@ -168,20 +168,21 @@ class Receiver:
     ``/ok`` 204, ``/flaky`` 500 to a delivery's first attempt then 204, ``/redirect`` 302 to
     ``/elsewhere``, ``/gone`` 410; an invalid signature gets 401."""
 
-    def __init__(self, secret: str, tls: ssl.SSLContext | None = None):
+    def __init__(self, secret: str, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1"):
         self.secret = secret
+        self.host = host
         self.requests: list[Received] = []
         self.server_names: list[str | None] = []
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = ThreadingHTTPServer((host, 0), self._handler())
         if tls is not None:
             tls.sni_callback = lambda sock, name, context: self.server_names.append(name)
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+    def url(self, path: str, host: str | None = None) -> str:
+        return f"http://{host or self.host}:{self.port}{path}"
 
     def hits(self, path: str | None = None, delivery_id: str | None = None) -> list[Received]:
         with self.lock:
