@@ -27,6 +27,25 @@ from tests.stack import RabbitMQ, start_hooks, start_slot_worker
 SIM_MODEL = "sim:a=0.04,b=0.2"
 
 
+def fault_fleet_env(queue_prefix: str, **overrides: str) -> dict[str, str]:
+    """What every fleet a fault test builds runs with: the simulated model, a queue and an
+    API port of its own, fixed batches of 8, short retry and outbox timings. Each suite
+    passes the timeouts its faults need."""
+    return {
+        "FLEET_MODEL": SIM_MODEL,
+        "FLEET_QUEUE": f"{queue_prefix}-{free_port()}",
+        "FLEET_API_PORT": str(free_port()),
+        "FLEET_WORKER_METRICS_PORT": "0",
+        "FLEET_MAX_BATCH_IMAGES": "8",
+        "FLEET_MAX_WAIT_MS": "100",
+        "FLEET_BATCH_POLICY": "fixed",
+        "FLEET_RETRY_BACKOFF_S": "0.2",
+        "FLEET_OUTBOX_GRACE_S": "1",
+        "FLEET_SWEEP_INTERVAL_S": "0.5",
+        **overrides,
+    }
+
+
 class Broker:
     """The broker under test: the job-store Redis itself, or a RabbitMQ node."""
 

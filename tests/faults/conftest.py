@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.processes import free_port
 from fleet.stack import RedisServer, s3_env, start_s3
-from tests.ledger import SIM_MODEL, Broker, FaultFleet
+from tests.ledger import Broker, FaultFleet, fault_fleet_env
 from tests.stack import RabbitMQ, rabbitmq_available
 
 BROKERS = ["redis", "rabbitmq"]
@@ -66,20 +65,13 @@ def make_fleet(fault_dir, store_redis, storage_env, request):
             **s3,
             "FLEET_REDIS_URL": store_redis.url,
             "FLEET_BROKER_URL": broker.url,
-            "FLEET_MODEL": SIM_MODEL,
-            "FLEET_QUEUE": f"faults-{free_port()}",
-            "FLEET_API_PORT": str(free_port()),
-            "FLEET_WORKER_METRICS_PORT": "0",
-            "FLEET_MAX_BATCH_IMAGES": "8",
-            "FLEET_MAX_WAIT_MS": "100",
-            "FLEET_BATCH_POLICY": "fixed",
-            "FLEET_VISIBILITY_TIMEOUT_S": "6",
-            "FLEET_RETRY_WINDOW_S": "20",
-            "FLEET_RETRY_BACKOFF_S": "0.2",
-            "FLEET_OUTBOX_GRACE_S": "1",
-            "FLEET_REPUBLISH_AFTER_S": "8",
-            "FLEET_SWEEP_INTERVAL_S": "0.5",
-            "FLEET_PUBLISH_TIMEOUT_S": "1",
+            **fault_fleet_env(
+                "faults",
+                FLEET_VISIBILITY_TIMEOUT_S="6",
+                FLEET_RETRY_WINDOW_S="20",
+                FLEET_REPUBLISH_AFTER_S="8",
+                FLEET_PUBLISH_TIMEOUT_S="1",
+            ),
             **env,
         }
         fleet = FaultFleet(fault_dir, fleet_env, broker, s3_server)

@@ -19,7 +19,7 @@ from fleet.processes import Server, free_port, wait_for
 from fleet.stack import RedisServer, S3Server, settings_from_env, start_s3
 from tasks.jobs import JobState
 from tasks.storage import make_s3_client
-from tests.ledger import SIM_MODEL, Broker, FaultFleet
+from tests.ledger import Broker, FaultFleet, fault_fleet_env
 from tests.partitions.net import Host, Network, unavailable
 from tests.partitions.proxy import FaultProxy
 from tests.stack import RabbitMQ, rabbitmq_available
@@ -191,20 +191,13 @@ def make_fleet(network, services, part_dir) -> Iterator:
     def build(**env: str) -> PartitionFleet:
         fleet_env = {
             **services.env,
-            "FLEET_MODEL": SIM_MODEL,
-            "FLEET_QUEUE": f"partitions-{free_port()}",
-            "FLEET_API_PORT": str(free_port()),
-            "FLEET_WORKER_METRICS_PORT": "0",
-            "FLEET_MAX_BATCH_IMAGES": "8",
-            "FLEET_MAX_WAIT_MS": "100",
-            "FLEET_BATCH_POLICY": "fixed",
-            "FLEET_VISIBILITY_TIMEOUT_S": "10",
-            "FLEET_RETRY_WINDOW_S": "30",
-            "FLEET_RETRY_BACKOFF_S": "0.2",
-            "FLEET_OUTBOX_GRACE_S": "1",
-            "FLEET_REPUBLISH_AFTER_S": "15",
-            "FLEET_SWEEP_INTERVAL_S": "0.5",
-            "FLEET_PUBLISH_TIMEOUT_S": "2",
+            **fault_fleet_env(
+                "partitions",
+                FLEET_VISIBILITY_TIMEOUT_S="10",
+                FLEET_RETRY_WINDOW_S="30",
+                FLEET_REPUBLISH_AFTER_S="15",
+                FLEET_PUBLISH_TIMEOUT_S="2",
+            ),
             **env,
         }
         fleet = PartitionFleet(part_dir, fleet_env, services, network)
