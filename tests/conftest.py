@@ -12,6 +12,8 @@ import redis
 from fleet import stack
 from fleet.processes import BIN, free_port
 from fleet.stack import settings_from_env, start_api, start_s3, start_worker
+from tasks.cancel import cancel
+from tasks.keyspace import QUEUED_PREFIX
 from tasks.settings import Settings
 from tasks.storage import make_storage
 from tasks.store import JobStore
@@ -112,7 +114,7 @@ IDLE_QUEUES = {"FLEET_QUEUE": "fleet.idle", "FLEET_BATCH_QUEUE": "fleet.idle-bat
 
 
 @pytest.fixture(scope="session")
-def idle_api(fleet_env, work_dir) -> str:
+def idle_api_server(fleet_env, work_dir) -> str:
     """An API whose queue no worker consumes: its jobs stay QUEUED until canceled."""
     # The OpenAI route holds a request until its job ends: here, 1 s and a 504 (the fuzzing
     # in test_openapi sends it hundreds; tests/app/test_openai.py starts its own for longer).
@@ -120,6 +122,19 @@ def idle_api(fleet_env, work_dir) -> str:
     server, url = start_api(env, work_dir, name="idle-api")
     yield url
     server.stop()
+
+
+@pytest.fixture
+def idle_api(idle_api_server, store, redis_client) -> str:
+    """The idle API, its queues emptied first: a test that counts places in line or the
+    backlog sees only its own jobs, not those an earlier test left to their ``Cancel-After``
+    (the sweeper cancels them in a batch, any time within its interval)."""
+    for queue in IDLE_QUEUES["FLEET_QUEUE"], IDLE_QUEUES["FLEET_BATCH_QUEUE"]:
+        for job_id in redis_client.zrange(QUEUED_PREFIX + queue, 0, -1):
+            job = store.get(job_id.decode() if isinstance(job_id, bytes) else job_id)
+            if job is not None and not job.state.terminal:
+                cancel(store, job)
+    return idle_api_server
 
 
 @pytest.fixture(scope="session")
