@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tasks.request import SCHEDULERS
+
 
 def _model_init(args: argparse.Namespace) -> int:
     import time
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--width", type=int)
     submit.add_argument("--height", type=int)
     submit.add_argument("--steps", type=int)
+    submit.add_argument("--scheduler", choices=SCHEDULERS, help="the sampler (default: the model's own)")
     submit.add_argument("--seed", type=int)
     submit.add_argument("--guidance-scale", type=float)
     submit.add_argument("--negative-prompt")

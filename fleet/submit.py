@@ -136,6 +136,7 @@ def _submit(client: FleetClient, args: argparse.Namespace, submission: _Submissi
         width=args.width,
         height=args.height,
         steps=args.steps,
+        scheduler=args.scheduler,
         guidance_scale=args.guidance_scale,
         seed=args.seed,
         num_images=args.num_images,

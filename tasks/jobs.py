@@ -66,6 +66,7 @@ class GenerationSpec(BaseModel):
     guidance_scale: float
     seed: int
     num_images: int
+    scheduler: str | None = None  # a diffusers scheduler class name; None: the model's own
     deadline_ms: int | None = None  # best effort: the batcher flushes early rather than miss it
     output_format: Literal["png", "webp", "jpeg"] = "png"
     output_quality: int | None = None  # webp and jpeg; None: the worker's default
@@ -98,6 +99,7 @@ def to_spec(request: JobRequest, settings: Settings) -> GenerationSpec:
         ),
         seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
         num_images=request.num_images,
+        scheduler=request.scheduler,
         deadline_ms=request.deadline_ms,
         output_format=request.output_format,
         output_quality=request.output_quality,

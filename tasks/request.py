@@ -28,6 +28,19 @@ from tasks.settings import Settings
 WebhookEvent = Literal["start", "progress", "completed"]
 WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = get_args(WebhookEvent)
 #: Priorities within a queue, highest first where the broker orders by them.
+#: The samplers a request may choose (``scheduler``), by their diffusers class names: the
+#: worker makes one with ``from_config`` of the model's own scheduler, so the noise schedule
+#: the model was trained on is kept. Null: the model's own (its ``scheduler/`` directory).
+SchedulerName = Literal[
+    "DDIMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "PNDMScheduler",
+]
+SCHEDULERS: tuple[SchedulerName, ...] = get_args(SchedulerName)
+
 MAX_PRIORITY = 9
 MAX_SEED = 2**63 - 1
 MAX_DEADLINE_MS = 3_600_000
@@ -71,6 +84,7 @@ class JobRequest(BaseModel):
         "seed": f"an integer from 0 to {MAX_SEED}",
         "deadline_ms": f"an integer from 1 to {MAX_DEADLINE_MS}",
         "output_format": "one of png, webp, jpeg",
+        "scheduler": f"one of {', '.join(SCHEDULERS)}",
         "output_quality": "an integer from 1 to 100",
         "service_class": "one of interactive, batch",
         "priority": f"an integer from 0 to {MAX_PRIORITY}",
@@ -82,6 +96,10 @@ class JobRequest(BaseModel):
     width: WholeInt | None = None
     height: WholeInt | None = None
     steps: WholeInt | None = None
+    scheduler: SchedulerName | None = Field(
+        None,
+        description="The sampler, a diffusers scheduler class made from the model's own config; null: the model's own.",
+    )
     guidance_scale: Annotated[float, Field(strict=True, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False)] | None = (
         Field(None, description="Classifier-free guidance; null: the configured default.")
     )

@@ -24,6 +24,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from tasks.errors import DeviceLost, ModelOutOfMemory, PipelineError
+from tasks.request import SCHEDULERS
 from tasks.settings import WarmShape
 from workers.protocol import EngineConfig
 from workers.work import CompatKey, ImageWork, StepCallback
@@ -93,6 +94,7 @@ class DiffusersModel:
         self.name = name
         self.compiled = compiled
         self._warmed: dict[tuple[int, int], list[int]] = {}  # (width, height) -> batch sizes
+        self._schedulers: dict[str | None, Any] = {None: pipe.scheduler}
 
     @classmethod
     def load(cls, config: EngineConfig) -> DiffusersModel:
@@ -110,7 +112,19 @@ class DiffusersModel:
             log.debug("padding a batch of %d to the warmed size %d", len(images), len(padded))
         elif self.compiled and (key.width, key.height) in self._warmed and len(images) not in self._warm_sizes(key):
             log.warning("batch of %d at %dx%d was not warmed: compiling it now", len(images), key.width, key.height)
+        self.pipe.scheduler = self._scheduler(key.scheduler)
         return generate(self.pipe, key, padded, self.device, on_step)[: len(images)]
+
+    def _scheduler(self, name: str | None) -> Any:
+        """The scheduler a batch asked for, made once from the model's own config (its noise
+        schedule and prediction type) and kept; None: the model's own."""
+        if name not in self._schedulers:
+            if name not in SCHEDULERS:
+                raise PipelineError(f"unknown scheduler {name!r}")
+            import diffusers
+
+            self._schedulers[name] = getattr(diffusers, name).from_config(self._schedulers[None].config)
+        return self._schedulers[name]
 
     def memory_stats(self) -> tuple[int, int, int] | None:
         """CUDA: bytes allocated and reserved now, and the peak allocated since the last

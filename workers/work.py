@@ -22,7 +22,7 @@ class CompatKey:
     height: int
     steps: int
     guidance_scale: float
-    scheduler: str = "default"
+    scheduler: str | None = None  # a diffusers scheduler class name; None: the model's own
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,19 @@ def test_a_quality_out_of_bounds_is_refused(api_url):
     assert response.status_code == 422 and response.json()["error"]["field"] == "output_quality"
 
 
+def test_a_job_samples_with_the_scheduler_it_asks_for(api_url):
+    """The same seed under two samplers: both succeed, each says which it ran, and their
+    images differ; an unknown sampler is a 422 naming ``scheduler``."""
+    body = {"prompt": "samplers", "steps": 3, "seed": 11}
+    jobs = [wait_done(api_url, submit(api_url, **body, scheduler=name)) for name in ("UniPCMultistepScheduler", None)]
+    assert [job["state"] for job in jobs] == ["SUCCEEDED"] * 2, [job["error"] for job in jobs]
+    assert [job["request"]["scheduler"] for job in jobs] == ["UniPCMultistepScheduler", None]
+    images = [requests.get(job["images"][0]["url"], timeout=10).content for job in jobs]
+    assert images[0] != images[1]
+    response = http.post(f"{api_url}/v1/jobs", json={"prompt": "x", "scheduler": "k_euler"}, timeout=10)
+    assert response.status_code == 422 and response.json()["error"]["field"] == "scheduler"
+
+
 def test_the_batch_class_has_its_own_queue_and_runs(api_url, settings):
     job = wait_done(api_url, submit(api_url, prompt="bulk", steps=2, service_class="batch"))
     assert job["state"] == "SUCCEEDED" and job["queue"] == settings.batch_queue

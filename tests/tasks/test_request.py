@@ -8,7 +8,8 @@ import pytest
 
 from tasks.destinations import url_pattern
 from tasks.errors import ValidationFailed
-from tasks.request import RequestBounds, request_model, validate_request
+from tasks.jobs import to_spec
+from tasks.request import SCHEDULERS, RequestBounds, request_model, validate_request
 from tasks.settings import Settings
 from tasks.webhooks import check_webhook_url
 
@@ -132,3 +133,12 @@ def test_defaults_that_would_be_refused_stop_the_settings():
         Settings(default_width=1024)
     with pytest.raises(ValueError, match="FLEET_DEFAULT_STEPS"):
         Settings(default_steps=200)
+
+
+def test_a_scheduler_is_a_diffusers_class_name_from_the_list():
+    error = refused({"prompt": "a", "scheduler": "euler"})
+    assert error.field == "scheduler" and "DPMSolverMultistepScheduler" in error.message
+    assert refused({"prompt": "a", "scheduler": "FlaxDDIMScheduler"}).field == "scheduler"
+    for name in SCHEDULERS:
+        assert to_spec(validate_request({"prompt": "a", "scheduler": name}, SETTINGS), SETTINGS).scheduler == name
+    assert to_spec(validate_request({"prompt": "a"}, SETTINGS), SETTINGS).scheduler is None  # the model's own

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tasks.errors import PipelineError
 from tasks.settings import WarmShape
 from workers.jobs import encode_png
 from workers.pipeline import DiffusersModel, load_pipeline
@@ -83,3 +84,23 @@ def test_warming_records_the_batch_sizes_of_each_shape(model):
 def test_a_missing_model_directory_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="fleet model init"):
         load_pipeline(str(tmp_path / "nothing"), "cpu", None)
+
+
+def test_a_scheduler_made_from_the_model_s_config_is_the_model_s_own(model):
+    """DDIMScheduler by name, made with from_config of the model's DDIM: the same bytes as
+    the model's own; another sampler draws another image from the same seed, the same
+    one every time, and the model's own scheduler is untouched for the next batch."""
+    job = [ImageWork("a cat", None, 5)]
+    own = model.run(key(model), job)[0]
+    ddim = model.run(CompatKey(model.name, 64, 64, 4, 7.5, "DDIMScheduler"), job)[0]
+    assert encode_png(own) == encode_png(ddim)
+    for name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
+        other = CompatKey(model.name, 64, 64, 4, 7.5, name)
+        first, again = model.run(other, job)[0], model.run(other, job)[0]
+        assert encode_png(first) == encode_png(again) and not np.array_equal(pixels(first), pixels(own)), name
+    assert encode_png(model.run(key(model), job)[0]) == encode_png(own)
+
+
+def test_an_unknown_scheduler_fails_the_batch_with_a_clear_error(model):
+    with pytest.raises(PipelineError, match="unknown scheduler 'Nope'"):
+        model.run(CompatKey(model.name, 64, 64, 4, 7.5, "Nope"), [ImageWork("a cat", None, 5)])
