@@ -3,6 +3,7 @@
 fleet submit PROMPT      generate images through a running fleet's API, with a progress bar
 fleet up                 set up and run a local fleet (Procfile, via honcho)
 fleet model init [DIR]   write the tiny local model (default: FLEET_STATE_DIR/models/tiny)
+fleet model train digits [DIR]   train the digits model (text-to-image, judged by fleet bench quality)
 fleet redis | s3         the embedded servers ``fleet up`` starts when none is configured
 fleet web | flower       the API (gunicorn) and Flower, configured from FLEET_* settings
 fleet worker [--gpu N]   a Celery worker in a free slot of this host: one per GPU
@@ -42,6 +43,40 @@ def _model_init(args: argparse.Namespace) -> int:
             f"wrote {args.arch} model at {directory} in {time.perf_counter() - started:.1f} s: the real "
             "architecture with random weights, so its images are noise but its timings are real"
         )
+    return 0
+
+
+def _model_train(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from tasks.settings import get_settings
+
+    directory = Path(args.dir) if args.dir else get_settings().tiny_model_dir.parent / args.model
+    if (directory / "model_index.json").exists() and not args.force:
+        print(f"kept existing model at {directory} (--force to overwrite)")
+        return 0
+    from workers import digits  # torch: only for this command
+
+    plan = digits.TrainPlan(**{k: v for k, v in vars(args).items() if k in ("vae_steps", "unet_steps") and v})
+    bars: dict[str, tqdm] = {}
+
+    def on_step(stage: str, step: int, total: int, loss: float) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            for done in bars.values():
+                done.close()
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="step", dynamic_ncols=True)
+        bar.update(1)
+        if step % 25 == 0 or step == total:
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+    started = time.perf_counter()
+    digits.write_model(directory, plan, on_step)
+    for bar in bars.values():
+        bar.close()
+    print(f"wrote the {args.model} model at {directory} in {time.perf_counter() - started:.0f} s")
     return 0
 
 
@@ -155,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="where sd15/sdxl are built (auto: cuda when available); tiny is always built on the CPU",
     )
     init.set_defaults(func=_model_init)
+    train = model.add_parser(
+        "train", help="train the digits model on scikit-learn's handwritten digits (fixed seed; minutes on a CPU)"
+    )
+    train.add_argument("model", choices=("digits",), help="digits: text-to-image, 'a handwritten 7' -> 32x32")
+    train.add_argument("dir", nargs="?", help="target directory (default: FLEET_STATE_DIR/models/MODEL)")
+    train.add_argument("--force", action="store_true", help="overwrite an existing model")
+    train.add_argument("--vae-steps", type=int, help="autoencoder optimizer steps (default: the shipped model's)")
+    train.add_argument("--unet-steps", type=int, help="denoiser optimizer steps (default: the shipped model's)")
+    train.set_defaults(func=_model_train)
 
     sub.add_parser("redis", help="run the embedded Redis (append-only)").set_defaults(func=_redis)
     sub.add_parser("s3", help="run the embedded S3-compatible server").set_defaults(func=_s3)

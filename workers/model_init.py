@@ -71,9 +71,14 @@ def write_model(
     directory = Path(directory)
     if (directory / MARKER).exists() and not force:
         return False
-    pipe = build_pipeline(arch, resolve_device(arch, device), dtype)
+    save_pipeline(build_pipeline(arch, resolve_device(arch, device), dtype), directory)
+    return True
+
+
+def save_pipeline(pipe: Any, directory: Path) -> None:
+    """``pipe.save_pretrained`` into ``directory``, written beside and moved into place
+    with ``model_index.json`` last: a half-written model is never loaded."""
     directory.mkdir(parents=True, exist_ok=True)
-    # Write beside, then move into place, the marker last: a half-written model is never loaded.
     with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
         pipe.save_pretrained(tmp)
         for item in sorted(Path(tmp).iterdir(), key=lambda p: p.name == MARKER):
@@ -81,7 +86,6 @@ def write_model(
             if target.exists():
                 _remove(target)
             item.rename(target)
-    return True
 
 
 def _check_arch(arch: str) -> None:

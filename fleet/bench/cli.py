@@ -184,6 +184,22 @@ def _reads(args) -> int:
     return 0
 
 
+def _quality(args) -> int:
+    from fleet.bench.quality import run, write
+    from workers.digits_data import SHIPPED
+
+    model = args.model or str(SHIPPED)
+    if not (Path(model) / "model_index.json").exists():
+        raise SystemExit(f"no model at {model}: train one with `fleet model train digits {model}`")
+    result = run(model, args.per_digit)
+    if args.out:
+        write(result, Path(args.out))
+    from fleet.bench.quality import markdown_table
+
+    print(markdown_table(result))
+    return 0
+
+
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks and capacity planning").add_subparsers(
         dest="bench_command", required=True
@@ -224,6 +240,14 @@ def add_parser(sub) -> None:
     sweep.add_argument("--title")
     sweep.add_argument("--out", help="path stem: writes .json, .md and .png")
     sweep.set_defaults(func=_sweep)
+
+    quality = bench.add_parser(
+        "quality", help="each recipe's images/s and latency beside its image quality, judged (digits model)"
+    )
+    quality.add_argument("--model", help="a digits model directory (default: the one the repository ships)")
+    quality.add_argument("--per-digit", type=int, default=50, help="images per digit and recipe (default: 50)")
+    quality.add_argument("--out", help="path stem: writes .json, .md and .png")
+    quality.set_defaults(func=_quality)
 
     replot = bench.add_parser("plot", help="draw a sweep's latency-throughput plot again from its JSON")
     replot.add_argument("sweep", help="the .json a sweep wrote")
