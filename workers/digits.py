@@ -77,14 +77,14 @@ def build_pipeline() -> Any:
     tokenizer.model_max_length = 32
     torch.manual_seed(SEED)
     vae = AutoencoderKL(
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(16, 32, 32),
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=32,
+        norm_num_groups=8,
         sample_size=SIDE,
     )
     torch.manual_seed(SEED)
@@ -92,7 +92,7 @@ def build_pipeline() -> Any:
         sample_size=SIDE // 4,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(48, 96),
+        block_out_channels=(32, 64),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -125,11 +125,11 @@ class TrainPlan:
     """How long each stage trains, in optimizer steps (not time: the same steps give the
     same weights on the same machine)."""
 
-    vae_steps: int = 1500
-    unet_steps: int = 12000
+    vae_steps: int = 400
+    unet_steps: int = 2000
     batch: int = 128
-    vae_lr: float = 1e-3
-    unet_lr: float = 1e-3
+    vae_lr: float = 2e-3
+    unet_lr: float = 2e-3
 
 
 def _batches(n: int, batch: int, rng: random.Random) -> Iterator[list[int]]:

@@ -62,3 +62,7 @@ $B bench batching --size 128 --steps 20 --jobs 96 --closed-loop --config 8:0:fix
     --follow poll:0.025 --follow poll:0.5 --follow stream --follow wait --out $OUT/follow-128-reversed.json
 
 # GPU rows (section 7 of BENCHMARKS.md): on a GPU host, bash docs/bench/gpu.sh
+
+# 11. Quality against throughput: each recipe (steps, scheduler, guidance, precision) on the
+#     digits model, 500 images, judged (docs/QUALITY.md).
+$B bench quality --per-digit 50 --out $OUT/quality

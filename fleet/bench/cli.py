@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 FOLLOW_HELP = (
@@ -188,7 +189,7 @@ def _quality(args) -> int:
     from fleet.bench.quality import run, write
     from workers.digits_data import SHIPPED
 
-    model = args.model or str(SHIPPED)
+    model = args.model or os.path.relpath(SHIPPED)  # relative: the results name no machine's paths
     if not (Path(model) / "model_index.json").exists():
         raise SystemExit(f"no model at {model}: train one with `fleet model train digits {model}`")
     result = run(model, args.per_digit)

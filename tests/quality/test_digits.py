@@ -3,6 +3,7 @@ train digits`` writing a reproducible diffusers directory the worker's model cod
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import numpy as np
@@ -11,8 +12,8 @@ from sklearn.datasets import load_digits
 
 from fleet.processes import BIN
 from tests.quality.conftest import QUICK_STEPS
-from workers.digits import real_images
-from workers.digits_data import DIGIT_MAX, JUDGE, SIDE, TRAIN, prompt, split, to_digits
+from workers.digits import build_pipeline, real_images
+from workers.digits_data import DIGIT_MAX, JUDGE, SHIPPED, SIDE, TRAIN, prompt, split, to_digits
 from workers.pipeline import DiffusersModel
 from workers.protocol import EngineConfig
 from workers.work import CompatKey, ImageWork
@@ -59,3 +60,23 @@ def test_training_again_gives_the_same_weights(quick_digits, tmp_path):
         [str(BIN / "fleet"), "model", "train", "digits", str(tmp_path)], capture_output=True, text=True
     )
     assert kept.returncode == 0 and "kept existing model" in kept.stdout
+
+
+def test_the_shipped_model_is_the_one_this_code_trains():
+    """models/digits: the architecture ``build_pipeline`` makes (so the code that trains it
+    is the code here), loadable by the worker, and small enough to ship (under 8 MB)."""
+    shipped = build_pipeline()
+    for part in ("unet", "vae", "text_encoder"):
+        config = json.loads((SHIPPED / part / "config.json").read_text())
+        expected = getattr(shipped, part).config
+        expected = expected.to_dict() if hasattr(expected, "to_dict") else dict(expected)
+        for name in ("block_out_channels", "layers_per_block", "latent_channels", "hidden_size", "num_hidden_layers"):
+            assert config.get(name) == (list(v) if isinstance(v := expected.get(name), tuple) else v), (part, name)
+    assert sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file()) < 8 * 2**20
+    model = DiffusersModel.load(EngineConfig(str(SHIPPED), device="cpu"))
+    assert model.run(CompatKey(model.name, SIDE, SIDE, 2, 3.0), [ImageWork(prompt(1), None, 0)]).shape == (
+        1,
+        SIDE,
+        SIDE,
+        3,
+    )
