@@ -45,7 +45,15 @@ from app.openapi import (
 from app.services import Services, services
 from app.waiting import event_stream, parse_prefer_wait, wait_until_done
 from tasks.cancel import cancel, cancel_if_overdue, parse_duration
-from tasks.errors import Conflict, FleetError, MalformedBody, NotFound, UnsupportedMediaType, ValidationFailed
+from tasks.errors import (
+    Conflict,
+    FleetError,
+    MalformedBody,
+    ModelUnserved,
+    NotFound,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
 from tasks.jobs import Job, JobOptions, JobState, new_job_id, to_spec
 from tasks.request import JobRequest, validate_request
 from tasks.store import now
@@ -135,7 +143,7 @@ def accept(
         state=JobState.QUEUED,
         spec=spec,
         created_at=created,
-        queue=svc.settings.queue_for(options.service_class),
+        queue=svc.registry.queue(spec.model, options.service_class),
         cancel_at=created + cancel_after_s if cancel_after_s is not None else None,
         priority=options.priority,
         webhook=options.webhook,
@@ -150,6 +158,8 @@ def accept(
             note_job(replayed.id)
             return replayed, True
     try:
+        if svc.settings.unserved_model == "reject" and not any(svc.store.live_workers([job.queue]).values()):
+            raise ModelUnserved(spec.model)
         admit_submission(svc, job.owner)
         submit_job(svc.store, svc.celery, svc.settings, job)
     except FleetError:

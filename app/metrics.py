@@ -99,7 +99,7 @@ class BacklogCollector:
         self._svc = svc
 
     def collect(self):
-        backlog = self._svc.store.backlog(self._svc.settings.job_queues)
+        backlog = self._svc.store.backlog(self._svc.registry.job_queues)
         jobs = GaugeMetricFamily(
             "fleet_backlog_jobs", "Jobs not finished, by queue and state", labels=["queue", "state"]
         )
@@ -185,7 +185,7 @@ def prometheus():
 )
 def backlog():
     svc = services()
-    queues = svc.store.backlog(svc.settings.job_queues)
+    queues = svc.store.backlog(svc.registry.job_queues)
     return jsonify(
         {
             "queues": {q: {"queued": a, "running": b, "backlog": a + b} for q, (a, b) in queues.items()},

@@ -26,7 +26,7 @@ from app.services import Services, services
 from tasks.cancel import NOT_STARTED_IN_TIME
 from tasks.errors import Conflict, FleetError, JobError, ValidationFailed, WaitTimedOut
 from tasks.jobs import Job, JobState
-from tasks.request import RequestBounds, WholeInt, request_model, validate_body, validate_request
+from tasks.request import RequestBounds, WholeInt, model_rules, request_model, validate_body, validate_request
 
 bp = Blueprint("openai_images", __name__, url_prefix="/v1/images")
 require_key(bp)
@@ -60,8 +60,8 @@ class ImageGenerationRequest(BaseModel):
     # Asking for the default quality is honoured (code written for DALL-E 3 commonly does).
     quality: Literal["auto", "standard"] | None = None
     stream: Literal[False] | None = None
-    # Accepted and unused: the fleet serves one model, and accounts by key, not end user.
-    model: StrictStr | None = None
+    model: StrictStr | None = None  # a name from GET /v1/models; None: the default model
+    # Accepted and unused: the fleet accounts by key, not by end user.
     user: StrictStr | None = None
     safety_identifier: StrictStr | None = None
     # The fleet's extras.
@@ -75,6 +75,7 @@ class ImageGenerationRequest(BaseModel):
         width, height = _size(self.size)
         body = {
             "prompt": self.prompt,
+            "model": self.model,
             "negative_prompt": self.negative_prompt,
             "width": width,
             "height": height,
@@ -90,6 +91,7 @@ class ImageGenerationRequest(BaseModel):
 #: This route's fields -> the job fields they become: the document shows the job's bounds on them.
 _AS_JOB_FIELDS = {
     "prompt": "prompt",
+    "model": "model",
     "negative_prompt": "negative_prompt",
     "n": "num_images",
     "num_inference_steps": "steps",
@@ -107,6 +109,14 @@ def generation_schema(bounds: RequestBounds) -> Schema:
     for name, field in _AS_JOB_FIELDS.items():
         ours = schema["properties"][name]
         schema["properties"][name] = {**job[field], **{k: v for k, v in ours.items() if k in ("title", "default")}}
+    # A model's own step range, on this route's name for steps (its schedulers: not a field here).
+    rules = [
+        {"if": rule["if"], "then": {"properties": {"num_inference_steps": rule["then"]["properties"]["steps"]}}}
+        for rule in model_rules(bounds)
+        if "steps" in rule["then"]["properties"]
+    ]
+    if rules:
+        schema["allOf"] = rules
     schema["properties"]["size"] = {
         "type": "string",
         "pattern": size_pattern(bounds),

@@ -22,6 +22,7 @@ from pydantic.json_schema import JsonSchemaMode
 from app.services import services
 from app.waiting import MAX_WAIT_S, PREFER_PATTERN
 from tasks.cancel import CANCEL_AFTER_PATTERN, MAX_CANCEL_AFTER_S, MIN_CANCEL_AFTER_S
+from tasks.catalog import ModelList
 from tasks.request import RequestBounds, request_model
 from tasks.settings import Settings
 from tasks.views import JobView
@@ -283,6 +284,7 @@ def document(app: Flask, settings: Settings) -> Schema:
                 **_schemas(request, "validation"),
                 **{name: build(RequestBounds.of(settings)) for name, build in BOUNDED_SCHEMAS.items()},
                 **_schemas(JobView, "serialization", name="Job"),
+                **_schemas(ModelList, "serialization"),
                 "Error": _ERROR,
                 "Progress": _PROGRESS,
             },

@@ -13,6 +13,7 @@ from tasks.events import EventHub
 from tasks.keys import KeyRing
 from tasks.notify import Notifier
 from tasks.owners import Owners
+from tasks.registry import Registry, load_registry
 from tasks.settings import Settings
 from tasks.storage import ObjectStorage, make_storage
 from tasks.store import JobStore
@@ -29,6 +30,7 @@ class Services:
     #: The process's one job-event subscription: what waiting requests sleep on.
     events: EventHub
     keys: KeyRing
+    registry: Registry
 
 
 def make_services(settings: Settings) -> Services:
@@ -46,6 +48,7 @@ def make_services(settings: Settings) -> Services:
         celery=celery_app,
         events=EventHub(lambda: client),
         keys=KeyRing.parse(settings.api_keys, settings.api_key_file),
+        registry=load_registry(settings),
     )
 
 

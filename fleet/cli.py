@@ -4,6 +4,7 @@ fleet submit PROMPT      generate images through a running fleet's API, with a p
 fleet up                 set up and run a local fleet (Procfile, via honcho)
 fleet model init [DIR]   write the tiny local model (default: FLEET_STATE_DIR/models/tiny)
 fleet model train digits [DIR]   train the digits model (text-to-image, judged by fleet bench quality)
+fleet model distill digits [DIR] distill a 4-step model from it
 fleet redis | s3         the embedded servers ``fleet up`` starts when none is configured
 fleet web | flower       the API (gunicorn) and Flower, configured from FLEET_* settings
 fleet worker [--gpu N]   a Celery worker in a free slot of this host: one per GPU
@@ -16,8 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
-from tasks.request import SCHEDULERS
+from tasks.schedulers import SCHEDULERS
 
 
 def _model_init(args: argparse.Namespace) -> int:
@@ -46,37 +48,72 @@ def _model_init(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StageBars:
+    """A progress bar per training stage, the previous one closed when the next begins:
+    the ``on_step(stage, step, total, loss)`` of ``workers.digits`` and ``workers.distill``."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, step: int, total: int, loss: float) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            self.close()
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="step", dynamic_ncols=True)
+        bar.update(1)
+        if loss and (step % 25 == 0 or step == total):
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _trained_model_dir(args: argparse.Namespace, name: str) -> Path | None:
+    """Where a trained model goes; None (and says so) when one is there and not --force."""
+    from tasks.settings import get_settings
+
+    directory = Path(args.dir) if args.dir else get_settings().tiny_model_dir.parent / name
+    if (directory / "model_index.json").exists() and not args.force:
+        print(f"kept existing model at {directory} (--force to overwrite)")
+        return None
+    return directory
+
+
 def _model_train(args: argparse.Namespace) -> int:
     import time
 
-    from tqdm import tqdm
-
-    from tasks.settings import get_settings
-
-    directory = Path(args.dir) if args.dir else get_settings().tiny_model_dir.parent / args.model
-    if (directory / "model_index.json").exists() and not args.force:
-        print(f"kept existing model at {directory} (--force to overwrite)")
+    directory = _trained_model_dir(args, args.model)
+    if directory is None:
         return 0
     from workers import digits  # torch: only for this command
 
     plan = digits.TrainPlan(**{k: v for k, v in vars(args).items() if k in ("vae_steps", "unet_steps") and v})
-    bars: dict[str, tqdm] = {}
-
-    def on_step(stage: str, step: int, total: int, loss: float) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            for done in bars.values():
-                done.close()
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="step", dynamic_ncols=True)
-        bar.update(1)
-        if step % 25 == 0 or step == total:
-            bar.set_postfix(loss=f"{loss:.4f}")
-
+    bars = _StageBars()
     started = time.perf_counter()
-    digits.write_model(directory, plan, on_step)
-    for bar in bars.values():
-        bar.close()
+    digits.write_model(directory, plan, bars)
+    bars.close()
     print(f"wrote the {args.model} model at {directory} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _model_distill(args: argparse.Namespace) -> int:
+    import time
+
+    directory = _trained_model_dir(args, f"{args.model}-4step")
+    if directory is None:
+        return 0
+    from workers import distill  # torch: only for this command
+    from workers.digits_data import SHIPPED
+
+    plan = distill.DistillPlan(**{k: v for k, v in vars(args).items() if k in ("trajectories", "train_steps") and v})
+    bars = _StageBars()
+    started = time.perf_counter()
+    distill.write_model(Path(args.teacher) if args.teacher else SHIPPED, directory, plan, bars)
+    bars.close()
+    print(f"wrote the 4-step {args.model} model at {directory} in {time.perf_counter() - started:.0f} s")
     return 0
 
 
@@ -161,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--width", type=int)
     submit.add_argument("--height", type=int)
     submit.add_argument("--steps", type=int)
+    submit.add_argument("--model", help="a model GET /v1/models lists (default: the fleet's default model)")
     submit.add_argument("--scheduler", choices=SCHEDULERS, help="the sampler (default: the model's own)")
     submit.add_argument("--seed", type=int)
     submit.add_argument("--guidance-scale", type=float)
@@ -199,6 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vae-steps", type=int, help="autoencoder optimizer steps (default: the shipped model's)")
     train.add_argument("--unet-steps", type=int, help="denoiser optimizer steps (default: the shipped model's)")
     train.set_defaults(func=_model_train)
+    distill = model.add_parser(
+        "distill",
+        help="distill a 4-step, guidance-free model from the digits model (fixed seed; minutes on a CPU)",
+        description="Trajectory distillation (workers/distill.py): the teacher's guided 40-step DDIM paths, "
+        "learnt in 4 steps with no guidance pass. Serve it with FLEET_DEFAULT_STEPS=4 FLEET_MAX_STEPS=4 "
+        "FLEET_DEFAULT_GUIDANCE_SCALE=1.",
+    )
+    distill.add_argument("model", choices=("digits",), help="digits: the model fleet model train digits makes")
+    distill.add_argument("dir", nargs="?", help="target directory (default: FLEET_STATE_DIR/models/MODEL-4step)")
+    distill.add_argument("--teacher", help="the teacher's directory (default: the shipped models/digits)")
+    distill.add_argument("--force", action="store_true", help="overwrite an existing model")
+    distill.add_argument("--trajectories", type=int, help="teacher paths to learn from (default: the shipped model's)")
+    distill.add_argument("--train-steps", type=int, help="student optimizer steps (default: the shipped model's)")
+    distill.set_defaults(func=_model_distill)
 
     sub.add_parser("redis", help="run the embedded Redis (append-only)").set_defaults(func=_redis)
     sub.add_parser("s3", help="run the embedded S3-compatible server").set_defaults(func=_s3)

@@ -147,6 +147,7 @@ class FleetClient:
         self,
         prompt: str,
         *,
+        model: str | None = None,
         negative_prompt: str | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -174,6 +175,7 @@ class FleetClient:
         instead of making a second. ``cancel_after``: seconds after which the API cancels
         the job if no model call has started it."""
         fields = {
+            "model": model,
             "negative_prompt": negative_prompt,
             "width": width,
             "height": height,

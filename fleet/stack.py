@@ -3,6 +3,8 @@ processes. The tests and the benchmarks both run on it."""
 
 from __future__ import annotations
 
+import json
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,14 @@ from tasks.settings import Settings
 
 
 def settings_from_env(env: dict[str, str]) -> Settings:
-    values: dict[str, Any] = {key.removeprefix("FLEET_").lower(): value for key, value in env.items()}
+    """The settings a process started with ``env`` reads: a field of a complex type (a
+    dict, as ``FLEET_QUEUE_POLICIES``) is JSON there, as pydantic-settings reads it."""
+    values: dict[str, Any] = {}
+    for key, value in env.items():
+        name = key.removeprefix("FLEET_").lower()
+        field = Settings.model_fields.get(name)
+        complex_type = field is not None and typing.get_origin(field.annotation) is dict
+        values[name] = json.loads(value) if complex_type else value
     return Settings(**values)
 
 

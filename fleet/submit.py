@@ -132,6 +132,7 @@ def _quit_now(submission: _Submission) -> None:
 def _submit(client: FleetClient, args: argparse.Namespace, submission: _Submission) -> int:
     job = client.submit(
         args.prompt,
+        model=args.model,
         negative_prompt=args.negative_prompt,
         width=args.width,
         height=args.height,

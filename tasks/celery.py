@@ -22,6 +22,7 @@ from kombu import Exchange, Queue
 from kombu.exceptions import KombuError, OperationalError
 
 from tasks.errors import DependencyUnavailable
+from tasks.registry import load_registry
 from tasks.request import MAX_PRIORITY
 from tasks.settings import Settings, get_settings
 
@@ -90,7 +91,7 @@ def broker_options(settings: Settings) -> dict[str, Any]:
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("fleet", broker=settings.effective_broker_url, set_as_current=False)
-    queues = [job_queue(settings, name) for name in settings.job_queues]
+    queues = [job_queue(settings, name) for name in load_registry(settings).job_queues]
     if settings.webhook_queue in {queue.name for queue in queues}:
         raise ValueError(f"FLEET_WEBHOOK_QUEUE '{settings.webhook_queue}' must not be a job queue")
     queues.append(job_queue(settings, settings.webhook_queue))

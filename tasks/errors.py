@@ -15,6 +15,8 @@
      │    ├── TooManyRequests    (429 + Retry-After: rate limit, active-job cap)
      │    └── Conflict           (409: e.g. canceling a job that already finished)
      ├── DependencyUnavailable   -> HTTP 503: broker, job store or storage unreachable
+     │    └── ModelUnserved      no live worker serves the model asked for, and
+     │                           FLEET_UNSERVED_MODEL=reject (names the field ``model``)
      ├── WaitTimedOut            -> HTTP 504: a request held for its job outlived its bound
      ├── JobError                a job cannot run; it ends FAILED with this reason
      │    ├── PipelineError      the model call raised
@@ -121,6 +123,19 @@ class DependencyUnavailable(FleetError):
         message = f"{dependency} is unavailable" + (f": {detail}" if detail else "")
         super().__init__(message, field=None)
         self.dependency = dependency
+
+
+class ModelUnserved(DependencyUnavailable):
+    """No live worker serves the job's model and the fleet is set to refuse such jobs
+    (``FLEET_UNSERVED_MODEL=reject``): nothing was queued, a retry may find one."""
+
+    code = "model_unserved"
+
+    def __init__(self, model: str):
+        FleetError.__init__(
+            self, f"no live worker serves model '{model}' now: nothing was queued; retry later", field="model"
+        )
+        self.dependency = f"model {model}"
 
 
 class WaitTimedOut(FleetError):

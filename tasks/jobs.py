@@ -17,8 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks.registry import load_registry
 from tasks.request import WEBHOOK_EVENTS, JobRequest, WebhookEvent, validate_request
-from tasks.settings import Settings
+from tasks.settings import ServiceClass, Settings
 
 
 class JobState(str, enum.Enum):
@@ -70,6 +71,7 @@ class GenerationSpec(BaseModel):
     deadline_ms: int | None = None  # best effort: the batcher flushes early rather than miss it
     output_format: Literal["png", "webp", "jpeg"] = "png"
     output_quality: int | None = None  # webp and jpeg; None: the worker's default
+    model: str = ""  # its name in the registry (tasks/registry.py); "": before there was one
 
     @property
     def content_type(self) -> str:
@@ -87,22 +89,23 @@ def parse_request(body: Any, settings: Settings) -> GenerationSpec:
 
 
 def to_spec(request: JobRequest, settings: Settings) -> GenerationSpec:
-    """A request ``validate_request`` accepted, with every default filled in."""
+    """A request ``validate_request`` accepted, with every default filled in: the model's
+    (``tasks.registry``), which are the fleet's unless its registry entry says otherwise."""
+    model = load_registry(settings).get(request.model)
     return GenerationSpec(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
-        width=settings.default_width if request.width is None else request.width,
-        height=settings.default_height if request.height is None else request.height,
-        steps=settings.default_steps if request.steps is None else request.steps,
-        guidance_scale=float(
-            settings.default_guidance_scale if request.guidance_scale is None else request.guidance_scale
-        ),
+        width=model.width if request.width is None else request.width,
+        height=model.height if request.height is None else request.height,
+        steps=model.steps if request.steps is None else request.steps,
+        guidance_scale=float(model.guidance_scale if request.guidance_scale is None else request.guidance_scale),
         seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
         num_images=request.num_images,
         scheduler=request.scheduler,
         deadline_ms=request.deadline_ms,
         output_format=request.output_format,
         output_quality=request.output_quality,
+        model=model.name,
     )
 
 
@@ -111,7 +114,7 @@ class JobOptions:
     """How a job is handled, beside what it generates: its queue and its place in it, and
     whom to tell about it."""
 
-    service_class: str
+    service_class: ServiceClass
     priority: int = 0
     webhook: str | None = None
     webhook_events: tuple[WebhookEvent, ...] = WEBHOOK_EVENTS

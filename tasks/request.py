@@ -14,7 +14,7 @@ classes with ``\\uXXXX`` escapes, no ``\\s``/``\\w``, no lookarounds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
@@ -22,25 +22,14 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, S
 
 from tasks.destinations import MAX_URL_CHARS, url_pattern
 from tasks.errors import ValidationFailed
-from tasks.settings import Settings
+from tasks.registry import Model, load_registry
+from tasks.schedulers import SCHEDULERS, SchedulerName
+from tasks.settings import ServiceClass, Settings
 
 #: What a job's webhook may be sent for: it started, each step, it ended.
 WebhookEvent = Literal["start", "progress", "completed"]
 WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = get_args(WebhookEvent)
 #: Priorities within a queue, highest first where the broker orders by them.
-#: The samplers a request may choose (``scheduler``), by their diffusers class names: the
-#: worker makes one with ``from_config`` of the model's own scheduler, so the noise schedule
-#: the model was trained on is kept. Null: the model's own (its ``scheduler/`` directory).
-SchedulerName = Literal[
-    "DDIMScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
-    "UniPCMultistepScheduler",
-    "PNDMScheduler",
-]
-SCHEDULERS: tuple[SchedulerName, ...] = get_args(SchedulerName)
-
 MAX_PRIORITY = 9
 MAX_SEED = 2**63 - 1
 MAX_DEADLINE_MS = 3_600_000
@@ -92,6 +81,7 @@ class JobRequest(BaseModel):
     }
 
     prompt: StrictStr
+    model: StrictStr | None = None
     negative_prompt: StrictStr | None = None
     width: WholeInt | None = None
     height: WholeInt | None = None
@@ -114,7 +104,7 @@ class JobRequest(BaseModel):
     output_quality: Annotated[StrictInt, Field(ge=1, le=100), WHOLE] | None = Field(
         None, description="webp and jpeg quality; null: the worker's default."
     )
-    service_class: Literal["interactive", "batch"] | None = Field(
+    service_class: ServiceClass | None = Field(
         None, description="The queue: interactive (small batches, low latency) or batch; null: the configured default."
     )
     priority: Annotated[StrictInt, Field(ge=0, le=MAX_PRIORITY), WHOLE] | None = Field(
@@ -127,9 +117,35 @@ class JobRequest(BaseModel):
 
 
 @dataclass(frozen=True)
+class ModelBounds:
+    """What one model of the registry accepts, and its default size."""
+
+    name: str
+    min_steps: int
+    max_steps: int
+    schedulers: tuple[SchedulerName, ...] | None  # None: any; (): only the model's own
+    width: int
+    height: int
+
+    @classmethod
+    def of(cls, model: Model) -> ModelBounds:
+        return cls(model.name, model.min_steps, model.max_steps, model.schedulers, model.width, model.height)
+
+    @property
+    def steps_rule(self) -> str:
+        return f"an integer from {self.min_steps} to {self.max_steps} for model {self.name}"
+
+    @property
+    def scheduler_rule(self) -> str:
+        if not self.schedulers:
+            return f"null (the model's own) for model {self.name}"
+        return f"one of {', '.join(self.schedulers)} or null for model {self.name}"
+
+
+@dataclass(frozen=True)
 class RequestBounds:
     """The settings a request is checked against: what ``request_model`` is built (and
-    cached) from."""
+    cached) from. The default size is the default model's."""
 
     max_prompt_chars: int
     max_side: int
@@ -139,10 +155,31 @@ class RequestBounds:
     default_width: int
     default_height: int
     webhook_allow_private: bool
+    models: tuple[ModelBounds, ...] = ()  # the default model first
+    default_model: str = ""
 
     @classmethod
     def of(cls, settings: Settings) -> RequestBounds:
-        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+        registry = load_registry(settings)
+        default = registry.get(None)
+        models = tuple(ModelBounds.of(m) for m in sorted(registry.models.values(), key=lambda m: m is not default))
+        return cls(
+            max_prompt_chars=settings.max_prompt_chars,
+            max_side=settings.max_side,
+            max_pixels=settings.max_pixels,
+            max_steps=max([settings.max_steps, *(m.max_steps for m in models)]),
+            max_images_per_job=settings.max_images_per_job,
+            default_width=default.width,
+            default_height=default.height,
+            webhook_allow_private=settings.webhook_allow_private,
+            models=models,
+            default_model=default.name,
+        )
+
+    def model(self, name: str | None) -> ModelBounds | None:
+        """The bounds of model ``name`` (None: the default); None where there are none."""
+        wanted = name or self.default_model
+        return next((m for m in self.models if m.name == wanted), None)
 
     @property
     def largest_side(self) -> int:
@@ -205,7 +242,19 @@ def request_model(bounds: RequestBounds) -> type[JobRequest]:
             None, description=f"Where to POST signed events of this job: {limits['webhook']}."
         )
 
-    return BoundedJobRequest
+    names = tuple(m.name for m in bounds.models)
+    if not names:
+        return BoundedJobRequest
+
+    class ModelJobRequest(BoundedJobRequest):
+        model_config = ConfigDict(title="JobRequest")
+        rules: ClassVar[dict[str, str]] = {**BoundedJobRequest.rules, "model": f"one of {', '.join(names)}"}
+
+        model: Literal[names] | None = Field(  # type: ignore[valid-type]  # the registry's names
+            None, description=f"The model (GET /v1/models): {', '.join(names)}; null: {bounds.default_model}."
+        )
+
+    return ModelJobRequest
 
 
 def validate_request(body: Any, settings: Settings) -> JobRequest:
@@ -244,8 +293,14 @@ def validate_body(body: Any, schema: type[Body], rules: dict[str, str] | None = 
 
 def _check_combination(request: JobRequest, bounds: RequestBounds) -> None:
     """The rules that span two fields (``_combination_schema`` writes them as JSON Schema)."""
-    width = bounds.default_width if request.width is None else request.width
-    height = bounds.default_height if request.height is None else request.height
+    model = bounds.model(request.model)
+    if model is not None:
+        if request.steps is not None and not model.min_steps <= request.steps <= model.max_steps:
+            raise ValidationFailed(f"'steps' must be {model.steps_rule}", field="steps")
+        if model.schedulers is not None and request.scheduler is not None and request.scheduler not in model.schedulers:
+            raise ValidationFailed(f"'scheduler' must be {model.scheduler_rule}", field="scheduler")
+    width = (model.width if model else bounds.default_width) if request.width is None else request.width
+    height = (model.height if model else bounds.default_height) if request.height is None else request.height
     if width * height > bounds.max_pixels:
         raise ValidationFailed(
             f"width x height = {width * height} pixels is over the budget of {bounds.max_pixels}", field="width"
@@ -283,4 +338,23 @@ def _combination_schema(bounds: RequestBounds) -> dict[str, Any]:
     if (tallest := bounds.tallest(bounds.default_width)) < bounds.largest_side:
         width_given = {"required": ["width"], "properties": {"width": {"type": "integer"}}}
         rules.append({"if": {"not": width_given}, "then": {"properties": {"height": {"maximum": tallest}}}})
+    rules += model_rules(bounds)
     return {"allOf": rules}
+
+
+def model_rules(bounds: RequestBounds) -> list[dict[str, Any]]:
+    """A model's own step range and schedulers, where they are narrower than the fields'."""
+    rules: list[dict[str, Any]] = []
+    for model in bounds.models:
+        if model.name == bounds.default_model:  # absent, null or named
+            chosen: dict[str, Any] = {"properties": {"model": {"enum": [model.name, None]}}}
+        else:
+            chosen = {"required": ["model"], "properties": {"model": {"const": model.name}}}
+        then: dict[str, Any] = {}
+        if (model.min_steps, model.max_steps) != (1, bounds.max_steps):
+            then["steps"] = {"minimum": model.min_steps, "maximum": model.max_steps}
+        if model.schedulers is not None:
+            then["scheduler"] = {"enum": [*model.schedulers, None]}
+        if then:
+            rules.append({"if": chosen, "then": {"properties": then}})
+    return rules

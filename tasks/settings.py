@@ -26,6 +26,10 @@ WEEK_S = 7 * 24 * 3600
 #: ``torch.compile`` of the UNet: off, or one of its modes.
 CompileMode = Literal["off", "reduce-overhead", "max-autotune", "default"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+#: The queues a job may name: each its own batching policy.
+ServiceClass = Literal["interactive", "batch"]
+#: How a worker stores its model's weights: as loaded, or int8 (``workers.quantize``).
+Quantization = Literal["none", "int8"]
 LogFormat = Literal["text", "json"]
 
 
@@ -92,8 +96,20 @@ class Settings(BaseSettings):
 
     # -- the model -----------------------------------------------------------------------
     model: str = ""  # a diffusers model dir or hub id; empty: <state_dir>/models/tiny
+    # Many models on one fleet (tasks/registry.py, docs/models.example.toml): a TOML file of
+    # named models; empty: FLEET_MODEL alone, named after its directory.
+    models_file: str = ""
+    default_model: str = ""  # the model a request without "model" gets; empty: the file's default
+    serve: str = ""  # the model this worker serves; empty: the default model
+    # A job for a model no live worker serves: "queue" it (it waits, its place in line
+    # shown, until a worker of that model starts: a pool scaled to zero) or "reject" it
+    # (503 with Retry-After, naming "model"; nothing queued).
+    unserved_model: Literal["queue", "reject"] = "queue"
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     dtype: DType = "auto"
+    # "int8": the UNet's convolution and linear weights stored as int8, widened per call
+    # (a quarter of the memory; docs/QUALITY.md measures what it costs).
+    quantize: Quantization = "none"
     # The engine: "process" (spawned, runs nothing but the model) or "thread" (the model on
     # a thread of the worker process: the earlier design, kept to measure against).
     engine: Literal["process", "thread"] = "process"
@@ -153,7 +169,7 @@ class Settings(BaseSettings):
     # (``queue_policies``). A job names its class; workers consume one queue or both.
     queue: str = "fleet.interactive"  # the interactive class (and the default queue)
     batch_queue: str = "fleet.batch"  # the batch class: large batches, latency second
-    default_service_class: Literal["interactive", "batch"] = "interactive"
+    default_service_class: ServiceClass = "interactive"
     publish_timeout_s: float = Field(3.0, gt=0)
     max_batch_images: int = Field(8, gt=0)
     max_wait_ms: float = Field(100.0, ge=0)
@@ -226,13 +242,8 @@ class Settings(BaseSettings):
             batch_policy=override.batch_policy or self.batch_policy,
         )
 
-    def queue_for(self, service_class: str) -> str:
+    def queue_for(self, service_class: ServiceClass) -> str:
         return self.batch_queue if service_class == "batch" else self.queue
-
-    @property
-    def job_queues(self) -> list[str]:
-        """Every queue jobs are published to (workers consume them all unless told ``-Q``)."""
-        return list(dict.fromkeys([self.queue, self.batch_queue, *self.queue_policies]))
 
     @property
     def task_threads(self) -> int:
@@ -244,7 +255,10 @@ class Settings(BaseSettings):
 
     @property
     def warm(self) -> tuple[WarmShape, ...]:
-        """The configured shapes, else the default size at every batch size up to
+        return self.warm_shapes_for(self.default_width, self.default_height)
+
+    def warm_shapes_for(self, width: int, height: int) -> tuple[WarmShape, ...]:
+        """The configured shapes, else ``width`` x ``height`` at every batch size up to
         ``max_batch_images`` (eager: on an H200 a batch size never run before cost its first
         call 1 s more, and warming them all takes seconds), or at 1 and the largest when
         compiled (each compiles for a minute; the sizes between are padded up)."""
@@ -253,7 +267,7 @@ class Settings(BaseSettings):
             return configured
         largest = self.max_batch_images
         sizes = tuple(sorted({1, largest})) if self.compile != "off" else tuple(range(1, largest + 1))
-        return (WarmShape(self.default_width, self.default_height, sizes),)
+        return (WarmShape(width, height, sizes),)
 
     @property
     def metrics_port(self) -> int:

@@ -306,6 +306,15 @@ class JobStore:
                 threads = sum(int(t) for t in self._redis.hmget(CONSUMER_THREADS_KEY, consumers) if t)
         return QueuePlace(int(position), finished / THROUGHPUT_WINDOW_S, int(running), threads)
 
+    def live_workers(self, queues: list[str]) -> dict[str, set[str]]:
+        """Per queue, the workers consuming it now (announced and not lapsed)."""
+        now_s = time.time()
+        with store_errors(), self._redis.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zrangebyscore(CONSUMERS_PREFIX + queue, now_s, "+inf")
+            found = pipe.execute()
+        return {queue: {_text(w) for w in workers} for queue, workers in zip(queues, found, strict=True)}
+
     def announce(self, worker: str, queues: list[str], threads: int, ttl_s: float) -> None:
         """``worker`` consumes ``queues`` with ``threads`` task threads, for ``ttl_s`` more
         seconds unless announced again (a worker does every few seconds: one that died

@@ -23,7 +23,7 @@ SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), 
 
 def exported() -> dict[str, set[str]]:
     """Family name -> the sample names it exposes, over the API's and a worker's metrics."""
-    svc = SimpleNamespace(settings=SimpleNamespace(job_queues=["q"]), store=SimpleNamespace(backlog=lambda q: {}))
+    svc = SimpleNamespace(registry=SimpleNamespace(job_queues=["q"]), store=SimpleNamespace(backlog=lambda q: {}))
     backlog = CollectorRegistry()
     backlog.register(BacklogCollector(svc))
     families = {}

@@ -11,6 +11,7 @@ import requests
 from PIL import Image
 
 from tasks.keyspace import CONSUMER_THREADS_KEY, CONSUMERS_PREFIX
+from tasks.registry import load_registry
 from tests.helpers import download, submit, wait_done
 
 pytestmark = pytest.mark.e2e
@@ -70,7 +71,7 @@ def test_the_view_clients_get_is_the_record_the_fleet_keeps(api_url, store):
 
 def test_a_running_worker_announces_its_queues_and_threads(worker, redis_client, settings):
     """The session worker is in the store as a consumer of its queues, with its task threads."""
-    for queue in settings.job_queues:
+    for queue in load_registry(settings).job_queues:
         consumers = redis_client.zrangebyscore(CONSUMERS_PREFIX + queue, time.time(), "+inf")
         assert any(name.startswith(b"test-worker@") for name in consumers), (queue, consumers)
     threads = {k.decode(): int(v) for k, v in redis_client.hgetall(CONSUMER_THREADS_KEY).items()}

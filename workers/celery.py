@@ -34,6 +34,7 @@ from tasks.events import EventHub
 from tasks.jobs import JobState
 from tasks.logs import install_celery_logging, log_context, set_process_fields
 from tasks.notify import Notifier
+from tasks.registry import load_registry
 from tasks.settings import Settings, get_settings
 from tasks.storage import make_storage
 from tasks.store import JobStore
@@ -61,6 +62,8 @@ def make_worker_app(settings: Settings) -> Celery:
     the job task, and the signals that start and stop the engine around the consumer."""
     install_celery_logging(settings.log_format, "worker")
     app = make_celery(settings)
+    # The served model's queues (``celery worker -Q`` still chooses others).
+    app.amqp.queues.select(load_registry(settings).queues(settings.serve or None))
     use_threads_pool(app, settings.task_threads)
     app.task(name=GENERATE_TASK, bind=True, throws=(JobFailed,))(generate)
     # The ready file a Kubernetes readiness probe reads (tasks/probes.py): there once the
@@ -111,11 +114,13 @@ def engine_config(settings: Settings) -> EngineConfig:
     env = {}
     if settings.worker_slot is not None and settings.device in ("auto", "cuda"):
         env["CUDA_VISIBLE_DEVICES"] = slot_device(settings.worker_slot, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    model = load_registry(settings).served(settings.serve)
     return EngineConfig(
-        model_ref=settings.model_ref,
+        model_ref=model.path,
         device=settings.device,
-        dtype=settings.dtype,
-        warm=settings.warm,
+        dtype=model.dtype,
+        quantize=model.quantize,
+        warm=settings.warm_shapes_for(model.width, model.height),
         compile=settings.compile,
         compile_cache_dir=str(settings.compile_cache.resolve()),
         env=tuple(env.items()),
@@ -203,7 +208,7 @@ def _start_model(sender: str = "", instance: Any = None, **_: Any) -> None:
         except Exception as exc:  # the consumer reconnects on its own; only the binding waits
             log.warning("could not declare the queues on the broker yet: %s", exc)
     consumed = instance.app.amqp.queues.consume_from if instance is not None else {}
-    queues = sorted(consumed or settings.job_queues)
+    queues = sorted(consumed or load_registry(settings).queues(settings.serve or None))
     if _context.metrics is not None:
         _context.metrics.started(_context.runner.model_name, queues)
     _presence = Presence(_context.store, sender, queues, settings.task_threads)

@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from workers.digits_data import DIGIT_MAX, SEED, SIDE, TEMPLATES, prompt, split
+from workers.model_init import save_pipeline, sd_scheduler
 from workers.tiny_model import build_tokenizer
 
 #: the share of training prompts left empty: the unconditional model guidance needs
@@ -100,20 +101,12 @@ def build_pipeline() -> Any:
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        scheduler=scheduler,
+        scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -150,8 +143,6 @@ def write_model(
     directory: Path, plan: TrainPlan = TrainPlan(), on_step: Callable[[str, int, int, float], None] | None = None
 ) -> None:
     """Train the digits model and write it to ``directory`` (a diffusers directory)."""
-    from workers.model_init import save_pipeline
-
     save_pipeline(train(plan, on_step), directory)
 
 

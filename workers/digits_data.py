@@ -17,6 +17,8 @@ import numpy as np
 SEED = 0
 #: the trained model the repository ships (``fleet model train digits`` made it)
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "digits"
+#: the 4-step model distilled from it (``fleet model distill digits`` made it)
+SHIPPED_DISTILLED = SHIPPED.with_name("digits-4step")
 #: the model's images are SIDE x SIDE: each digit scaled up 4x
 SIDE = 32
 #: scikit-learn's digits are 8x8, ink 0-16

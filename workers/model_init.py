@@ -12,6 +12,7 @@ The tiny model is always built on the CPU in float32, so every copy is byte-iden
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,11 +82,22 @@ def save_pipeline(pipe: Any, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
         pipe.save_pretrained(tmp)
+        forget_origin(Path(tmp))
         for item in sorted(Path(tmp).iterdir(), key=lambda p: p.name == MARKER):
             target = directory / item.name
             if target.exists():
                 _remove(target)
             item.rename(target)
+
+
+def forget_origin(directory: Path) -> None:
+    """Drop ``_name_or_path`` from a saved pipeline's configs: diffusers records there the
+    directory a component was loaded from (a distilled model's teacher), which names the
+    machine it was made on."""
+    for config in [directory / "model_index.json", *directory.glob("*/config.json")]:
+        values = json.loads(config.read_text())
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def _check_arch(arch: str) -> None:
@@ -127,7 +139,7 @@ def _build_sd15() -> StableDiffusionPipeline:
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        scheduler=_scheduler(),
+        scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -180,7 +192,7 @@ def _build_sdxl() -> StableDiffusionXLPipeline:
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=sd_scheduler(),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
@@ -231,8 +243,9 @@ def _vae(sample_size: int, scaling_factor: float) -> AutoencoderKL:
     )
 
 
-def _scheduler() -> DDIMScheduler:
-    """The tiny model's DDIM, with SD 1.5's ``steps_offset=1``."""
+def sd_scheduler() -> DDIMScheduler:
+    """Stable Diffusion 1.5's DDIM: its noise schedule (``scaled_linear``, 1000 steps) and
+    its ``steps_offset=1``."""
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

@@ -24,9 +24,10 @@ import torch
 from diffusers import DiffusionPipeline
 
 from tasks.errors import DeviceLost, ModelOutOfMemory, PipelineError
-from tasks.request import SCHEDULERS
+from tasks.schedulers import SCHEDULERS
 from tasks.settings import WarmShape
 from workers.protocol import EngineConfig
+from workers.quantize import module_bytes, quantize_module
 from workers.work import CompatKey, ImageWork, StepCallback
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,10 @@ class DiffusersModel:
     def load(cls, config: EngineConfig) -> DiffusersModel:
         device = select_device(config.device)
         pipe = load_pipeline(config.model_ref, device, select_dtype(device, config.dtype))
+        if config.quantize == "int8":
+            before = module_bytes(pipe.unet)
+            layers = quantize_module(pipe.unet)
+            log.info("UNet weights in int8: %d layers, %d -> %d bytes", layers, before, module_bytes(pipe.unet))
         compiled = config.compile != "off"
         if compiled:
             compile_unet(pipe, config.compile)

@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tasks.errors import UnknownMessage
-from tasks.settings import CompileMode, WarmShape
+from tasks.settings import CompileMode, Quantization, WarmShape
 from workers.work import CompatKey, ImageWork
 
 #: A batch of images: ``(n, height, width, 3)`` uint8.
@@ -56,6 +56,7 @@ class EngineConfig:
     model_ref: str
     device: str = "auto"
     dtype: str = "auto"
+    quantize: Quantization = "none"
     warm: tuple[WarmShape, ...] = ()
     compile: CompileMode = "off"
     compile_cache_dir: str = ""

@@ -63,6 +63,9 @@ $B bench batching --size 128 --steps 20 --jobs 96 --closed-loop --config 8:0:fix
 
 # GPU rows (section 7 of BENCHMARKS.md): on a GPU host, bash docs/bench/gpu.sh
 
-# 11. Quality against throughput: each recipe (steps, scheduler, guidance, precision) on the
-#     digits model, 500 images, judged (docs/QUALITY.md).
+# 11. Quality against throughput: each recipe (steps, scheduler, guidance, precision, int8
+#     weights, the distilled 4-step model) on the digits model, 500 images, judged
+#     (docs/QUALITY.md). The models ship; these two commands remake them (16 + 9 minutes).
+# $B model train digits models/digits --force
+# $B model distill digits models/digits-4step --force
 $B bench quality --per-digit 50 --out $OUT/quality

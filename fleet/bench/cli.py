@@ -187,12 +187,16 @@ def _reads(args) -> int:
 
 def _quality(args) -> int:
     from fleet.bench.quality import run, write
-    from workers.digits_data import SHIPPED
+    from workers.digits_data import SHIPPED, SHIPPED_DISTILLED
 
     model = args.model or os.path.relpath(SHIPPED)  # relative: the results name no machine's paths
     if not (Path(model) / "model_index.json").exists():
         raise SystemExit(f"no model at {model}: train one with `fleet model train digits {model}`")
-    result = run(model, args.per_digit)
+    distilled = args.distilled or os.path.relpath(SHIPPED_DISTILLED)
+    if not (Path(distilled) / "model_index.json").exists():
+        print(f"no distilled model at {distilled} (`fleet model distill digits {distilled}`): its rows are skipped")
+        distilled = None
+    result = run(model, args.per_digit, distilled_dir=distilled)
     if args.out:
         write(result, Path(args.out))
     from fleet.bench.quality import markdown_table
@@ -246,6 +250,7 @@ def add_parser(sub) -> None:
         "quality", help="each recipe's images/s and latency beside its image quality, judged (digits model)"
     )
     quality.add_argument("--model", help="a digits model directory (default: the one the repository ships)")
+    quality.add_argument("--distilled", help="the distilled model's directory (default: the one the repository ships)")
     quality.add_argument("--per-digit", type=int, default=50, help="images per digit and recipe (default: 50)")
     quality.add_argument("--out", help="path stem: writes .json, .md and .png")
     quality.set_defaults(func=_quality)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from fleet.bench.judge import Interval, Judge
+from tasks.settings import Quantization
 
 BATCH = 8
 LONE_CALLS = 5
@@ -40,17 +41,21 @@ GUIDANCE = 3.0
 @dataclass(frozen=True)
 class Recipe:
     """What a job asks for (``steps``, ``scheduler``, ``guidance_scale``) and what its worker
-    pool runs (``dtype``)."""
+    pool runs (``dtype``, ``quantize``, and the reference model or the one distilled from it)."""
 
     name: str
     steps: int
     scheduler: str | None = None  # None: the model's own (DDIM)
     guidance_scale: float = GUIDANCE
     dtype: str = "float32"
+    quantize: Quantization = "none"
+    distilled: bool = False
 
     @property
     def pool(self) -> str:
-        return self.dtype
+        """The worker pool that serves it: model, precision and weights."""
+        parts = ["distilled" if self.distilled else "", self.dtype, "" if self.quantize == "none" else self.quantize]
+        return " ".join(part for part in parts if part)
 
 
 REFERENCE = Recipe("reference: DDIM 50", 50)
@@ -68,6 +73,11 @@ RECIPES = (
     Recipe("DDIM 50, no guidance", 50, guidance_scale=1.0),
     Recipe("bf16 DDIM 50", 50, dtype="bfloat16"),
     Recipe("bf16 UniPC 10", 10, "UniPCMultistepScheduler", dtype="bfloat16"),
+    Recipe("int8 DDIM 50", 50, quantize="int8"),
+    Recipe("int8 DDIM 10", 10, quantize="int8"),
+    Recipe("DDIM 4", 4),
+    Recipe("distilled: 4 steps, no guidance", 4, guidance_scale=1.0, distilled=True),
+    Recipe("distilled int8: 4 steps", 4, guidance_scale=1.0, quantize="int8", distilled=True),
 )
 
 
@@ -76,6 +86,7 @@ class Row:
     recipe: Recipe
     images_per_s: float
     lone_p50_s: float
+    unet_bytes: int
     figures: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,18 +95,28 @@ class Row:
             "recipe": asdict(self.recipe),
             "images_per_s": round(self.images_per_s, 3),
             "lone_p50_s": round(self.lone_p50_s, 4),
+            "pool": self.recipe.pool,
+            "unet_bytes": self.unet_bytes,
             **figures,
         }
 
 
-def run(model_dir: str, per_digit: int, recipes: tuple[Recipe, ...] = RECIPES, progress: bool = True) -> dict:
+def run(
+    model_dir: str,
+    per_digit: int,
+    recipes: tuple[Recipe, ...] = RECIPES,
+    progress: bool = True,
+    distilled_dir: str | None = None,
+) -> dict:
     """Every recipe's row, the real row and the judge's own score, as one JSON document.
-    The first recipe is the reference the others' PSNR is measured against."""
+    The first recipe is the reference the others' PSNR is measured against; the distilled
+    recipes run the model at ``distilled_dir`` (skipped without one)."""
     from tqdm import tqdm
 
     from workers.digits_data import SIDE, prompt
     from workers.pipeline import DiffusersModel
     from workers.protocol import EngineConfig
+    from workers.quantize import module_bytes
     from workers.work import CompatKey, ImageWork
 
     judge = Judge()
@@ -105,10 +126,13 @@ def run(model_dir: str, per_digit: int, recipes: tuple[Recipe, ...] = RECIPES, p
     rows: list[Row] = []
     reference: np.ndarray | None = None
     bar = tqdm(total=len(recipes) * (len(work) + LONE_CALLS), unit="image", disable=not progress)
+    recipes = tuple(r for r in recipes if distilled_dir or not r.distilled)
     for recipe in recipes:
         bar.set_description(recipe.name)
         if recipe.pool not in models:
-            models[recipe.pool] = DiffusersModel.load(EngineConfig(model_dir, device="cpu", dtype=recipe.dtype))
+            where = distilled_dir if recipe.distilled and distilled_dir else model_dir
+            config = EngineConfig(where, device="cpu", dtype=recipe.dtype, quantize=recipe.quantize)
+            models[recipe.pool] = DiffusersModel.load(config)
         model = models[recipe.pool]
         key = CompatKey(model.name, SIDE, SIDE, recipe.steps, recipe.guidance_scale, recipe.scheduler)
         model.run(key, work[:BATCH])  # set-up: not timed
@@ -127,7 +151,7 @@ def run(model_dir: str, per_digit: int, recipes: tuple[Recipe, ...] = RECIPES, p
         if reference is None:
             reference = generated
         figures = judge.score(generated, asked, None if recipe is recipes[0] else reference)
-        rows.append(Row(recipe, images_per_s, statistics.median(lone), figures))
+        rows.append(Row(recipe, images_per_s, statistics.median(lone), module_bytes(model.pipe.unet), figures))
     bar.close()
     from workers.digits import real_images
 
@@ -136,6 +160,7 @@ def run(model_dir: str, per_digit: int, recipes: tuple[Recipe, ...] = RECIPES, p
     return {
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
         "model": model_dir,
+        "distilled_model": distilled_dir,
         "per_digit": per_digit,
         "batch": BATCH,
         "judge": {
@@ -157,21 +182,22 @@ def _cell(figure: dict | None) -> str:
 def markdown_table(result: dict) -> str:
     reference = result["recipes"][0]
     lines = [
-        "| recipe | pool | images/s (batch 8) | vs reference | lone job p50 | adherence | Fréchet distance "
-        "| diversity | PSNR vs reference (dB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recipe | pool | UNet weights | images/s (batch 8) | vs reference | lone job p50 | adherence "
+        "| Fréchet distance | diversity | PSNR vs reference (dB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["recipes"]:
         recipe = row["recipe"]
         lines.append(
-            f"| {recipe['name']} | {recipe['dtype']} | {row['images_per_s']:.1f} "
+            f"| {recipe['name']} | {row['pool']} | {row['unet_bytes'] / 2**20:.2f} MiB "
+            f"| {row['images_per_s']:.1f} "
             f"| {row['images_per_s'] / reference['images_per_s']:.2f}x | {row['lone_p50_s'] * 1000:.0f} ms "
             f"| {_cell(row['adherence'])} | {_cell(row['frechet'])} | {_cell(row['diversity'])} "
             f"| {_cell(row.get('psnr_db'))} |"
         )
     real = result["real"]
     lines.append(
-        f"| real held-out digits ({real['images']}) | — | — | — | — | {_cell(real['adherence'])} "
+        f"| real held-out digits ({real['images']}) | — | — | — | — | — | {_cell(real['adherence'])} "
         f"| {_cell(real['frechet'])} (two halves) | {_cell(real['diversity'])} | — |"
     )
     return "\n".join(lines)
@@ -194,7 +220,7 @@ def plot(result: dict, path: Path) -> None:
         for row in result["recipes"]:
             x, figure = row["images_per_s"], row[metric]
             err = [[figure["value"] - figure["low"]], [figure["high"] - figure["value"]]]
-            marker = "s" if row["recipe"]["dtype"] != "float32" else "o"
+            marker = {"float32": "o", "float32 int8": "D", "distilled float32": "*"}.get(row["pool"], "s")
             name = f"{row['recipe']['name']} ({row['lone_p50_s'] * 1000:.0f} ms)"
             ax.errorbar([x], [figure["value"]], yerr=err, fmt=marker, capsize=3, label=name)
         ax.axhline(result["real"][metric]["value"], color="gray", linestyle="--", linewidth=1)

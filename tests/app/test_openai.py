@@ -185,7 +185,9 @@ def test_what_it_cannot_honour_is_refused_naming_the_field(api, body, param):
     assert error["param"] == error["field"] == param and f"'{param}'" in error["message"]
 
 
-def test_model_user_and_the_default_quality_are_accepted(api):
-    body = {"prompt": "a", "model": "dall-e-3", "user": "u-1", "quality": "standard", "size": "65x64"}
+def test_user_and_the_default_quality_are_accepted_and_a_model_must_be_the_fleet_s(api):
+    body = {"prompt": "a", "user": "u-1", "quality": "standard", "size": "65x64"}
     response = api.post("/v1/images/generations", json=body)  # gets as far as the size bound
     assert response.status_code == 422 and response.get_json()["error"]["param"] == "size"
+    response = api.post("/v1/images/generations", json={**body, "size": "64x64", "model": "dall-e-3"})
+    assert response.status_code == 422 and response.get_json()["error"]["param"] == "model"

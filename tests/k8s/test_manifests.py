@@ -25,6 +25,7 @@ from app.services import Services
 from fleet.cli import build_parser
 from tasks.celery import PRIORITY_SEP, redis_priority
 from tasks.probes import ready_file
+from tasks.registry import load_registry
 from tasks.settings import Settings
 from tests.k8s.conftest import COMBINATIONS, COMPONENTS, K8S, OVERLAYS, ROOT, render_overlay
 from tests.k8s.keda_schema import SCALED_OBJECT, semantic_errors
@@ -412,7 +413,14 @@ class _FakeStore:
 class _FakeServices(Services):
     def __init__(self):
         super().__init__(
-            settings=Settings(), store=_FakeStore(), owners=None, storage=None, celery=None, events=None, keys=None
+            settings=Settings(),
+            store=_FakeStore(),
+            owners=None,
+            storage=None,
+            celery=None,
+            events=None,
+            keys=None,
+            registry=load_registry(Settings()),
         )
 
 
@@ -475,7 +483,9 @@ def test_workers_scale_on_the_true_backlog(resources):
         assert (url.port or 80) in {p["port"] for p in api["spec"]["ports"]}
         assert url.path in _routes()
         value = gjson(backlog_json(), main["metadata"]["valueLocation"])
-        assert isinstance(value, int) and value == sum(3 + i + 5 for i in range(len(settings.job_queues)))
+        assert isinstance(value, int) and value == sum(
+            3 + i + 5 for i in range(len(load_registry(settings).job_queues))
+        )
         assert main["metadata"]["targetValue"] == str(target)
     else:
         assert main["type"] == "prometheus"

@@ -26,6 +26,7 @@ from tasks import webhooks
 from tasks.celery import make_celery
 from tasks.destinations import resolve_destination
 from tasks.errors import ForbiddenDestination, ValidationFailed
+from tasks.registry import load_registry
 from tasks.settings import Settings
 from tasks.webhooks import (
     MAX_BACKOFF_S,
@@ -406,7 +407,7 @@ def test_job_workers_leave_the_webhook_queue_to_fleet_hooks_which_imports_no_mod
     settings = Settings()
     app = make_celery(settings)
     assert settings.webhook_queue in app.amqp.queues
-    assert set(app.amqp.queues.consume_from) == set(settings.job_queues)
+    assert set(app.amqp.queues.consume_from) == set(load_registry(settings).job_queues)
     probe = (
         "import sys, tasks.webhook_worker as w; print(sorted(w.app.amqp.queues.consume_from)); "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'workers', 'flask'}))"
