@@ -217,12 +217,13 @@ def plot(result: dict, path: Path) -> None:
         (axes[0], "adherence", "adherence (judge reads the digit asked)"),
         (axes[1], "frechet", "Fréchet distance to real digits (lower is better)"),
     ):
-        for row in result["recipes"]:
+        for i, row in enumerate(result["recipes"]):
             x, figure = row["images_per_s"], row[metric]
             err = [[figure["value"] - figure["low"]], [figure["high"] - figure["value"]]]
             marker = {"float32": "o", "float32 int8": "D", "distilled float32": "*"}.get(row["pool"], "s")
             name = f"{row['recipe']['name']} ({row['lone_p50_s'] * 1000:.0f} ms)"
-            ax.errorbar([x], [figure["value"]], yerr=err, fmt=marker, capsize=3, label=name)
+            colour = plt.get_cmap("tab20")(i % 20)  # a colour per recipe: more than the default ten
+            ax.errorbar([x], [figure["value"]], yerr=err, fmt=marker, capsize=3, label=name, color=colour)
         ax.axhline(result["real"][metric]["value"], color="gray", linestyle="--", linewidth=1)
         ax.set_xscale("log")
         ax.set_xlabel("images/s at batch 8 (log); in brackets: a lone job's p50 latency")
