@@ -169,7 +169,8 @@ def accept(
     note_job(job.id)
     job_accepted(job.queue)
     log.info("accepted job %s for %s on %s", job.id, job.owner, job.queue, extra={"queue": job.queue,
-             "owner": job.owner, "images": job.spec.num_images, "priority": job.priority})  # fmt: skip
+             "model": job.spec.model, "owner": job.owner, "images": job.spec.num_images,
+             "priority": job.priority})  # fmt: skip
     return job, False
 
 

@@ -120,5 +120,6 @@ def test_the_worker_exports_what_it_ran(observed):
     assert found[("fleet_engine_start_seconds", frozenset({"phase": "load", "compile": "off"}.items()))] > 0
     info = [labels for name, labels in found if name == "fleet_worker_info"]
     assert len(info) == 1 and "fleet.interactive" in dict(info[0])["queues"]
+    assert dict(info[0])["model"] == "tiny-model"  # the registry's name (FLEET_MODEL's directory)
     assert found[("fleet_worker_jobs", frozenset({"queue": "fleet.interactive"}.items()))] == 0
     assert found[("fleet_job_seconds_count", frozenset())] >= 1

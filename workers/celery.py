@@ -208,15 +208,21 @@ def _start_model(sender: str = "", instance: Any = None, **_: Any) -> None:
         except Exception as exc:  # the consumer reconnects on its own; only the binding waits
             log.warning("could not declare the queues on the broker yet: %s", exc)
     consumed = instance.app.amqp.queues.consume_from if instance is not None else {}
-    queues = sorted(consumed or load_registry(settings).queues(settings.serve or None))
+    registry = load_registry(settings)
+    served = registry.served(settings.serve).name  # the registry's name: what requests say
+    queues = sorted(consumed or registry.queues(served))
     if _context.metrics is not None:
-        _context.metrics.started(_context.runner.model_name, queues)
+        _context.metrics.started(served, queues)
     _presence = Presence(_context.store, sender, queues, settings.task_threads)
     _presence.start()
     _sweeper = Sweeper(_context.store, instance.app if instance is not None else worker_app(), settings)
     _sweeper.start()
     log.info(
-        "worker %s: model %s ready in engine pid %s", sender, _context.runner.model_name, _context.runner.engine_pid
+        "worker %s: model %s (%s) ready in engine pid %s",
+        sender,
+        served,
+        _context.runner.model_name,
+        _context.runner.engine_pid,
     )
 
 
