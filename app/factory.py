@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Flask
 
-from app import docs, errors, health, jobs, logs, metrics, models, openai_images, openapi, webhooks
+from app import docs, errors, health, jobs, logs, metrics, models, openai_images, openapi, playground, webhooks
 from app.services import make_services
 from tasks.settings import get_settings
 
@@ -27,6 +27,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(jobs.bp)
     app.register_blueprint(openai_images.bp)
     app.register_blueprint(models.bp)
+    app.register_blueprint(playground.bp)
     app.register_blueprint(webhooks.bp)
     metrics.register(app, services)
     app.register_blueprint(openapi.bp)

@@ -17,6 +17,7 @@ from app.services import Services, services
 from tasks.catalog import ModelList, ModelState, ModelView, QueueState
 from tasks.errors import NotFound
 from tasks.registry import Model
+from tasks.schedulers import SCHEDULERS
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
 require_key(bp)
@@ -68,10 +69,13 @@ def _view(svc: Services, model: Model) -> ModelView:
     queues = svc.registry.queues(model.name)
     backlog = svc.store.backlog(queues)
     workers = svc.store.live_workers(queues)
+    fields = model.model_dump(exclude={"name", "path"})  # where it lives stays on the server
+    if fields["schedulers"] is None:  # any: say which
+        fields["schedulers"] = list(SCHEDULERS)
     return ModelView(
         id=model.name,
         default=model.name == svc.registry.default,
-        **model.model_dump(exclude={"name", "path"}),  # where it lives stays on the server
+        **fields,
         state=ModelState(
             workers=len(set().union(*workers.values())) if workers else 0,
             queues=[

@@ -40,7 +40,7 @@ class ModelView(BaseModel):
     min_steps: int
     max_steps: int
     guidance_scale: float  # the default
-    schedulers: list[SchedulerName] | None  # null: any; []: only the model's own
+    schedulers: list[SchedulerName]  # what a request may name; []: only the model's own (null)
     dtype: str
     quantize: str
     state: ModelState

@@ -6,23 +6,16 @@ docs show)."""
 from __future__ import annotations
 
 import base64
-import os
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
 from fleet.processes import BIN, Server, wait_for
+from tests.browser import chromium, screenshot, shown, text
 from tests.helpers import submit, wait_done
 
 pytestmark = pytest.mark.e2e
-
-#: Debian's chromium and chromium-driver: never a browser Selenium downloads.
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-#: The browser's window: the screenshots in docs/img are this size.
-WINDOW = (1680, 760)
 
 
 @pytest.fixture(scope="module")
@@ -71,48 +64,11 @@ def test_flower_sees_the_worker_and_a_finished_job(flower, api_url):
 @pytest.fixture(scope="module")
 def browser(flower):
     """Headless Chromium, logged in to Flower (its basic auth header on every request)."""
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        if os.environ.get("CI"):
-            pytest.fail("headless Chromium is not installed: .ci/run installs Debian's chromium and chromium-driver")
-        pytest.skip("headless Chromium is not installed (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     f"--window-size={WINDOW[0]},{WINDOW[1]}", "--hide-scrollbars"):  # fmt: skip
-        options.add_argument(argument)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
     _, (user, password) = flower
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    driver.execute_cdp_cmd("Network.enable", {})
-    driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
-    driver.set_page_load_timeout(30)
+    driver = chromium({"Authorization": f"Basic {token}"})
     yield driver
     driver.quit()
-
-
-def text(element) -> str:
-    """An element's text as the DOM has it: Flower splits long names into spans (to
-    ellipsize them), which Selenium's rendered ``.text`` breaks into lines."""
-    return " ".join(element.get_attribute("textContent").split())
-
-
-def shown(driver, wanted: str, timeout_s: float = 30) -> None:
-    """Until the page's text contains ``wanted`` (Flower fills its tables by AJAX)."""
-    from selenium.webdriver.common.by import By
-
-    body = driver.find_element(By.TAG_NAME, "body")
-    wait_for(lambda: wanted in text(body), timeout_s, f"'{wanted}' on {driver.title}")
-
-
-def screenshot(driver, name: str) -> None:
-    directory = os.environ.get("FLEET_SCREENSHOTS")
-    if directory:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(Path(directory) / name))
 
 
 def test_an_operator_finds_the_worker_its_queues_and_each_job_by_its_id(flower, browser, api_url):

@@ -1,0 +1,48 @@
+"""``GET /playground``: a page to try the fleet from a browser.
+
+Pick a model, scheduler, steps and size from the registry (``GET /v1/models``), submit,
+watch the place in line and each step live, see the images as they arrive and download
+them. It is a client of the public API like any other (same key, same endpoints), three
+static files with no build step, and it loads nothing from anywhere but this fleet.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+from flask import Blueprint, send_from_directory
+from werkzeug.exceptions import NotFound
+
+from app.openapi import ERROR, operation, response
+
+bp = Blueprint("playground", __name__, url_prefix="/playground")
+
+#: The page's files and their media types.
+ASSETS = {"playground.js": "text/javascript", "playground.css": "text/css"}
+_STATIC = str(files("app") / "static")
+
+
+@bp.get("")
+@operation(
+    "A page to try the fleet from a browser (it asks for your API key)",
+    tag="meta",
+    responses={200: response("The page", {"type": "string"}, media="text/html")},
+)
+def page():
+    return send_from_directory(_STATIC, "playground.html", mimetype="text/html", max_age=0)
+
+
+@bp.get("/<name>")
+@operation(
+    "A file of the playground page",
+    tag="meta",
+    parameters=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": list(ASSETS)}}],
+    responses={
+        200: {"description": "The file", "content": {media: {} for media in ASSETS.values()}},
+        404: response("Not a file of the page", ERROR),
+    },
+)
+def asset(name: str):
+    if name not in ASSETS:
+        raise NotFound(f"no playground file '{name}'")
+    return send_from_directory(_STATIC, name, mimetype=ASSETS[name], max_age=0)
