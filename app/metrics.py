@@ -37,9 +37,11 @@ _COUNTS = {
 }
 _BACKLOG = {
     "type": "object",
-    "required": ["queues", "backlog"],
+    "required": ["queues", "models", "backlog"],
     "properties": {
         "queues": {"type": "object", "additionalProperties": _COUNTS},
+        # Per model of the registry, over its queues: what a model pool's scaler reads.
+        "models": {"type": "object", "additionalProperties": _COUNTS},
         "backlog": {"type": "integer", "minimum": 0},
     },
 }
@@ -186,9 +188,18 @@ def prometheus():
 def backlog():
     svc = services()
     queues = svc.store.backlog(svc.registry.job_queues)
+    models = {
+        name: tuple(sum(counts) for counts in zip(*(queues[q] for q in svc.registry.queues(name)), strict=True))
+        for name in svc.registry.names
+    }
     return jsonify(
         {
-            "queues": {q: {"queued": a, "running": b, "backlog": a + b} for q, (a, b) in queues.items()},
+            "queues": {q: _counts(a, b) for q, (a, b) in queues.items()},
+            "models": {name: _counts(a, b) for name, (a, b) in models.items()},
             "backlog": sum(a + b for a, b in queues.values()),
         }
     )
+
+
+def _counts(queued: int, running: int) -> dict[str, int]:
+    return {"queued": queued, "running": running, "backlog": queued + running}

@@ -109,4 +109,11 @@ def test_a_model_no_live_worker_serves_is_queued_or_refused_as_configured(fleet)
     waiting = http.post(f"{queueing}/v1/jobs", json={"prompt": "x", "model": "tiny-unserved"}, timeout=10)
     assert waiting.status_code == 202 and waiting.json()["queue"] == "fleet.multi.tiny-unserved"
     assert waiting.json()["place_in_line"]["position"] == 0
+    backlog = http.get(f"{queueing}/metrics/backlog", timeout=10).json()
+    assert backlog["models"]["tiny-unserved"] == {
+        "queued": 1,
+        "running": 0,
+        "backlog": 1,
+    }  # its pool's scaler reads this
+    assert backlog["models"]["tiny-int8"]["queued"] == 0
     assert http.post(f"{queueing}/v1/jobs/{waiting.json()['id']}/cancel", timeout=10).status_code == 200
