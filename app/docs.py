@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from importlib.resources import files
 
-from flask import Blueprint, Response, send_from_directory, url_for
-from werkzeug.exceptions import NotFound
+from flask import Blueprint, Response, url_for
 
-from app.openapi import ERROR, operation, response
+from app.assets import serve_assets
+from app.openapi import operation, response
 
 bp = Blueprint("docs", __name__, url_prefix="/docs")
 
@@ -68,17 +68,4 @@ def page():
     return Response(html, mimetype="text/html")
 
 
-@bp.get("/<name>")
-@operation(
-    "A file of the documentation page",
-    tag="meta",
-    parameters=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": list(ASSETS)}}],
-    responses={
-        200: {"description": "The file", "content": {media: {} for media in ASSETS.values()}},
-        404: response("Not a file of the page", ERROR),
-    },
-)
-def asset(name: str):
-    if name not in ASSETS:
-        raise NotFound(f"no documentation file '{name}'")
-    return send_from_directory(_DIST, name, mimetype=ASSETS[name], max_age=3600)
+serve_assets(bp, _DIST, ASSETS, "documentation", max_age=3600)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from importlib.resources import files
 
 from flask import Blueprint, send_from_directory
-from werkzeug.exceptions import NotFound
 
-from app.openapi import ERROR, operation, response
+from app.assets import serve_assets
+from app.openapi import operation, response
 
 bp = Blueprint("playground", __name__, url_prefix="/playground")
 
@@ -32,17 +32,4 @@ def page():
     return send_from_directory(_STATIC, "playground.html", mimetype="text/html", max_age=0)
 
 
-@bp.get("/<name>")
-@operation(
-    "A file of the playground page",
-    tag="meta",
-    parameters=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": list(ASSETS)}}],
-    responses={
-        200: {"description": "The file", "content": {media: {} for media in ASSETS.values()}},
-        404: response("Not a file of the page", ERROR),
-    },
-)
-def asset(name: str):
-    if name not in ASSETS:
-        raise NotFound(f"no playground file '{name}'")
-    return send_from_directory(_STATIC, name, mimetype=ASSETS[name], max_age=0)
+serve_assets(bp, _STATIC, ASSETS, "playground", max_age=0)
