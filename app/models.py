@@ -77,7 +77,7 @@ def _view(svc: Services, model: Model) -> ModelView:
         default=model.name == svc.registry.default,
         **fields,
         state=ModelState(
-            workers=len(set().union(*workers.values())) if workers else 0,
+            workers=len(set().union(*workers.values())),
             queues=[
                 QueueState(name=queue, queued=backlog[queue][0], running=backlog[queue][1], workers=len(workers[queue]))
                 for queue in queues

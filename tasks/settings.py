@@ -242,9 +242,6 @@ class Settings(BaseSettings):
             batch_policy=override.batch_policy or self.batch_policy,
         )
 
-    def queue_for(self, service_class: ServiceClass) -> str:
-        return self.batch_queue if service_class == "batch" else self.queue
-
     @property
     def task_threads(self) -> int:
         """Task threads per worker: enough to gather the next batch while one runs."""
