@@ -54,8 +54,9 @@ class DistillPlan:
     teacher_batch: int = 256
 
 
-def student_scheduler(config: Any) -> Any:
-    """The student's sampler: DDIM, trailing spacing (4 steps: t = 999, 749, 499, 249;
+def trailing_ddim(config: Any) -> Any:
+    """DDIM with trailing spacing: the student's sampler (4 steps: t = 999, 749, 499, 249) and
+    the teacher's (40 steps, the student's among them;
     trailing spacing ignores ``steps_offset``, which stays SD's 1, as pipelines insist)."""
     return DDIMScheduler.from_config(config, timestep_spacing="trailing")
 
@@ -110,7 +111,7 @@ def distill(
     teacher.set_progress_bar_config(disable=True)
     context, path = _trajectories(teacher, plan, report)  # path: (kept + 1, n, 4, 8, 8)
 
-    join = DDIMJoin.of(student_scheduler(teacher.scheduler.config))
+    join = DDIMJoin.of(trailing_ddim(teacher.scheduler.config))
     weight = (join.alpha_t / (1 - join.alpha_t)).clamp(min=1.0)  # max(SNR, 1)
 
     student = teacher.unet
@@ -135,7 +136,7 @@ def distill(
         schedule.step()
         report("student", step + 1, plan.train_steps, float(loss.detach()))
     student.eval()
-    teacher.scheduler = student_scheduler(teacher.scheduler.config)
+    teacher.scheduler = trailing_ddim(teacher.scheduler.config)
     return teacher
 
 
@@ -146,7 +147,7 @@ def _trajectories(
     (n, 32, 64) and the latents at each student timestep and the end (5, n, 4, 8, 8)."""
     rng = random.Random(SEED)
     captions = [prompt(rng.randrange(10), rng.choice(TEMPLATES)) for _ in range(plan.trajectories)]
-    sampler = student_scheduler(teacher.scheduler.config)
+    sampler = trailing_ddim(teacher.scheduler.config)
     sampler.set_timesteps(TEACHER_STEPS)
     keep_every = TEACHER_STEPS // STUDENT_STEPS
     generator = torch.Generator().manual_seed(SEED + 1)

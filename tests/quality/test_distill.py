@@ -14,14 +14,14 @@ from diffusers import DDIMScheduler
 from fleet.processes import BIN
 from tests.quality.conftest import QUICK_DISTILL
 from workers.digits_data import SHIPPED, SHIPPED_DISTILLED, SIDE, prompt
-from workers.distill import STUDENT_STEPS, DDIMJoin, student_scheduler
+from workers.distill import STUDENT_STEPS, DDIMJoin, trailing_ddim
 from workers.pipeline import DiffusersModel
 from workers.protocol import EngineConfig
 from workers.work import CompatKey, ImageWork
 
 
 def test_the_student_s_four_steps_are_every_quarter_of_the_schedule_from_its_end():
-    sampler = student_scheduler(DDIMScheduler.from_pretrained(str(SHIPPED), subfolder="scheduler").config)
+    sampler = trailing_ddim(DDIMScheduler.from_pretrained(str(SHIPPED), subfolder="scheduler").config)
     sampler.set_timesteps(STUDENT_STEPS)
     assert sampler.timesteps.tolist() == [999, 749, 499, 249]
 
@@ -29,7 +29,7 @@ def test_the_student_s_four_steps_are_every_quarter_of_the_schedule_from_its_end
 def test_the_target_noise_makes_diffusers_ddim_step_land_on_the_teacher_s_next_latent():
     """The closed form the student learns from is diffusers' own DDIM update, inverted."""
     config = DDIMScheduler.from_pretrained(str(SHIPPED), subfolder="scheduler").config
-    join, sampler = DDIMJoin.of(student_scheduler(config)), student_scheduler(config)
+    join, sampler = DDIMJoin.of(trailing_ddim(config)), trailing_ddim(config)
     sampler.set_timesteps(STUDENT_STEPS)
     generator = torch.Generator().manual_seed(0)
     for k, t in enumerate(sampler.timesteps):
