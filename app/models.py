@@ -69,9 +69,10 @@ def _view(svc: Services, model: Model) -> ModelView:
     queues = svc.registry.queues(model.name)
     backlog = svc.store.backlog(queues)
     workers = svc.store.live_workers(queues)
-    fields = model.model_dump(exclude={"name", "path"})  # where it lives stays on the server
+    fields = model.model_dump(exclude={"name", "path", "loras"})  # where it lives stays on the server
     if fields["schedulers"] is None:  # any: say which
         fields["schedulers"] = list(SCHEDULERS)
+    fields["loras"] = list(model.adapters)
     return ModelView(
         id=model.name,
         default=model.name == svc.registry.default,

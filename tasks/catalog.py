@@ -41,6 +41,7 @@ class ModelView(BaseModel):
     max_steps: int
     guidance_scale: float  # the default
     schedulers: list[SchedulerName]  # what a request may name; []: only the model's own (null)
+    loras: list[str]  # the LoRA adapters a request may apply, by name
     dtype: str
     quantize: str
     state: ModelState

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from tasks.registry import load_registry
-from tasks.request import WEBHOOK_EVENTS, JobRequest, WebhookEvent, validate_request
+from tasks.request import WEBHOOK_EVENTS, JobRequest, LoraRequest, WebhookEvent, validate_request
 from tasks.settings import ServiceClass, Settings
 
 
@@ -54,6 +54,25 @@ def can_move(current: JobState, target: JobState) -> bool:
 OUTPUT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
 
+class LoraChoice(BaseModel):
+    """One LoRA adapter of the job's model, and how strongly it applies."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    scale: float
+
+
+def lora_choices(requested: list[LoraRequest] | None) -> tuple[LoraChoice, ...]:
+    """The adapters as the model applies them: by name, an adapter named twice once with its
+    scales added (the deltas add up the same way), those whose scale comes to 0 left out:
+    jobs that ask for the same thing in another order batch together."""
+    scales: dict[str, float] = {}
+    for lora in requested or ():
+        scales[lora.name] = scales.get(lora.name, 0.0) + lora.scale
+    return tuple(LoraChoice(name=name, scale=scale) for name, scale in sorted(scales.items()) if scale != 0)
+
+
 class GenerationSpec(BaseModel):
     """A validated request with every default filled in: what the worker runs."""
 
@@ -72,6 +91,7 @@ class GenerationSpec(BaseModel):
     output_format: Literal["png", "webp", "jpeg"] = "png"
     output_quality: int | None = None  # webp and jpeg; None: the worker's default
     model: str = ""  # its name in the registry (tasks/registry.py); "": before there was one
+    loras: tuple[LoraChoice, ...] = ()  # the model's LoRA adapters it applies (``lora_choices``)
 
     @property
     def content_type(self) -> str:
@@ -106,6 +126,7 @@ def to_spec(request: JobRequest, settings: Settings) -> GenerationSpec:
         output_format=request.output_format,
         output_quality=request.output_quality,
         model=model.name,
+        loras=lora_choices(request.loras),
     )
 
 

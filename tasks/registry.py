@@ -23,8 +23,12 @@ A registry is a TOML file (``FLEET_MODELS_FILE``; ``docs/models.example.toml``):
     guidance_scale = 1.0
     schedulers = []
 
-Each entry is also a worker pool: a worker serves the model ``FLEET_SERVE`` names, loaded
-as its entry says (``path``, ``dtype``, ``quantize``), and consumes that model's queues
+    [models.digits.loras]         # LoRA adapters a request may apply: name = directory
+    bold = "models/digits-loras/bold"
+
+Each entry is also a worker pool: a worker serves the models ``FLEET_SERVE`` names (one, or
+several that its engine swaps within ``FLEET_MODEL_MEMORY_MB``), loaded as each entry says
+(``path``, ``dtype``, ``quantize``, ``loras``), and consumes their queues
 (``Registry.queue``). Without a file the registry is the one model of ``FLEET_MODEL``, named
 after its directory ("tiny" for the local default), with the fleet-wide defaults.
 """
@@ -48,9 +52,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - 3.10
     import tomli as tomllib
 
-#: a model's name: what requests, queues, metrics and logs call it
+#: a model's name: what requests, queues, metrics and logs call it (an adapter's too)
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
+#: What a LoRA adapter's scale may be: negative scales push away from what it learned.
+MIN_LORA_SCALE, MAX_LORA_SCALE = -2.0, 2.0
+#: The most adapters one request may apply.
+MAX_LORAS = 4
 
 
 class ModelEntry(BaseModel):
@@ -70,6 +78,9 @@ class ModelEntry(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=50)
     # The schedulers a request may name; None: every one; []: only the model's own.
     schedulers: tuple[SchedulerName, ...] | None = None
+    # LoRA adapters a request may apply: name -> a directory (diffusers'
+    # pytorch_lora_weights.safetensors) or a .safetensors file, as load_lora_weights reads.
+    loras: dict[ModelName, str] = Field(default_factory=dict)
 
 
 class Model(BaseModel):
@@ -90,6 +101,11 @@ class Model(BaseModel):
     max_steps: int
     guidance_scale: float
     schedulers: tuple[SchedulerName, ...] | None
+    loras: tuple[tuple[str, str], ...] = ()  # (adapter name, where its weights are)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.loras)
 
     @model_validator(mode="after")
     def _check(self) -> Model:
@@ -150,11 +166,20 @@ class Registry:
         """Every queue jobs are published to, of every model."""
         return list(dict.fromkeys(queue for name in self.models for queue in self.queues(name)))
 
-    def served(self, serve: str) -> Model:
-        """The model a worker started with ``FLEET_SERVE=serve`` loads (empty: the default)."""
-        if serve and serve not in self.models:
-            raise RegistryError(f"FLEET_SERVE={serve!r} is not in the registry ({', '.join(self.models)})")
-        return self.get(serve or None)
+    def served(self, serve: str) -> tuple[Model, ...]:
+        """The models a worker started with ``FLEET_SERVE=serve`` runs: a comma-separated
+        list of names, the first loaded at start (empty: the default model)."""
+        names = [name.strip() for name in serve.split(",") if name.strip()] or [self.default]
+        unknown = [name for name in names if name not in self.models]
+        if unknown:
+            raise RegistryError(
+                f"FLEET_SERVE names {', '.join(unknown)}, not in the registry ({', '.join(self.models)})"
+            )
+        return tuple(self.models[name] for name in dict.fromkeys(names))
+
+    def served_queues(self, serve: str) -> list[str]:
+        """Every queue of the models ``FLEET_SERVE=serve`` names."""
+        return list(dict.fromkeys(queue for model in self.served(serve) for queue in self.queues(model.name)))
 
 
 def load_registry(settings: Settings) -> Registry:
@@ -235,6 +260,7 @@ def _filled(name: str, entry: ModelEntry, defaults: _Defaults) -> Model:
         max_steps=max_steps,
         guidance_scale=defaults.guidance_scale if entry.guidance_scale is None else entry.guidance_scale,
         schedulers=entry.schedulers,
+        loras=tuple(sorted(entry.loras.items())),
     )
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, S
 
 from tasks.destinations import MAX_URL_CHARS, url_pattern
 from tasks.errors import ValidationFailed
-from tasks.registry import Model, load_registry
+from tasks.registry import MAX_LORA_SCALE, MAX_LORAS, MIN_LORA_SCALE, Model, load_registry
 from tasks.schedulers import SCHEDULERS, SchedulerName
 from tasks.settings import ServiceClass, Settings
 
@@ -59,6 +59,26 @@ def _whole(value: Any) -> Any:
 #: the JSON Schema carries them as keywords (and the annotation stays one a checker reads).
 WHOLE = BeforeValidator(_whole)
 WholeInt = Annotated[StrictInt, WHOLE]
+
+
+class LoraRequest(BaseModel):
+    """A LoRA adapter of the model (``GET /v1/models`` lists them) and its scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: StrictStr
+    scale: Annotated[float, Field(strict=True, ge=MIN_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False)] = Field(
+        1.0, description="How strongly it applies: 1 as trained, 0 not at all, negative against it."
+    )
+
+
+def _loras_rule(names: tuple[str, ...]) -> str:
+    if not names:
+        return "an empty list or null: no model here has LoRA adapters"
+    return (
+        f"a list of at most {MAX_LORAS} objects {{name, scale}}: name one of {', '.join(names)}, "
+        f"scale a number from {MIN_LORA_SCALE:g} to {MAX_LORA_SCALE:g}"
+    )
 
 
 class JobRequest(BaseModel):
@@ -114,6 +134,7 @@ class JobRequest(BaseModel):
     webhook_events: list[WebhookEvent] | None = Field(
         None, description="Which events the webhook gets; needs a webhook; null: all of them."
     )
+    loras: list[LoraRequest] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,10 +147,19 @@ class ModelBounds:
     schedulers: tuple[SchedulerName, ...] | None  # None: any; (): only the model's own
     width: int
     height: int
+    adapters: tuple[str, ...] = ()  # the LoRA adapters it has
 
     @classmethod
     def of(cls, model: Model) -> ModelBounds:
-        return cls(model.name, model.min_steps, model.max_steps, model.schedulers, model.width, model.height)
+        return cls(
+            model.name, model.min_steps, model.max_steps, model.schedulers, model.width, model.height, model.adapters
+        )
+
+    @property
+    def loras_rule(self) -> str:
+        if not self.adapters:
+            return f"an empty list or null: model {self.name} has no LoRA adapters"
+        return f"adapters of model {self.name}: {', '.join(self.adapters)}"
 
     @property
     def steps_rule(self) -> str:
@@ -245,13 +275,35 @@ def request_model(bounds: RequestBounds) -> type[JobRequest]:
     names = tuple(m.name for m in bounds.models)
     if not names:
         return BoundedJobRequest
+    adapters = tuple(sorted({a for m in bounds.models for a in m.adapters}))
+    lora: type[LoraRequest] = LoraRequest
+    if adapters:
+
+        class Lora(LoraRequest):
+            model_config = ConfigDict(title="LoraRequest")
+
+            name: Literal[adapters] = Field(  # type: ignore[valid-type]  # the registry's adapters
+                description="An adapter of the job's model (GET /v1/models lists each model's)."
+            )
+
+        lora = Lora
+    loras_limit = MAX_LORAS if adapters else 0
 
     class ModelJobRequest(BoundedJobRequest):
         model_config = ConfigDict(title="JobRequest")
-        rules: ClassVar[dict[str, str]] = {**BoundedJobRequest.rules, "model": f"one of {', '.join(names)}"}
+        rules: ClassVar[dict[str, str]] = {
+            **BoundedJobRequest.rules,
+            "model": f"one of {', '.join(names)}",
+            "loras": _loras_rule(adapters),
+        }
 
         model: Literal[names] | None = Field(  # type: ignore[valid-type]  # the registry's names
             None, description=f"The model (GET /v1/models): {', '.join(names)}; null: {bounds.default_model}."
+        )
+        loras: Annotated[list[lora], Field(max_length=loras_limit)] | None = Field(  # type: ignore[valid-type]
+            None,
+            description="LoRA adapters of the model to apply, each with its scale; an adapter named twice adds "
+            "its scales; jobs batch together only with the same adapters and scales. null: none.",
         )
 
     return ModelJobRequest
@@ -299,6 +351,8 @@ def _check_combination(request: JobRequest, bounds: RequestBounds) -> None:
             raise ValidationFailed(f"'steps' must be {model.steps_rule}", field="steps")
         if model.schedulers is not None and request.scheduler is not None and request.scheduler not in model.schedulers:
             raise ValidationFailed(f"'scheduler' must be {model.scheduler_rule}", field="scheduler")
+        if any(lora.name not in model.adapters for lora in request.loras or ()):
+            raise ValidationFailed(f"'loras' must name {model.loras_rule}", field="loras")
     width = (model.width if model else bounds.default_width) if request.width is None else request.width
     height = (model.height if model else bounds.default_height) if request.height is None else request.height
     if width * height > bounds.max_pixels:
@@ -355,6 +409,11 @@ def model_rules(bounds: RequestBounds) -> list[dict[str, Any]]:
             then["steps"] = {"minimum": model.min_steps, "maximum": model.max_steps}
         if model.schedulers is not None:
             then["scheduler"] = {"enum": [*model.schedulers, None]}
+        every = {a for m in bounds.models for a in m.adapters}
+        if not model.adapters and every:
+            then["loras"] = {"maxItems": 0}
+        elif set(model.adapters) != every:
+            then["loras"] = {"items": {"properties": {"name": {"enum": list(model.adapters)}}}}
         if then:
             rules.append({"if": chosen, "then": {"properties": then}})
     return rules

@@ -100,7 +100,10 @@ class Settings(BaseSettings):
     # named models; empty: FLEET_MODEL alone, named after its directory.
     models_file: str = ""
     default_model: str = ""  # the model a request without "model" gets; empty: the file's default
-    serve: str = ""  # the model this worker serves; empty: the default model
+    serve: str = ""  # the models this worker serves, comma-separated; empty: the default model
+    # The bytes of weights a worker serving several models keeps loaded (the least recently
+    # used are evicted); 0: no budget, every model it serves stays loaded once used.
+    model_memory_mb: int = Field(0, ge=0)
     # A job for a model no live worker serves: "queue" it (it waits, its place in line
     # shown, until a worker of that model starts: a pool scaled to zero) or "reject" it
     # (503 with Retry-After, naming "model"; nothing queued).

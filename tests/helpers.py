@@ -15,7 +15,7 @@ import requests
 from tasks.errors import ModelOutOfMemory
 from tasks.keys import DEV_KEY
 from workers.engine_client import ThreadEngine
-from workers.protocol import EngineConfig
+from workers.protocol import EngineConfig, ModelSpec
 
 #: Calls to the API, with the local development key.
 http = requests.Session()
@@ -125,6 +125,12 @@ class FakeModel:
     def memory_stats(self):
         return None
 
+    def weight_bytes(self):
+        return 0
+
+    def release(self):
+        pass
+
     def warm(self, shape):
         self.threads.add(threading.get_ident())
         self.warmed = shape
@@ -146,6 +152,7 @@ class FakeModel:
         return out
 
 
-def fake_engine(model) -> ThreadEngine:
-    """An in-process engine around an already-built model."""
-    return ThreadEngine(EngineConfig(model_ref=model.name), load=lambda _config: model)
+def fake_engine(model, serves: str = "") -> ThreadEngine:
+    """An in-process engine around an already-built model, serving it as ``serves`` (the
+    registry's name jobs carry; "": the model's own name)."""
+    return ThreadEngine(EngineConfig((ModelSpec(model.name, name=serves),)), load=lambda _config: model)

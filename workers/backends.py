@@ -7,11 +7,11 @@ from workers.work import Model
 
 
 def load_model(config: EngineConfig) -> Model:
-    """Called in the engine. torch is imported only for a real model."""
-    if config.model_ref.startswith("sim:"):
+    """The config's (first) model, called in the engine. torch is imported only for a real model."""
+    if config.model.ref.startswith("sim:"):
         from workers.sim import SimModel
 
-        return SimModel.from_ref(config.model_ref)
+        return SimModel.from_spec(config.model)
     from workers.pipeline import DiffusersModel
 
     return DiffusersModel.load(config)

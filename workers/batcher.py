@@ -13,6 +13,16 @@ Forming a batch
     ``max_batch_images`` is cut into slices of at most that many images; its full slices
     run as batches of their own, its last one may share a call with other jobs.
 
+Models that must be loaded first (a worker serving several)
+    The runner says which models the engine will have loaded (``resident``). When the
+    oldest request's model is not among them, running it means a swap; while requests of a
+    loaded model wait too, the batcher serves those first, and swaps only once the oldest
+    request of the other model has waited ``SWAP_PATIENCE`` times what loading its model
+    costs (``swap_cost``: measured at each load). So under a mixed load a swap happens at
+    most about once per ``SWAP_PATIENCE`` swap times of useful work (swaps take at most
+    ``1 / (1 + SWAP_PATIENCE)`` of the time), and the worker never alternates models batch
+    by batch; a model that is alone in waiting is loaded at once.
+
 When a batch runs (``fixed`` policy)
     - at once if it is full (no waiting request of its key fits any more);
     - when ``max_wait_ms`` has passed since its oldest request arrived
@@ -50,7 +60,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -59,6 +69,9 @@ from workers.work import BatchKey, CompatKey
 
 RATE_WINDOW_S = 10.0
 MAX_KEYS = 256
+#: How many times its model's load time the oldest request waits behind a loaded model's
+#: requests before the batcher swaps to it.
+SWAP_PATIENCE = 4.0
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -224,6 +237,15 @@ class Batcher(Generic[P]):
         self._limits: LruMap[CompatKey, int] = LruMap(int)  # lowered after out-of-memory
         self._waiting: list[Slice[P]] = []
         self._seq = itertools.count()
+        self._swap_costs: dict[str, float] = {}  # model -> seconds its last load took
+
+    def observe_swap(self, model: str, seconds: float) -> None:
+        """Loading ``model`` (and warming it) took ``seconds``."""
+        self._swap_costs[model] = seconds
+
+    def swap_cost(self, model: str) -> float:
+        """What loading ``model`` is expected to cost: its last load, else the dearest seen."""
+        return self._swap_costs.get(model, max(self._swap_costs.values(), default=0.0))
 
     # -- input -------------------------------------------------------------------------
     def policy_of(self, key: BatchKey) -> BatchPolicy:
@@ -275,12 +297,15 @@ class Batcher(Generic[P]):
         return len(self._waiting)
 
     # -- decision ----------------------------------------------------------------------
-    def next_batch(self, now: float, not_before: float | None = None) -> Decision[P]:
+    def next_batch(
+        self, now: float, not_before: float | None = None, resident: Collection[str] | None = None
+    ) -> Decision[P]:
         """``not_before``: the model is busy until about then, so a batch that is not full
-        is not taken earlier (newcomers can still join it)."""
+        is not taken earlier (newcomers can still join it). ``resident``: the models the
+        engine has loaded (None: every model is)."""
         if not self._waiting:
             return Decision[P]()
-        key = self._waiting[0].request.key  # the oldest request picks the key
+        key, swap_at = self._choose_key(now, resident)
         policy = self.policy_of(key)
         limit = self.limit(key)
         chosen: list[Slice[P]] = []
@@ -297,9 +322,24 @@ class Batcher(Generic[P]):
         wake_at = self._wake_at(key, chosen, images, policy, now)
         if not_before is not None:
             wake_at = max(wake_at, not_before)
+        if swap_at is not None:  # ask again when the other model's turn comes
+            wake_at = min(wake_at, swap_at)
         if full or wake_at <= now:
             return self._take(key, chosen)
         return Decision[P](wake_at=wake_at)
+
+    def _choose_key(self, now: float, resident: Collection[str] | None) -> tuple[BatchKey, float | None]:
+        """The key of the next batch: the oldest request's, unless its model is not loaded,
+        a loaded model's requests wait too, and it has not yet waited ``SWAP_PATIENCE``
+        loads; then the oldest of a loaded model's, and when to look again."""
+        oldest = self._waiting[0].request
+        if resident is None or oldest.key.compat.model in resident:
+            return oldest.key, None
+        kept = next((s.request for s in self._waiting if s.request.key.compat.model in resident), None)
+        swap_at = oldest.arrival + SWAP_PATIENCE * self.swap_cost(oldest.key.compat.model)
+        if kept is None or now >= swap_at:
+            return oldest.key, None
+        return kept.key, swap_at
 
     def _wake_at(self, key: BatchKey, chosen: list[Slice[P]], images: int, policy: BatchPolicy, now: float) -> float:
         oldest = min(s.arrival for s in chosen)

@@ -45,7 +45,7 @@ from workers.engine_client import Engine, ProcessEngine, ThreadEngine
 from workers.jobs import HandBack, WorkerContext, run_job
 from workers.metrics import WorkerMetrics
 from workers.presence import Presence
-from workers.protocol import EngineConfig
+from workers.protocol import EngineConfig, ModelSpec
 from workers.runner import ModelRunner, PendingJob
 from workers.sweeper import Sweeper
 
@@ -63,7 +63,7 @@ def make_worker_app(settings: Settings) -> Celery:
     install_celery_logging(settings.log_format, "worker")
     app = make_celery(settings)
     # The served model's queues (``celery worker -Q`` still chooses others).
-    app.amqp.queues.select(load_registry(settings).queues(settings.serve or None))
+    app.amqp.queues.select(load_registry(settings).served_queues(settings.serve))
     use_threads_pool(app, settings.task_threads)
     app.task(name=GENERATE_TASK, bind=True, throws=(JobFailed,))(generate)
     # The ready file a Kubernetes readiness probe reads (tasks/probes.py): there once the
@@ -114,17 +114,25 @@ def engine_config(settings: Settings) -> EngineConfig:
     env = {}
     if settings.worker_slot is not None and settings.device in ("auto", "cuda"):
         env["CUDA_VISIBLE_DEVICES"] = slot_device(settings.worker_slot, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    model = load_registry(settings).served(settings.serve)
+    models = tuple(
+        ModelSpec(
+            ref=model.path,
+            name=model.name,
+            dtype=model.dtype,
+            quantize=model.quantize,
+            warm=settings.warm_shapes_for(model.width, model.height),
+            loras=model.loras,
+        )
+        for model in load_registry(settings).served(settings.serve)
+    )
     return EngineConfig(
-        model_ref=model.path,
+        models,
         device=settings.device,
-        dtype=model.dtype,
-        quantize=model.quantize,
-        warm=settings.warm_shapes_for(model.width, model.height),
         compile=settings.compile,
         compile_cache_dir=str(settings.compile_cache.resolve()),
         env=tuple(env.items()),
         log_format=settings.log_format,
+        memory_budget=settings.model_memory_mb * 2**20,
     )
 
 
@@ -209,21 +217,15 @@ def _start_model(sender: str = "", instance: Any = None, **_: Any) -> None:
             log.warning("could not declare the queues on the broker yet: %s", exc)
     consumed = instance.app.amqp.queues.consume_from if instance is not None else {}
     registry = load_registry(settings)
-    served = registry.served(settings.serve).name  # the registry's name: what requests say
-    queues = sorted(consumed or registry.queues(served))
+    served = ",".join(model.name for model in registry.served(settings.serve))  # what requests say
+    queues = sorted(consumed or registry.served_queues(settings.serve))
     if _context.metrics is not None:
         _context.metrics.started(served, queues)
     _presence = Presence(_context.store, sender, queues, settings.task_threads)
     _presence.start()
     _sweeper = Sweeper(_context.store, instance.app if instance is not None else worker_app(), settings)
     _sweeper.start()
-    log.info(
-        "worker %s: model %s (%s) ready in engine pid %s",
-        sender,
-        served,
-        _context.runner.model_name,
-        _context.runner.engine_pid,
-    )
+    log.info("worker %s: serving %s, engine pid %s", sender, served, _context.runner.engine_pid)
 
 
 def _release_waiting_jobs(**_: Any) -> None:

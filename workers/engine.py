@@ -33,6 +33,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from typing import Protocol
@@ -54,9 +55,11 @@ from workers.protocol import (
     Started,
     Step,
     Stop,
+    Swapped,
     images_view,
     to_engine,
 )
+from workers.resident import ResidentModels
 from workers.work import Model
 
 log = logging.getLogger(__name__)
@@ -79,7 +82,9 @@ class Inbox(Protocol):
 
 
 class EngineCore:
-    """Load and warm the model, then run batches from the inbox until told to stop."""
+    """Load and warm the first model, then run batches from the inbox until told to stop,
+    loading another model when a batch names it (``workers.resident``). ``load`` loads the
+    one model of the config it is given."""
 
     def __init__(
         self,
@@ -99,22 +104,23 @@ class EngineCore:
 
     def run(self) -> int:
         """Returns the exit code: 0 after ``Stop`` or the worker going away."""
+        config = self._config
+        models = ResidentModels(
+            config.models, config.memory_budget, lambda spec: self._load(replace(config, models=(spec,)))
+        )
         try:
-            started = time.perf_counter()
-            model = self._load(self._config)
-            loaded = time.perf_counter()
-            for shape in self._config.warm:
-                model.warm(shape)
-            warm_s = time.perf_counter() - loaded
+            model, loaded = models.get(config.model.key)
+            assert loaded is not None
         except BaseException as exc:
             log.exception("the engine could not load or warm the model")
             self._send(LoadFailed(f"{type(exc).__name__}: {exc}"))
             return EXIT_LOAD_FAILED
-        log.info("model %s loaded in %.1fs, warm in %.1fs (pid %s)", model.name, loaded - started, warm_s, os.getpid())
-        self._send(Ready(model.name, os.getpid(), loaded - started, warm_s, tuple(map(str, self._config.warm))))
+        log.info("model %s ready (pid %s)", model.name, os.getpid())
+        warmed = tuple(map(str, config.model.warm))
+        self._send(Ready(config.model.key, os.getpid(), loaded.load_s, loaded.warm_s, warmed, model.weight_bytes()))
         try:
             while (batch := self._next()) is not None:
-                self._run(model, batch)
+                self._run(models, batch)
         except DeviceLost as exc:
             log.critical("the device is lost (%s): the engine exits so a new one can start", exc.message)
             return EXIT_DEVICE_LOST
@@ -160,11 +166,21 @@ class EngineCore:
                 assert_never(message)
 
     # -- one batch ------------------------------------------------------------------------
-    def _run(self, model: Model, batch: RunBatch) -> None:
+    def _run(self, models: ResidentModels, batch: RunBatch) -> None:
         if batch.batch_id in self._canceled:
             self._canceled.discard(batch.batch_id)
             self._send(Done(batch.batch_id, 0.0, canceled=True))
             return
+        try:
+            model, loaded = models.get(batch.key.model)
+        except DeviceLost:
+            raise
+        except Exception as exc:
+            log.exception("model %s could not be loaded", batch.key.model)
+            self._send(Failed(batch.batch_id, f"model {batch.key.model} could not be loaded: {_message(exc)}"))
+            return
+        if loaded is not None:
+            self._send(Swapped(batch.batch_id, loaded.model, loaded.load_s, loaded.warm_s, loaded.resident))
         self._send(Started(batch.batch_id))
         canceled = False
 
@@ -184,14 +200,17 @@ class EngineCore:
             self._send(Failed(batch.batch_id, exc.message, out_of_memory=True))
             return
         except Exception as exc:
-            message = exc.message if isinstance(exc, FleetError) else f"{type(exc).__name__}: {exc}"
-            self._send(Failed(batch.batch_id, message))
+            self._send(Failed(batch.batch_id, _message(exc)))
             return
         finally:
             self._canceled.discard(batch.batch_id)
         inference_s = time.perf_counter() - started
         memory = _memory_stats(model)
         self._send(Done(batch.batch_id, inference_s, canceled, images=_deliver(batch, images), memory=memory))
+
+
+def _message(exc: Exception) -> str:
+    return exc.message if isinstance(exc, FleetError) else f"{type(exc).__name__}: {exc}"
 
 
 def _memory_stats(model: Model) -> tuple[int, int, int] | None:

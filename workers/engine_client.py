@@ -46,6 +46,7 @@ from workers.protocol import (
     Started,
     Step,
     Stop,
+    Swapped,
     ToEngine,
     from_engine,
     image_bytes,
@@ -69,6 +70,9 @@ class EngineEvents(Protocol):
     def batch_failed(self, batch_id: int, error: str, out_of_memory: bool) -> None: ...
 
     def engine_died(self, reason: str) -> None: ...
+
+    def model_swapped(self, swapped: Swapped) -> None:
+        """The engine loaded another model for the next batch (and evicted others)."""
 
     def device_memory(self, allocated: int, reserved: int, peak: int) -> None:
         """GPU memory after a call (sent only by a model on CUDA)."""
@@ -109,6 +113,8 @@ def dispatch(message: FromEngine, events: EngineEvents, images: Images | None = 
             events.batch_step(batch_id, step, total)
         case Started(batch_id=batch_id):
             events.batch_started(batch_id)
+        case Swapped():
+            events.model_swapped(message)
         case Done(batch_id=batch_id, inference_s=inference_s, canceled=canceled, memory=memory):
             if memory is not None:
                 events.device_memory(*memory)
@@ -128,7 +134,7 @@ def started(message: FromEngine) -> Ready:
             return message
         case LoadFailed(error=error):
             raise EngineStartFailed(f"the model failed to load: {error}")
-        case Started() | Step() | Done() | Failed():
+        case Swapped() | Started() | Step() | Done() | Failed():
             raise EngineStartFailed(f"the engine sent {type(message).__name__} before it was ready")
         case _:
             assert_never(message)

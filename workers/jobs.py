@@ -236,7 +236,15 @@ def _gave_up(crashes: int) -> str:
 
 def _generate(ctx: WorkerContext, job: Job, queue: str) -> JobResult:
     spec = job.spec
-    key = CompatKey(ctx.runner.model_name, spec.width, spec.height, spec.steps, spec.guidance_scale, spec.scheduler)
+    key = CompatKey(
+        spec.model or ctx.runner.model_name,  # "": a job from before the registry, the first model
+        spec.width,
+        spec.height,
+        spec.steps,
+        spec.guidance_scale,
+        spec.scheduler,
+        tuple((lora.name, lora.scale) for lora in spec.loras),
+    )
     work = [ImageWork(spec.prompt, spec.negative_prompt, spec.image_seed(i)) for i in range(spec.num_images)]
     deadline = None
     if spec.deadline_ms is not None:

@@ -50,6 +50,19 @@ class WorkerMetrics:
             registry=r,
         )
         self.images = Counter("fleet_images_total", "Images made by model calls that succeeded", registry=r)
+        self.model_batches = Counter(
+            "fleet_model_batches_total", "Model calls that ran, by model (its registry name)", ["model"], registry=r
+        )
+        self.model_loads = Counter(
+            "fleet_model_loads_total",
+            "Models the engine loaded, at start and in swaps (a worker serving several), by model",
+            ["model"],
+            registry=r,
+        )
+        self.model_load = Gauge(
+            "fleet_model_load_seconds", "The last load of each model, warm-up included: what a swap costs", ["model"],
+            registry=r,
+        )  # fmt: skip
         self.batch_failures = Counter(
             "fleet_batch_failures_total",
             "Model calls that raised (the batch is split and retried), by reason",
@@ -90,7 +103,11 @@ class WorkerMetrics:
         )  # fmt: skip
 
     # BatchObserver, called on the runner's threads
-    def batch_done(self, images: int, wait_s: float, inference_s: float, canceled: bool = False) -> None:
+    def batch_done(
+        self, images: int, wait_s: float, inference_s: float, canceled: bool = False, model: str = ""
+    ) -> None:
+        if model:
+            self.model_batches.labels(model).inc()
         self.batch_images.observe(images)
         self.batch_wait.observe(wait_s)
         self.inference.observe(inference_s)
@@ -109,6 +126,10 @@ class WorkerMetrics:
     def engine_ready(self, load_s: float, warm_s: float) -> None:
         self.engine_start.labels("load", self.compile_mode).set(load_s)
         self.engine_start.labels("warm", self.compile_mode).set(warm_s)
+
+    def model_loaded(self, model: str, load_s: float, warm_s: float) -> None:
+        self.model_loads.labels(model).inc()
+        self.model_load.labels(model).set(load_s + warm_s)
 
     def device_memory_used(self, allocated: int, reserved: int, peak: int) -> None:
         self.device_memory.labels("allocated").set(allocated)

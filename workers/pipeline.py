@@ -9,11 +9,18 @@ static shapes. A batch size that was not warmed is padded up to the next warmed 
 its shape (the padding images are computed and dropped: a batch of 5 costs what a batch of
 8 does) rather than recompiled, which would stall the engine for a minute or more; a batch
 larger than every warmed size compiles anew once (logged). Eager mode needs no padding.
+
+LoRA adapters (``CompatKey.loras``) are loaded with diffusers' ``load_lora_weights`` the
+first time a batch names them and kept; between batches only ``set_adapters`` (or
+``disable_lora`` for a batch with none) changes, so switching never reloads the base model.
+An adapter that fails to load fails its batch with ``PipelineError`` and is removed again;
+the model and the engine carry on.
 """
 
 from __future__ import annotations
 
 import bisect
+import gc
 import logging
 import time
 from pathlib import Path
@@ -89,27 +96,39 @@ def compile_unet(pipe: Pipeline, mode: str) -> None:
 class DiffusersModel:
     """A loaded pipeline on its device: the engine's one handle on torch."""
 
-    def __init__(self, pipe: Pipeline, device: str, name: str, compiled: bool = False):
+    def __init__(
+        self,
+        pipe: Pipeline,
+        device: str,
+        name: str,
+        compiled: bool = False,
+        loras: tuple[tuple[str, str], ...] = (),
+    ):
         self.pipe = pipe
         self.device = device
         self.name = name
         self.compiled = compiled
         self._warmed: dict[tuple[int, int], list[int]] = {}  # (width, height) -> batch sizes
         self._schedulers: dict[str | None, Any] = {None: pipe.scheduler}
+        self._lora_paths = dict(loras)
+        self._adapters: set[str] = set()  # loaded into the pipeline
+        self._active: tuple[tuple[str, float], ...] | None = ()  # None: unknown (after a load)
 
     @classmethod
     def load(cls, config: EngineConfig) -> DiffusersModel:
+        """The config's (first) model on its device."""
+        spec = config.model
         device = select_device(config.device)
-        pipe = load_pipeline(config.model_ref, device, select_dtype(device, config.dtype))
-        if config.quantize == "int8":
+        pipe = load_pipeline(spec.ref, device, select_dtype(device, spec.dtype))
+        if spec.quantize == "int8":
             before = module_bytes(pipe.unet)
             layers = quantize_module(pipe.unet)
             log.info("UNet weights in int8: %d layers, %d -> %d bytes", layers, before, module_bytes(pipe.unet))
         compiled = config.compile != "off"
         if compiled:
             compile_unet(pipe, config.compile)
-        log.info("loaded %s on %s%s", config.model_ref, device, f", UNet compiled ({config.compile})" * compiled)
-        return cls(pipe, device, config.model_ref, compiled)
+        log.info("loaded %s on %s%s", spec.ref, device, f", UNet compiled ({config.compile})" * compiled)
+        return cls(pipe, device, spec.ref, compiled, spec.loras)
 
     def run(self, key: CompatKey, images: list[ImageWork], on_step: StepCallback | None = None) -> np.ndarray:
         padded = self._padded(key, images)
@@ -118,7 +137,65 @@ class DiffusersModel:
         elif self.compiled and (key.width, key.height) in self._warmed and len(images) not in self._warm_sizes(key):
             log.warning("batch of %d at %dx%d was not warmed: compiling it now", len(images), key.width, key.height)
         self.pipe.scheduler = self._scheduler(key.scheduler)
+        self._use_adapters(key.loras)
         return generate(self.pipe, key, padded, self.device, on_step)[: len(images)]
+
+    def _use_adapters(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """Make ``loras`` (name, scale) the active adapters: load those never loaded, then
+        ``set_adapters``; none: ``disable_lora``. Nothing changes when the last batch had
+        the same ones."""
+        if loras == self._active:
+            return
+        for name, _ in loras:
+            if name not in self._adapters:
+                self._load_adapter(name)
+        self._active = None
+        if loras:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([name for name, _ in loras], adapter_weights=[scale for _, scale in loras])
+        elif self._adapters:
+            self.pipe.disable_lora()
+        self._active = loras
+
+    def _load_adapter(self, name: str) -> None:
+        path = self._lora_paths.get(name)
+        if path is None:
+            raise PipelineError(f"model {self.name} has no LoRA adapter {name!r}")
+        where = Path(path)
+        directory, weight_name = (where.parent, where.name) if where.is_file() else (where, None)
+        self._active = None  # a loaded adapter is active until set_adapters says otherwise
+        try:
+            self.pipe.load_lora_weights(
+                str(directory), weight_name=weight_name, adapter_name=name, local_files_only=True
+            )
+        except Exception as exc:
+            self._forget_adapter(name)
+            error = f"{type(exc).__name__}: {exc}"
+            raise PipelineError(f"LoRA adapter {name!r} could not be loaded from {path}: {error}") from exc
+        self._adapters.add(name)
+        log.info("LoRA adapter %s loaded from %s", name, path)
+
+    def _forget_adapter(self, name: str) -> None:
+        """Take a half-loaded adapter out again, so the next batch runs on a clean model."""
+        try:
+            if name in self.pipe.get_list_adapters().get("unet", []) or any(
+                name in names for names in self.pipe.get_list_adapters().values()
+            ):
+                self.pipe.delete_adapters(name)
+        except Exception:
+            log.exception("could not remove the adapter %s that failed to load", name)
+
+    def weight_bytes(self) -> int:
+        """The bytes of every module of the pipeline: what a memory budget counts."""
+        return sum(module_bytes(part) for part in self.pipe.components.values() if isinstance(part, torch.nn.Module))
+
+    def release(self) -> None:
+        """Drop the pipeline and hand its device memory back (the engine evicts it)."""
+        self.pipe = None
+        self._schedulers.clear()
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def _scheduler(self, name: str | None) -> Any:
         """The scheduler a batch asked for, made once from the model's own config (its noise

@@ -3,11 +3,13 @@
 ::
 
     worker -> engine   ToEngine   = RunBatch | CancelBatch | Stop
-    engine -> worker   FromEngine = Ready | LoadFailed | Started | Step | Done | Failed
+    engine -> worker   FromEngine = Ready | LoadFailed | Swapped | Started | Step | Done | Failed
 
-The engine process is started with an ``EngineConfig`` and answers ``Ready`` (or
-``LoadFailed``) once its model is loaded and warm. Then, per batch: ``RunBatch`` in;
-``Started``, a ``Step`` at every step boundary, and ``Done`` or ``Failed`` out.
+The engine process is started with an ``EngineConfig`` (the models it may run, each a
+``ModelSpec``) and answers ``Ready`` (or ``LoadFailed``) once its first model is loaded
+and warm. Then, per batch: ``RunBatch`` in; ``Swapped`` first when the batch's model had
+to be loaded (evicting others to stay within the memory budget), ``Started``, a ``Step``
+at every step boundary, and ``Done`` or ``Failed`` out.
 ``CancelBatch`` stops a batch at its next step boundary (``Done(canceled=True)``);
 ``Stop`` lets the engine finish what it was sent and exit.
 
@@ -50,19 +52,59 @@ Images: TypeAlias = npt.NDArray[np.uint8]
 
 
 @dataclass(frozen=True, slots=True)
-class EngineConfig:
-    """What the engine process is started with (the spawn argument)."""
+class ModelSpec:
+    """How the engine loads one model: its registry entry's part that the engine needs."""
 
-    model_ref: str
-    device: str = "auto"
+    ref: str  # a diffusers directory, a hub id, or a sim: spec
+    name: str = ""  # what ``CompatKey.model`` calls it (the registry's name); "": ``ref``
     dtype: str = "auto"
     quantize: Quantization = "none"
     warm: tuple[WarmShape, ...] = ()
+    #: The LoRA adapters a batch may name: (adapter name, its directory or file).
+    loras: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def key(self) -> str:
+        return self.name or self.ref
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What the engine process is started with (the spawn argument): the models it may run,
+    the first loaded at start and the others when a batch needs them, keeping the most
+    recently used within ``memory_budget`` bytes of weights (0: no budget)."""
+
+    models: tuple[ModelSpec, ...]
+    device: str = "auto"
     compile: CompileMode = "off"
     compile_cache_dir: str = ""
     #: Environment set in the engine before torch is imported (device pinning).
     env: tuple[tuple[str, str], ...] = ()
     log_format: str = "text"  # FLEET_LOG_FORMAT
+    memory_budget: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("an engine needs at least one model")
+
+    @classmethod
+    def one(
+        cls,
+        ref: str,
+        *,
+        dtype: str = "auto",
+        quantize: Quantization = "none",
+        warm: tuple[WarmShape, ...] = (),
+        loras: tuple[tuple[str, str], ...] = (),
+        **engine: Any,
+    ) -> EngineConfig:
+        """An engine of the one model ``ref``."""
+        return cls((ModelSpec(ref, dtype=dtype, quantize=quantize, warm=warm, loras=loras),), **engine)
+
+    @property
+    def model(self) -> ModelSpec:
+        """The model loaded at start."""
+        return self.models[0]
 
     def environment(self) -> dict[str, str]:
         """What the engine sets before torch is imported: ``env``, and in compiled mode the
@@ -112,6 +154,8 @@ class Ready:
     load_s: float
     warm_s: float
     warmed: tuple[str, ...] = ()
+    #: weights' bytes of the model loaded (0: the backend does not say)
+    memory_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +163,19 @@ class LoadFailed:
     """The model could not be loaded or warmed; the engine exits."""
 
     error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Swapped:
+    """The next batch's model was not loaded: it is now (``load_s`` to load, ``warm_s`` to
+    warm), and ``resident`` are the models loaded after the least recently used were
+    evicted to make room."""
+
+    batch_id: int
+    model: str
+    load_s: float
+    warm_s: float
+    resident: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +215,10 @@ class Failed:
     out_of_memory: bool = False
 
 
-FromEngine: TypeAlias = Ready | LoadFailed | Started | Step | Done | Failed
+FromEngine: TypeAlias = Ready | LoadFailed | Swapped | Started | Step | Done | Failed
 
 _TO_ENGINE = (RunBatch, CancelBatch, Stop)
-_FROM_ENGINE = (Ready, LoadFailed, Started, Step, Done, Failed)
+_FROM_ENGINE = (Ready, LoadFailed, Swapped, Started, Step, Done, Failed)
 
 
 def to_engine(message: object) -> ToEngine:

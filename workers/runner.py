@@ -45,7 +45,7 @@ from tasks.cancel import NOT_STARTED_IN_TIME
 from tasks.errors import EngineCrashed, EngineStartFailed, JobCanceled, ModelOutOfMemory, PipelineError
 from workers.batcher import Batch, Batcher, Request, Slice
 from workers.engine_client import Engine
-from workers.protocol import Images
+from workers.protocol import Images, Ready, Swapped
 from workers.work import BatchKey, CompatKey, ImageWork
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,9 @@ DISPATCH_LEAD_S = 0.02
 
 
 class BatchObserver(Protocol):
-    def batch_done(self, images: int, wait_s: float, inference_s: float, canceled: bool = False) -> None: ...
+    def batch_done(
+        self, images: int, wait_s: float, inference_s: float, canceled: bool = False, model: str = ""
+    ) -> None: ...
 
     def batch_failed(self, out_of_memory: bool = False) -> None: ...
 
@@ -67,6 +69,14 @@ class BatchObserver(Protocol):
     def engine_ready(self, load_s: float, warm_s: float) -> None: ...
 
     def device_memory_used(self, allocated: int, reserved: int, peak: int) -> None: ...
+
+    def model_loaded(self, model: str, load_s: float, warm_s: float) -> None: ...
+
+
+def _recipe(key: CompatKey) -> str:
+    """The model and the adapters a batch ran, for its log line."""
+    adapters = "".join(f" +{name}:{scale:g}" for name, scale in key.loras)
+    return f"{key.model}{adapters}"
 
 
 class JobReleased(Exception):
@@ -153,7 +163,8 @@ class ModelRunner:
         self._retries: deque[Batch[PendingJob]] = deque()  # halves of a failed batch, before anything else
         self._batch_ids = itertools.count(1)
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
-        self.model_name = ""
+        self.model_name = ""  # the model the engine loads at start
+        self._resident: tuple[str, ...] = ()  # the models the engine has loaded
         self.engine_pid: int | None = None
         self.restarts = 0
 
@@ -165,8 +176,7 @@ class ModelRunner:
         except EngineStartFailed as exc:
             raise RuntimeError(exc.message) from exc
         self.model_name, self.engine_pid = ready.model_name, ready.pid
-        if self._observer:
-            self._observer.engine_ready(ready.load_s, ready.warm_s)
+        self._ready(ready)
         self._engine_up = True
         self._dispatcher.start()
 
@@ -295,7 +305,9 @@ class ModelRunner:
             if self._stopping:
                 decision = self._batcher.next_batch(float("inf"))
             else:
-                decision = self._batcher.next_batch(now, not_before=self._busy_until())
+                decision = self._batcher.next_batch(
+                    now, not_before=self._busy_until(), resident=self._expected_resident()
+                )
             if decision.batch is not None:
                 self._report_waiting()
                 live = tuple(s for s in decision.batch.slices if self._runnable(s, now))
@@ -332,6 +344,25 @@ class ModelRunner:
                 free_at += predicted
         return free_at - DISPATCH_LEAD_S
 
+    def _ready(self, ready: Ready) -> None:
+        """An engine (re)started with its first model loaded."""
+        with self._cond:
+            self._resident = (ready.model_name,)
+            self._batcher.observe_swap(ready.model_name, ready.load_s + ready.warm_s)
+        if self._observer:
+            self._observer.engine_ready(ready.load_s, ready.warm_s)
+            self._observer.model_loaded(ready.model_name, ready.load_s, ready.warm_s)
+
+    def _expected_resident(self) -> frozenset[str]:
+        """Under the lock: the models loaded once the batches sent are running: those the
+        engine said, unless a batch waiting in it names another, which may evict them all."""
+        resident = set(self._resident)
+        for flight in self._inflight.values():  # in the order they were sent
+            model = flight.batch.key.compat.model
+            if flight.started_at is None and model not in resident:
+                resident = {model}
+        return frozenset(resident)
+
     def _restart(self) -> None:
         try:
             ready = self._engine.start(self)
@@ -345,13 +376,26 @@ class ModelRunner:
         self.restarts += 1
         if self._observer:
             self._observer.engine_restarted()
-            self._observer.engine_ready(ready.load_s, ready.warm_s)
+        self._ready(ready)
         with self._cond:
             self.engine_pid = ready.pid
             self._engine_up = True
             self._cond.notify_all()
 
     # -- engine events (its reader thread) -----------------------------------------------
+    def model_swapped(self, swapped: Swapped) -> None:
+        with self._cond:
+            self._resident = swapped.resident
+            self._batcher.observe_swap(swapped.model, swapped.load_s + swapped.warm_s)
+            self._cond.notify_all()
+        if self._observer:
+            self._observer.model_loaded(swapped.model, swapped.load_s, swapped.warm_s)
+        log.info(
+            "batch %s-%s: model %s loaded in %.2fs, warm in %.2fs; loaded now: %s", self.engine_pid,
+            swapped.batch_id, swapped.model, swapped.load_s, swapped.warm_s, ", ".join(swapped.resident),
+            extra={"batch_id": f"{self.engine_pid}-{swapped.batch_id}", "model": swapped.model},
+        )  # fmt: skip
+
     def batch_started(self, batch_id: int) -> None:
         with self._cond:
             flight = self._inflight.get(batch_id)
@@ -381,13 +425,17 @@ class ModelRunner:
         started = flight.started_at if flight.started_at is not None else self._clock()
         canceled = canceled or images is None
         if self._observer:
-            self._observer.batch_done(batch.images, started - batch.oldest_arrival, inference_s, canceled)
+            self._observer.batch_done(
+                batch.images, started - batch.oldest_arrival, inference_s, canceled, batch.key.compat.model
+            )
         label = f"{self.engine_pid}-{batch_id}"
         log.info(
-            "batch %s: %d image(s) of %d job(s)%s, waited %.3fs, model %.3fs", label, batch.images,
-            len(batch.slices), " canceled" * canceled, started - batch.oldest_arrival, inference_s,
+            "batch %s: %d image(s) of %d job(s) on %s%s, waited %.3fs, model %.3fs", label, batch.images,
+            len(batch.slices), _recipe(batch.key.compat), " canceled" * canceled, started - batch.oldest_arrival,
+            inference_s,
             extra={"batch_id": label, "batch_images": batch.images, "job_ids": flight.job_ids,
-                   "batch_wait_s": started - batch.oldest_arrival, "inference_s": inference_s},
+                   "batch_wait_s": started - batch.oldest_arrival, "inference_s": inference_s,
+                   "model": batch.key.compat.model},
         )  # fmt: skip
         if canceled or images is None:  # the thread engine hands a canceled call's images over too
             for s in batch.slices:

@@ -8,7 +8,9 @@ overhead, scale-out over many workers and batching policies can be measured on a
 machine, or planned for a GPU not yet bought. ``sim:profile=NAME`` takes ``a`` and ``b``
 from a shipped profile (``workers/profiles/NAME.json``).
 
-Sleeping releases the GIL and uses no cores, like a GPU kernel. A call is cut into
+Sleeping releases the GIL and uses no cores, like a GPU kernel. ``load_s=2`` makes loading take 2 s and
+``mem=500`` says its weights take 500 MiB: a swap's cost and a memory budget's count, for
+a worker that serves several models. A call is cut into
 ``steps`` equal parts with the engine's step callback between them (progress, cancel).
 
 For fault tests, a prompt containing ``[[raise]]`` makes the call raise; the others end
@@ -50,6 +52,7 @@ import numpy as np
 from tasks.errors import DeviceLost
 from tasks.settings import WarmShape
 from workers.cost import PROFILES, CostProfile
+from workers.protocol import ModelSpec
 from workers.work import CompatKey, ImageWork, StepCallback
 
 RAISE_MARK = "[[raise]]"
@@ -63,10 +66,16 @@ HOST_SLICE = 0.0005  # seconds: the longest stretch of host work that holds the 
 class SimProfile(CostProfile):
     noise: float = 0.0  # relative standard deviation of a call's time
     host: float = 0.0  # share of a call that is GIL-holding Python (kernel launches), 0..1
+    load_s: float = 0.0  # seconds loading the model takes (what a swap costs)
+    mem: float = 0.0  # MiB its weights take (what a memory budget counts)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.host <= 1.0:  # also refuses NaN
             raise ValueError(f"sim model: host= is the share of a call spent in Python, 0 to 1; got {self.host}")
+
+    @property
+    def weight_bytes(self) -> int:
+        return int(self.mem * 2**20)
 
     def draw(self, images: int, rng: random.Random) -> float:
         """One call's time: the profile's, with its noise."""
@@ -74,7 +83,7 @@ class SimProfile(CostProfile):
 
     @classmethod
     def parse(cls, spec: str) -> SimProfile:
-        """``a=0.1,b=0.2,noise=0.05,host=0.3`` or ``profile=NAME[,noise=...][,host=...]``."""
+        """``a=0.1,b=0.2,noise=0.05,host=0.3,load_s=2,mem=500`` or ``profile=NAME[,noise=...]...``."""
         fields: dict[str, str] = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, sep, value = part.partition("=")
@@ -85,7 +94,7 @@ class SimProfile(CostProfile):
         if "profile" in fields:
             data = json.loads((PROFILES / f"{fields.pop('profile')}.json").read_text())
             values.update(a=data["a"], b=data["b"])
-        unknown = set(fields) - {"a", "b", "noise", "host"}
+        unknown = set(fields) - {"a", "b", "noise", "host", "load_s", "mem"}
         if unknown:
             raise ValueError(f"sim model: unknown field(s) {sorted(unknown)}")
         values.update({k: float(v) for k, v in fields.items()})
@@ -119,7 +128,20 @@ class SimModel:
     def from_ref(cls, model_ref: str) -> SimModel:
         return cls(SimProfile.parse(model_ref.removeprefix("sim:")), model_ref)
 
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> SimModel:
+        """Loaded as a registry entry says: it takes ``load_s=`` seconds."""
+        model = cls.from_ref(spec.ref)
+        model._sleep(model.profile.load_s)
+        return model
+
     def warm(self, shape: WarmShape) -> None:
+        pass
+
+    def weight_bytes(self) -> int:
+        return self.profile.weight_bytes
+
+    def release(self) -> None:
         pass
 
     def memory_stats(self) -> tuple[int, int, int] | None:

@@ -23,6 +23,8 @@ class CompatKey:
     steps: int
     guidance_scale: float
     scheduler: str | None = None  # a diffusers scheduler class name; None: the model's own
+    #: LoRA adapters and their scales, by name (``tasks.jobs.LoraChoice``); (): none
+    loras: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,14 @@ class Model(Protocol):
         ...
 
     def warm(self, shape: WarmShape) -> None: ...
+
+    def weight_bytes(self) -> int:
+        """The bytes its weights take on the device: what a memory budget counts."""
+        ...
+
+    def release(self) -> None:
+        """Give the device memory back: the engine evicts this model."""
+        ...
 
     def memory_stats(self) -> tuple[int, int, int] | None:
         """Device bytes (allocated, reserved, peak since the last read); None where the

@@ -43,6 +43,6 @@ def measure_bare(model_ref: str, size: int, steps: int, device: str, calls: dict
     from workers.backends import load_model
     from workers.protocol import EngineConfig
 
-    model = load_model(EngineConfig(model_ref, device=device))
+    model = load_model(EngineConfig.one(model_ref, device=device))
     key = CompatKey(model.name, size, size, steps, 7.5)
     return {batch: time_bare(model, key, batch, n) for batch, n in calls.items()}

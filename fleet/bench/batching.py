@@ -207,7 +207,7 @@ def run(
     from workers.backends import load_model
     from workers.protocol import EngineConfig
 
-    model = load_model(EngineConfig(model_ref, device=device))
+    model = load_model(EngineConfig.one(model_ref, device=device))
     key = CompatKey(model.name, size, size, steps, 7.5)
     pairs: list[Pair] = []
     compiled: Compiled | None = None

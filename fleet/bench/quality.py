@@ -131,7 +131,7 @@ def run(
         bar.set_description(recipe.name)
         if recipe.pool not in models:
             where = distilled_dir if recipe.distilled and distilled_dir else model_dir
-            config = EngineConfig(where, device="cpu", dtype=recipe.dtype, quantize=recipe.quantize)
+            config = EngineConfig.one(where, device="cpu", dtype=recipe.dtype, quantize=recipe.quantize)
             models[recipe.pool] = DiffusersModel.load(config)
         model = models[recipe.pool]
         key = CompatKey(model.name, SIDE, SIDE, recipe.steps, recipe.guidance_scale, recipe.scheduler)

@@ -41,7 +41,7 @@ def test_a_real_digit_drawn_as_an_image_reads_back_as_itself():
 
 
 def test_the_trained_model_is_a_diffusers_directory_the_worker_serves(quick_digits):
-    model = DiffusersModel.load(EngineConfig(str(quick_digits), device="cpu"))
+    model = DiffusersModel.load(EngineConfig.one(str(quick_digits), device="cpu"))
     work = [ImageWork(prompt(7), None, 1), ImageWork(prompt(3), None, 2)]
     key = CompatKey(model.name, SIDE, SIDE, 3, 3.0, "UniPCMultistepScheduler")
     images = model.run(key, work)
@@ -73,7 +73,7 @@ def test_the_shipped_model_is_the_one_this_code_trains():
         for name in ("block_out_channels", "layers_per_block", "latent_channels", "hidden_size", "num_hidden_layers"):
             assert config.get(name) == (list(v) if isinstance(v := expected.get(name), tuple) else v), (part, name)
     assert sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file()) < 8 * 2**20
-    model = DiffusersModel.load(EngineConfig(str(SHIPPED), device="cpu"))
+    model = DiffusersModel.load(EngineConfig.one(str(SHIPPED), device="cpu"))
     assert model.run(CompatKey(model.name, SIDE, SIDE, 2, 3.0), [ImageWork(prompt(1), None, 0)]).shape == (
         1,
         SIDE,

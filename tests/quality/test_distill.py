@@ -43,7 +43,7 @@ def test_the_distilled_model_is_a_diffusers_directory_the_worker_serves_in_four_
     scheduler = json.loads((quick_distilled / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["timestep_spacing"] == "trailing"
     assert "_name_or_path" not in json.loads((quick_distilled / "unet" / "config.json").read_text())
-    model = DiffusersModel.load(EngineConfig(str(quick_distilled), device="cpu"))
+    model = DiffusersModel.load(EngineConfig.one(str(quick_distilled), device="cpu"))
     work = [ImageWork(prompt(7), None, 1), ImageWork(prompt(3), None, 2)]
     key = CompatKey(model.name, SIDE, SIDE, STUDENT_STEPS, 1.0)
     images = model.run(key, work)

@@ -77,9 +77,13 @@ def test_the_default_model_keeps_the_fleet_s_queues_and_every_other_has_its_own(
 def test_fleet_default_model_and_fleet_serve_choose_among_the_entries(tmp_path):
     registry = load_registry(settings_with(tmp_path, default_model="digits-4step"))
     assert registry.default == "digits-4step" and registry.queues("digits-4step")[0] == "fleet.interactive"
-    assert registry.served("digits-int8").quantize == "int8" and registry.served("").name == "digits-4step"
-    with pytest.raises(RegistryError, match="FLEET_SERVE='nope'"):
-        registry.served("nope")
+    (int8,) = registry.served("digits-int8")
+    assert int8.quantize == "int8" and [m.name for m in registry.served("")] == ["digits-4step"]
+    # several, the first loaded at start; their queues all consumed
+    assert [m.name for m in registry.served("digits, digits-int8,digits")] == ["digits", "digits-int8"]
+    assert registry.served_queues("digits,digits-int8") == [*registry.queues("digits"), *registry.queues("digits-int8")]
+    with pytest.raises(RegistryError, match="FLEET_SERVE names nope, not in the registry"):
+        registry.served("digits,nope")
     with pytest.raises(RegistryError, match="default model 'nope'"):
         load_registry(settings_with(tmp_path, default_model="nope"))
 

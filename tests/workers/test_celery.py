@@ -37,7 +37,7 @@ def test_the_engine_is_pinned_and_given_its_compile_cache_before_torch_loads(tmp
 def test_the_task_returns_its_jobs_summary_and_raises_for_a_failed_job(store, storage, settings, monkeypatch):
     """Flower shows the task's result (the batch, never the prompt) and lists a FAILED job
     among failed tasks."""
-    runner = ModelRunner(fake_engine(FakeModel(fail_on="poison")), Batcher(BatchPolicy(8, 0)))
+    runner = ModelRunner(fake_engine(FakeModel(fail_on="poison"), serves="tiny"), Batcher(BatchPolicy(8, 0)))
     runner.start(timeout_s=5)
     metrics = WorkerMetrics()
     context = WorkerContext(store=store, storage=storage, runner=runner, settings=settings, metrics=metrics)

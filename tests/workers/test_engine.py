@@ -35,6 +35,12 @@ class StepModel:
     def memory_stats(self):
         return None
 
+    def weight_bytes(self):
+        return 0
+
+    def release(self):
+        pass
+
     def warm(self, shape):
         pass
 
@@ -55,7 +61,7 @@ def run_core(model, messages) -> tuple[int, list[object]]:
     for message in messages:
         inbox.queue.put(message)
     inbox.queue.put(Stop())
-    code = EngineCore(EngineConfig("fake"), inbox, sent.append, load=lambda config: model).run()
+    code = EngineCore(EngineConfig.one("fake"), inbox, sent.append, load=lambda config: model).run()
     return code, sent
 
 
@@ -81,7 +87,7 @@ def test_a_cancel_stops_the_running_batch_at_the_next_step_and_a_queued_one_neve
     inbox_holder["inbox"] = inbox
     for message in (batch(1), batch(2), Stop()):
         inbox.queue.put(message)
-    EngineCore(EngineConfig("fake"), inbox, sent.append, load=lambda config: model).run()
+    EngineCore(EngineConfig.one("fake"), inbox, sent.append, load=lambda config: model).run()
     assert model.steps_run == [1, 2], "the call stopped at the step boundary after the cancel"
     done = [m for m in sent if isinstance(m, Done)]
     assert [(d.batch_id, d.canceled) for d in done] == [(1, True), (2, True)]
@@ -99,7 +105,7 @@ def test_a_model_that_cannot_load_is_reported_and_the_engine_exits():
     def load(config):
         raise FileNotFoundError("no model at /nowhere")
 
-    assert EngineCore(EngineConfig("x"), inbox, sent.append, load=load).run() == EXIT_LOAD_FAILED
+    assert EngineCore(EngineConfig.one("x"), inbox, sent.append, load=load).run() == EXIT_LOAD_FAILED
     assert isinstance(sent[0], LoadFailed) and "/nowhere" in sent[0].error
 
 
@@ -137,7 +143,7 @@ def shm_blocks() -> set[str]:
 def test_the_process_engine_returns_images_through_shared_memory_and_reports_its_death_at_once():
     before = shm_blocks()
     events = Events()
-    engine = ProcessEngine(EngineConfig("sim:a=0,b=0.5"))
+    engine = ProcessEngine(EngineConfig.one("sim:a=0,b=0.5"))
     ready = engine.start(events, timeout_s=60)
     assert ready.pid != threading.get_native_id()
     key = CompatKey(ready.model_name, 16, 8, 2, 7.5)

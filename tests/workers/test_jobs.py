@@ -21,7 +21,7 @@ from workers.runner import ModelRunner
 
 @pytest.fixture(scope="module")
 def context(store, storage, settings):
-    runner = ModelRunner(fake_engine(FakeModel(fail_on="poison")), Batcher(BatchPolicy(8, 0)))
+    runner = ModelRunner(fake_engine(FakeModel(fail_on="poison"), serves="tiny"), Batcher(BatchPolicy(8, 0)))
     runner.start(timeout_s=5)
     yield WorkerContext(store=store, storage=storage, runner=runner, settings=settings)
     runner.stop()

@@ -16,7 +16,7 @@ from workers.work import CompatKey, ImageWork
 
 @pytest.fixture(scope="module")
 def model(tiny_model) -> DiffusersModel:
-    return DiffusersModel.load(EngineConfig(str(tiny_model), device="cpu"))
+    return DiffusersModel.load(EngineConfig.one(str(tiny_model), device="cpu"))
 
 
 def key(model, width=64, height=64) -> CompatKey:

@@ -93,7 +93,7 @@ class Process:
 
 def test_the_worker_fails_the_batch_an_unknown_message_names():
     """An unknown message from the engine naming a batch in flight fails it (the runner retries it)."""
-    engine, events, process = ProcessEngine(EngineConfig("sim:")), Events(), Process()
+    engine, events, process = ProcessEngine(EngineConfig.one("sim:")), Events(), Process()
     engine.submit(5, KEY, [])
     engine._handle(Resize(5, 64), process, events)
     assert events.failed and events.failed[0][0] == 5 and "Resize" in events.failed[0][1]
@@ -103,7 +103,7 @@ def test_the_worker_fails_the_batch_an_unknown_message_names():
 def test_the_worker_replaces_an_engine_that_sends_what_it_does_not_understand():
     """A message naming no batch in flight, or a second Ready, kills the engine: the reader then
     reports its death and the runner starts a new one."""
-    engine, events = ProcessEngine(EngineConfig("sim:")), Events()
+    engine, events = ProcessEngine(EngineConfig.one("sim:")), Events()
     for message in (Hello(), Ready("m", 1, 0.0, 0.0)):
         process = Process()
         engine._handle(message, process, events)
@@ -112,6 +112,6 @@ def test_the_worker_replaces_an_engine_that_sends_what_it_does_not_understand():
 
 def test_a_known_message_reaches_the_runner():
     """Done with images in the message (the thread engine's way) is dispatched as it is."""
-    engine, events = ProcessEngine(EngineConfig("sim:")), Events()
+    engine, events = ProcessEngine(EngineConfig.one("sim:")), Events()
     engine._handle(Done(9, 0.1, images=np.zeros((1, 8, 8, 3), np.uint8)), Process(), events)
     assert events.done == [9]

@@ -42,7 +42,7 @@ def test_every_conv_and_linear_layer_is_replaced_and_still_is_what_it_was():
 
 
 def test_the_digits_unet_in_int8_is_under_0_3x_its_float32_bytes_and_close_to_it():
-    model = DiffusersModel.load(EngineConfig(str(SHIPPED), device="cpu"))
+    model = DiffusersModel.load(EngineConfig.one(str(SHIPPED), device="cpu"))
     unet = model.pipe.unet
     x, t, context = torch.randn(4, 4, 8, 8), torch.tensor([500] * 4), torch.randn(4, 32, 64)
     with torch.inference_mode():
@@ -57,8 +57,8 @@ def test_the_digits_unet_in_int8_is_under_0_3x_its_float32_bytes_and_close_to_it
 def test_an_int8_pool_serves_the_same_bytes_for_the_same_seed_and_images_near_float32():
     work = [ImageWork(prompt(d), None, d) for d in range(4)]
     key = CompatKey(str(SHIPPED), SIDE, SIDE, 5, 3.0)
-    float32 = DiffusersModel.load(EngineConfig(str(SHIPPED), device="cpu")).run(key, work)
-    int8 = DiffusersModel.load(EngineConfig(str(SHIPPED), device="cpu", quantize="int8"))
+    float32 = DiffusersModel.load(EngineConfig.one(str(SHIPPED), device="cpu")).run(key, work)
+    int8 = DiffusersModel.load(EngineConfig.one(str(SHIPPED), device="cpu", quantize="int8"))
     images = int8.run(key, work)
     assert np.array_equal(images, int8.run(key, work))
     assert not np.array_equal(images, float32)  # it is not the float model

@@ -102,7 +102,7 @@ def test_a_model_that_cannot_load_fails_start():
     def load(config):
         raise FileNotFoundError("no model here")
 
-    runner = ModelRunner(ThreadEngine(EngineConfig("broken"), load=load), Batcher(BatchPolicy()))
+    runner = ModelRunner(ThreadEngine(EngineConfig.one("broken"), load=load), Batcher(BatchPolicy()))
     with pytest.raises(RuntimeError, match="no model here"):
         runner.start(timeout_s=5)
 
@@ -111,7 +111,7 @@ def test_the_engine_warms_each_configured_shape_before_it_is_ready():
     model = FakeModel()
     shape = WarmShape(16, 24, (1, 8))
     runner = ModelRunner(
-        ThreadEngine(EngineConfig("fake", warm=(shape,)), load=lambda c: model), Batcher(BatchPolicy())
+        ThreadEngine(EngineConfig.one("fake", warm=(shape,)), load=lambda c: model), Batcher(BatchPolicy())
     )
     runner.start(timeout_s=5)
     runner.stop()

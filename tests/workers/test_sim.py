@@ -45,7 +45,7 @@ def test_a_host_share_outside_0_to_1_is_refused_with_its_range(host):
 
 
 def test_a_call_takes_the_profile_time_and_returns_one_image_per_request():
-    model = load_model(EngineConfig("sim:a=0.01,b=0.02"))
+    model = load_model(EngineConfig.one("sim:a=0.01,b=0.02"))
     assert isinstance(model, SimModel)
     key = CompatKey(model.name, 64, 32, 4, 7.5)
     started = time.perf_counter()
