@@ -5,6 +5,7 @@ fleet up                 set up and run a local fleet (Procfile, via honcho)
 fleet model init [DIR]   write the tiny local model (default: FLEET_STATE_DIR/models/tiny)
 fleet model train digits [DIR]   train the digits model (text-to-image, judged by fleet bench quality)
 fleet model distill digits [DIR] distill a 4-step model from it
+fleet model lora digits [DIR]    train its LoRA adapters (bold, mirror)
 fleet redis | s3         the embedded servers ``fleet up`` starts when none is configured
 fleet web | flower       the API (gunicorn) and Flower, configured from FLEET_* settings
 fleet worker [--gpu N]   a Celery worker in a free slot of this host: one per GPU
@@ -114,6 +115,27 @@ def _model_distill(args: argparse.Namespace) -> int:
     distill.write_model(Path(args.teacher) if args.teacher else SHIPPED, directory, plan, bars)
     bars.close()
     print(f"wrote the 4-step {args.model} model at {directory} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _model_lora(args: argparse.Namespace) -> int:
+    import time
+
+    from tasks.settings import get_settings
+    from workers import lora  # torch: only for this command
+    from workers.digits_data import SHIPPED
+
+    root = Path(args.dir) if args.dir else get_settings().tiny_model_dir.parent / f"{args.model}-loras"
+    plan = lora.LoraPlan(**({"steps": args.train_steps} if args.train_steps else {}))
+    bars = _StageBars()
+    for name in args.adapter or lora.ADAPTERS:
+        if (root / name / lora.WEIGHTS_NAME).exists() and not args.force:
+            print(f"kept the existing adapter at {root / name} (--force to overwrite)")
+            continue
+        started = time.perf_counter()
+        lora.train_adapter(name, Path(args.base) if args.base else SHIPPED, root / name, plan, bars)
+        bars.close()
+        print(f"wrote the {name} adapter at {root / name} in {time.perf_counter() - started:.0f} s")
     return 0
 
 
@@ -251,6 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--trajectories", type=int, help="teacher paths to learn from (default: the shipped model's)")
     distill.add_argument("--train-steps", type=int, help="student optimizer steps (default: the shipped model's)")
     distill.set_defaults(func=_model_distill)
+    lora_parser = model.add_parser(
+        "lora",
+        help="train LoRA adapters of the digits model (fixed seed; a minute or two each on a CPU)",
+        description="LoRA adapters (workers/lora.py) trained on transformed digits: bold (strokes a pixel "
+        "wider) and mirror (mirrored left to right), so what they change can be judged.",
+    )
+    lora_parser.add_argument("model", choices=("digits",), help="digits: the model fleet model train digits makes")
+    lora_parser.add_argument(
+        "dir", nargs="?", help="where the adapters go (default: FLEET_STATE_DIR/models/MODEL-loras)"
+    )
+    lora_parser.add_argument(
+        "--adapter", action="append", choices=("bold", "mirror"), help="only this one (repeatable)"
+    )
+    lora_parser.add_argument("--base", help="the model's directory (default: the shipped models/digits)")
+    lora_parser.add_argument("--force", action="store_true", help="overwrite existing adapters")
+    lora_parser.add_argument("--train-steps", type=int, help="optimizer steps (default: the shipped adapters')")
+    lora_parser.set_defaults(func=_model_lora)
 
     sub.add_parser("redis", help="run the embedded Redis (append-only)").set_defaults(func=_redis)
     sub.add_parser("s3", help="run the embedded S3-compatible server").set_defaults(func=_s3)

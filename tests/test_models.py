@@ -12,6 +12,7 @@ from fleet.processes import free_port
 from fleet.stack import start_api, start_worker
 from tasks.keys import DEV_KEY
 from tests.helpers import download, http, submit, wait_done
+from workers.lora import WEIGHTS_NAME, random_adapter
 
 pytestmark = pytest.mark.e2e
 
@@ -24,8 +25,12 @@ def fleet(fleet_env, work_dir, tiny_model):
     serves; one worker per served model; an API that queues for an unserved model and one
     that refuses."""
     registry = work_dir / "models.toml"
+    broken = work_dir / "loras" / "broken" / WEIGHTS_NAME
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not an adapter")
+    noise = random_adapter(tiny_model, work_dir / "loras" / "noise", seed=3).parent
     registry.write_text(
-        f'[models.tiny]\npath = "{tiny_model}"\n\n'
+        f'[models.tiny]\npath = "{tiny_model}"\nloras = {{ noise = "{noise}", broken = "{broken.parent}" }}\n\n'
         f'[models.tiny-int8]\npath = "{tiny_model}"\nquantize = "int8"\n\n'
         f'[models.tiny-unserved]\npath = "{tiny_model}"\nmax_steps = 10\n'
     )
@@ -60,6 +65,24 @@ def test_each_job_runs_on_the_pool_of_the_model_it_names(fleet):
     assert not np.array_equal(plain, int8)  # the same seed, another pool's weights
     default = wait_done(api, submit(api, prompt="a fox", steps=2, seed=7))
     assert default["request"]["model"] == "tiny" and default["queue"] == "fleet.multi"
+
+
+def test_a_lora_adapter_changes_the_image_and_one_that_fails_to_load_fails_only_its_jobs(fleet):
+    """The same seed with the noise adapter draws another image; the broken adapter's job
+    fails saying why, and the worker goes on to run the next job as before."""
+    api, _ = fleet
+    base, noise, broken = (
+        submit(api, prompt="a fox", steps=2, seed=11, **extra)
+        for extra in ({}, {"loras": [{"name": "noise", "scale": 0.8}]}, {"loras": [{"name": "broken"}]})
+    )
+    base, noise, broken = (wait_done(api, job_id) for job_id in (base, noise, broken))
+    assert base["state"] == noise["state"] == "SUCCEEDED"
+    assert noise["request"]["loras"] == [{"name": "noise", "scale": 0.8}]
+    assert download(base)[0] != download(noise)[0]
+    assert broken["state"] == "FAILED" and "LoRA adapter 'broken' could not be loaded" in broken["error"]
+    again = wait_done(api, submit(api, prompt="a fox", steps=2, seed=11))
+    assert again["state"] == "SUCCEEDED" and download(again)[0] == download(base)[0]
+    assert http.get(f"{api}/v1/models/tiny", timeout=10).json()["loras"] == ["broken", "noise"]
 
 
 def test_the_models_are_listed_in_openai_s_shape_with_their_state(fleet):

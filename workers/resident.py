@@ -65,6 +65,7 @@ class ResidentModels:
         if spec is None:
             raise PipelineError(f"this worker does not serve model {name!r} (it serves {', '.join(self._specs)})")
         self._make_room(name, self._sizes.get(name) or expected_bytes(spec))
+        log.info("loading model %s (loaded: %s)", name, ", ".join(self._loaded) or "none")
         started = time.perf_counter()
         model = self._load(spec)
         loaded = time.perf_counter()

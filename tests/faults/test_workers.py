@@ -142,3 +142,26 @@ def test_a_worker_that_cannot_start_never_takes_a_job(make_fleet, broker_kind):
     fleet.start_worker(FLEET_WORKER_METRICS_PORT="0")
     fleet.settle(timeout_s=60)
     assert fleet.check_ledger()["succeeded"] == 4
+
+
+def test_a_worker_killed_in_the_middle_of_a_model_swap_loses_nothing(make_fleet, fault_dir):
+    """A worker serving two models with room for one: its engine is loading the second
+    (3 s) when the worker is killed with -9. Every job of both models still succeeds, on
+    the worker started after it."""
+    registry = fault_dir / f"swap-{free_port()}.toml"
+    model = "sim:a=0.01,b=0.05,load_s=3,mem=100"
+    registry.write_text(f'[models.sim-a]\npath = "{model}"\n\n[models.sim-b]\npath = "{model}"\n')
+    fleet = make_fleet(
+        FLEET_MODELS_FILE=str(registry), FLEET_SERVE="sim-a,sim-b", FLEET_MODEL_MEMORY_MB="150", FLEET_MAX_WAIT_MS="0"
+    )
+    victim = fleet.start_worker()
+    fleet.start_api()
+    fleet.submit_many(4, model="sim-a")
+    fleet.submit_many(4, model="sim-b")
+    fleet.wait_until(lambda: "loading model sim-b" in victim.log(), 30, "the engine loading sim-b")
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(10)
+    fleet.start_worker()
+    fleet.settle(timeout_s=90)
+    assert fleet.check_ledger()["succeeded"] == 8
+    assert {job.spec.model for job in fleet.ledger.final.values()} == {"sim-a", "sim-b"}

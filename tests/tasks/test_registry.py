@@ -26,9 +26,14 @@ height = 32
 steps = 20
 guidance_scale = 3.0
 
+[models.digits.loras]
+bold = "models/digits-loras/bold"
+mirror = "models/digits-loras/mirror"
+
 [models.digits-int8]
 path = "models/digits"
 quantize = "int8"
+loras = { bold = "models/digits-loras/bold" }
 
 [models.digits-4step]
 path = "models/digits-4step"
@@ -118,6 +123,12 @@ def test_a_request_names_a_model_or_gets_the_default_and_its_defaults(tmp_path):
         ({"model": "digits-4step", "steps": 8}, "steps", "from 4 to 4 for model digits-4step"),
         ({"model": "digits-4step", "scheduler": "EulerDiscreteScheduler"}, "scheduler", "null (the model's own)"),
         ({"steps": 101}, "steps", "from 1 to 100"),
+        ({"loras": [{"name": "sepia"}]}, "loras", "name one of bold, mirror"),
+        ({"model": "digits-int8", "loras": [{"name": "mirror"}]}, "loras", "adapters of model digits-int8: bold"),
+        ({"model": "digits-4step", "loras": [{"name": "bold"}]}, "loras", "model digits-4step has no LoRA adapters"),
+        ({"loras": [{"name": "bold", "scale": 2.5}]}, "loras", "scale a number from -2 to 2"),
+        ({"loras": [{"name": "bold", "weight": 1}]}, "loras", "unknown field"),
+        ({"loras": [{"name": "bold"}] * 5}, "loras", "at most 4"),
     ],
 )
 def test_what_a_model_does_not_accept_is_a_422_naming_the_field(tmp_path, body, field, says):
@@ -136,6 +147,12 @@ def test_what_a_model_does_not_accept_is_a_422_naming_the_field(tmp_path, body, 
         ({"model": "digits", "steps": 50, "scheduler": "UniPCMultistepScheduler"}, True),
         ({"steps": 50}, True),
         ({"model": "nope"}, False),
+        ({"loras": [{"name": "mirror", "scale": -0.5}, {"name": "bold"}]}, True),
+        ({"model": "digits-int8", "loras": [{"name": "bold", "scale": 2}]}, True),
+        ({"model": "digits-int8", "loras": [{"name": "mirror"}]}, False),
+        ({"model": "digits-4step", "loras": []}, True),
+        ({"model": "digits-4step", "loras": [{"name": "bold"}]}, False),
+        ({"loras": [{"name": "bold", "scale": "1"}]}, False),
     ],
 )
 def test_the_json_schema_says_what_the_api_accepts(tmp_path, body, valid):
@@ -149,6 +166,21 @@ def test_the_json_schema_says_what_the_api_accepts(tmp_path, body, valid):
     except ValidationFailed:
         accepted = False
     assert schema_valid == accepted == valid
+
+
+def test_adapters_are_applied_by_name_whatever_the_order_and_a_repeated_one_adds_up(tmp_path):
+    """Jobs that ask for the same adapters in another order, or split one adapter's scale
+    in two, run the same recipe: they batch together. A scale that comes to 0 is no adapter."""
+    settings = settings_with(tmp_path)
+
+    def loras(*given):
+        spec = parse_request({"prompt": "a handwritten 7", "loras": list(given)}, settings)
+        return [(lora.name, lora.scale) for lora in spec.loras]
+
+    assert loras({"name": "mirror", "scale": 0.5}, {"name": "bold"}) == [("bold", 1.0), ("mirror", 0.5)]
+    assert loras({"name": "bold", "scale": 0.5}, {"name": "bold", "scale": 0.5}) == [("bold", 1.0)]
+    assert loras({"name": "bold", "scale": 0}, {"name": "mirror", "scale": 1}) == [("mirror", 1.0)]
+    assert loras() == [] and parse_request({"prompt": "7"}, settings).loras == ()
 
 
 def test_the_example_registry_serves_the_models_the_repository_ships():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.batcher import Batcher, BatchPolicy, CostModel, LruMap, Request
+from workers.batcher import SWAP_PATIENCE, Batcher, BatchPolicy, CostModel, LruMap, Request
 from workers.work import BatchKey, CompatKey
 
 SHAPE_A, SHAPE_B = CompatKey("m", 64, 64, 20, 7.5), CompatKey("m", 128, 64, 20, 7.5)
@@ -260,3 +260,44 @@ def test_per_key_maps_are_bounded_least_recently_used_first():
     for key in "abcd":
         lru.setdefault(key)
     assert len(lru) == 3 and lru.get("a") is None and lru.get("d") == []
+
+
+# -- a worker serving several models: swap only when the other model has waited long enough
+MODEL_X, MODEL_Y = BatchKey("q", CompatKey("x", 64, 64, 20, 7.5)), BatchKey("q", CompatKey("y", 64, 64, 20, 7.5))
+
+
+def test_a_loaded_model_s_jobs_go_first_until_the_other_model_waited_its_patience():
+    """Loading y costs 1 s: its job, older than x's, waits while x's run, until it has
+    waited SWAP_PATIENCE loads; then y's turn comes even though x's keep arriving."""
+    b = batcher(max_images=1, wait_s=0)
+    b.observe_swap("y", 1.0)
+    old_y = add(b, key=MODEL_Y, at=0.0)
+    x_jobs = [add(b, key=MODEL_X, at=0.1 + i) for i in range(8)]
+    decision = b.next_batch(0.2, resident={"x"})
+    assert requests_of(decision) == [x_jobs[0]]
+    decision = b.next_batch(SWAP_PATIENCE * 1.0 - 0.01, resident={"x"})
+    assert requests_of(decision) == [x_jobs[1]]
+    decision = b.next_batch(SWAP_PATIENCE * 1.0, resident={"x"})
+    assert requests_of(decision) == [old_y]
+
+
+def test_a_model_alone_in_waiting_is_loaded_at_once_and_both_loaded_means_oldest_first():
+    b = batcher(max_images=1, wait_s=0)
+    b.observe_swap("y", 10.0)
+    y = add(b, key=MODEL_Y, at=0.0)
+    assert requests_of(b.next_batch(0.1, resident={"x"})) == [y]
+    y, x = add(b, key=MODEL_Y, at=1.0), add(b, key=MODEL_X, at=2.0)
+    assert requests_of(b.next_batch(2.1, resident={"x", "y"})) == [y]
+    assert requests_of(b.next_batch(2.2, resident={"x", "y"})) == [x]
+
+
+def test_a_waiting_loaded_batch_wakes_the_dispatcher_when_the_swap_is_due():
+    """x's batch waits to fill (max_wait 5 s); the dispatcher is woken when y's patience
+    runs out, not later."""
+    b = batcher(max_images=4, wait_s=5.0)
+    b.observe_swap("y", 0.5)
+    add(b, key=MODEL_Y, at=0.0)
+    add(b, key=MODEL_X, at=0.1)
+    decision = b.next_batch(0.2, resident={"x"})
+    assert decision.batch is None and decision.wake_at == pytest.approx(SWAP_PATIENCE * 0.5)
+    assert b.swap_cost("never-loaded") == 0.5, "a model never loaded is expected to cost the dearest seen"

@@ -64,7 +64,9 @@ def test_the_worker_says_its_model_and_queues_and_holds_none_at_start():
 
 def test_jobs_count_by_state_failures_by_reason_and_their_waits(store, storage, settings):
     metrics = WorkerMetrics()
-    runner = ModelRunner(fake_engine(FakeModel(fail_on="poison"), serves="tiny"), Batcher(BatchPolicy(8, 0)), observer=metrics)
+    runner = ModelRunner(
+        fake_engine(FakeModel(fail_on="poison"), serves="tiny"), Batcher(BatchPolicy(8, 0)), observer=metrics
+    )
     runner.start(timeout_s=5)
     ctx = WorkerContext(store=store, storage=storage, runner=runner, settings=settings, metrics=metrics)
     try:

@@ -9,6 +9,7 @@ import pytest
 from tasks.errors import PipelineError
 from tasks.settings import WarmShape
 from workers.jobs import encode_png
+from workers.lora import WEIGHTS_NAME, random_adapter
 from workers.pipeline import DiffusersModel, load_pipeline
 from workers.protocol import EngineConfig
 from workers.work import CompatKey, ImageWork
@@ -104,3 +105,51 @@ def test_a_scheduler_made_from_the_model_s_config_is_the_model_s_own(model):
 def test_an_unknown_scheduler_fails_the_batch_with_a_clear_error(model):
     with pytest.raises(PipelineError, match="unknown scheduler 'Nope'"):
         model.run(CompatKey(model.name, 64, 64, 4, 7.5, "Nope"), [ImageWork("a cat", None, 5)])
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory) -> tuple[tuple[str, str], ...]:
+    """Two adapters of seeded random weights, and one whose file is not an adapter."""
+    root = tmp_path_factory.mktemp("loras")
+    broken = root / "broken" / WEIGHTS_NAME
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a safetensors file")
+    return (
+        ("noise", str(random_adapter(tiny_model, root / "noise", seed=1).parent)),
+        ("other", str(random_adapter(tiny_model, root / "other", seed=2))),  # the file itself
+        ("broken", str(broken.parent)),
+    )
+
+
+def test_adapters_change_the_images_and_switching_never_reloads_the_model(tiny_model, adapters):
+    """Each adapter, scale and combination draws its own image from the same seed, the same
+    one every time; no adapter is the base model's bytes, before and after; the UNet is
+    the same object throughout (set_adapters, not a reload)."""
+    model = DiffusersModel.load(EngineConfig.one(str(tiny_model), device="cpu", loras=adapters))
+    unet, job = model.pipe.unet, [ImageWork("a cat", None, 5)]
+
+    def run(*loras):
+        return model.run(CompatKey(model.name, 64, 64, 4, 7.5, loras=loras), job)[0]
+
+    base = run()
+    images = {name: run(*loras) for name, loras in {
+        "noise": [("noise", 1.0)], "half": [("noise", 0.5)], "other": [("other", 1.0)],
+        "both": [("noise", 1.0), ("other", 1.0)],
+    }.items()}  # fmt: skip
+    encoded = {encode_png(image) for image in [base, *images.values()]}
+    assert len(encoded) == 5, "every adapter, scale and mix draws another image"
+    assert encode_png(run()) == encode_png(base), "no adapters: the base model's bytes"
+    assert encode_png(run(("noise", 1.0))) == encode_png(images["noise"])
+    assert model.pipe.unet is unet
+
+
+def test_an_adapter_that_fails_to_load_fails_its_batch_and_the_model_carries_on(tiny_model, adapters):
+    model = DiffusersModel.load(EngineConfig.one(str(tiny_model), device="cpu", loras=adapters))
+    job = [ImageWork("a cat", None, 5)]
+    base = model.run(CompatKey(model.name, 64, 64, 4, 7.5), job)[0]
+    with pytest.raises(PipelineError, match="LoRA adapter 'broken' could not be loaded from .*broken"):
+        model.run(CompatKey(model.name, 64, 64, 4, 7.5, loras=(("broken", 1.0),)), job)
+    with pytest.raises(PipelineError, match="no LoRA adapter 'unlisted'"):
+        model.run(CompatKey(model.name, 64, 64, 4, 7.5, loras=(("unlisted", 1.0),)), job)
+    assert encode_png(model.run(CompatKey(model.name, 64, 64, 4, 7.5), job)[0]) == encode_png(base)
+    assert model.run(CompatKey(model.name, 64, 64, 4, 7.5, loras=(("noise", 1.0),)), job).shape == (1, 64, 64, 3)
