@@ -411,16 +411,17 @@ class _FakeStore:
 
 
 class _FakeServices(Services):
-    def __init__(self):
+    def __init__(self, settings: Settings | None = None):
+        settings = settings or Settings()
         super().__init__(
-            settings=Settings(),
+            settings=settings,
             store=_FakeStore(),
             owners=None,
             storage=None,
             celery=None,
             events=None,
             keys=None,
-            registry=load_registry(Settings()),
+            registry=load_registry(settings),
         )
 
 
@@ -436,8 +437,8 @@ def test_gjson_subset():
     assert gjson({"queues": {"fleet.batch": {"backlog": 4}}}, r"queues.fleet\.batch.backlog") == 4
 
 
-def backlog_json() -> dict:
-    app = create_app({"SETTINGS": Settings(), "SERVICES": _FakeServices()})
+def backlog_json(settings: Settings | None = None) -> dict:
+    app = create_app({"SETTINGS": settings or Settings(), "SERVICES": _FakeServices(settings)})
     with app.test_client() as client:
         response = client.get("/metrics/backlog")
     assert response.status_code == 200
@@ -449,20 +450,52 @@ def _behavior_ok(behavior: dict) -> None:
     assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 0, "scale out at once: a worker takes minutes"
 
 
-def test_workers_scale_on_the_true_backlog(resources):
-    """KEDA asks the API's /metrics/backlog in the ScaledObject's own namespace, reads the
-    total backlog there (a number, in the JSON the route really returns), and keeps twice
-    the max batch per worker; cooldown and scale-in windows outlast the longest batch."""
+def registry_settings(resources, tmp_path: Path) -> Settings:
+    """The rendering's settings, its registry (a ConfigMap where FLEET_MODELS_FILE is
+    mounted) written to ``tmp_path`` for this process to read."""
     settings = settings_of(resources)
-    target = 2 * settings.max_batch_images
+    if not settings.models_file:
+        return settings
+    name = Path(settings.models_file).name
+    (data,) = [c["data"][name] for c in of_kind(resources, "ConfigMap") if name in c.get("data", {})]
+    (tmp_path / name).write_text(data)
+    return settings.model_copy(update={"models_file": str(tmp_path / name)})
+
+
+def served_model(resources, worker: dict, settings: Settings) -> str:
+    """The model a worker Deployment serves: its FLEET_SERVE (from the ConfigMaps its
+    container reads, the last one winning), else the registry's default."""
+    serve = ""
+    for source in worker["spec"]["template"]["spec"]["containers"][0].get("envFrom", []):
+        if "configMapRef" in source:
+            serve = named(resources, "ConfigMap", source["configMapRef"]["name"])["data"].get("FLEET_SERVE") or serve
+    return serve or load_registry(settings).default
+
+
+def test_workers_scale_on_the_true_backlog(resources, tmp_path):
+    """Every worker pool has one autoscaler. KEDA asks the API's /metrics/backlog in the
+    ScaledObject's own namespace and reads there the backlog of what its workers serve (a
+    number, in the JSON the route really returns): the whole fleet's for the one pool of a
+    fleet of one model, its model's (models.NAME.backlog) for a pool of many; it keeps
+    twice the max batch per worker; cooldown and scale-in windows outlast the longest batch."""
+    settings = registry_settings(resources, tmp_path)
     scalers = of_kind(resources, "ScaledObject") + [
         h for h in of_kind(resources, "HorizontalPodAutoscaler") if h["metadata"]["name"] == "fleet-worker"
     ]
     if settings.device == "cpu":
         assert not scalers, "cpu-dev runs one worker, without KEDA"
         return
-    assert len(scalers) == 1, "the workers have one autoscaler"
-    (scaler,) = scalers
+    workers = [d for d in of_kind(resources, "Deployment") if d["metadata"]["name"].startswith("fleet-worker")]
+    assert sorted(s["spec"]["scaleTargetRef"]["name"] for s in scalers) == sorted(
+        w["metadata"]["name"] for w in workers
+    ), "each worker pool has one autoscaler"
+    for scaler in scalers:
+        worker = deployment(resources, scaler["spec"]["scaleTargetRef"]["name"])
+        _scales_on_its_backlog(resources, scaler, settings, served_model(resources, worker, settings), len(workers))
+
+
+def _scales_on_its_backlog(resources, scaler: dict, settings: Settings, model: str, pools: int) -> None:
+    target = 2 * settings.max_batch_images
     if scaler["kind"] == "HorizontalPodAutoscaler":
         (metric,) = scaler["spec"]["metrics"]
         assert metric["external"]["metric"]["name"] == "fleet_backlog"
@@ -482,10 +515,11 @@ def test_workers_scale_on_the_true_backlog(resources):
         api = named(resources, "Service", "fleet-api")
         assert (url.port or 80) in {p["port"] for p in api["spec"]["ports"]}
         assert url.path in _routes()
-        value = gjson(backlog_json(), main["metadata"]["valueLocation"])
-        assert isinstance(value, int) and value == sum(
-            3 + i + 5 for i in range(len(load_registry(settings).job_queues))
-        )
+        value = gjson(backlog_json(settings), main["metadata"]["valueLocation"])
+        registry = load_registry(settings)
+        counted = registry.job_queues if pools == 1 else registry.queues(model)
+        expected = sum(3 + i + 5 for i, queue in enumerate(registry.job_queues) if queue in counted)
+        assert isinstance(value, int) and value == expected, main["metadata"]["valueLocation"]
         assert main["metadata"]["targetValue"] == str(target)
     else:
         assert main["type"] == "prometheus"
