@@ -205,6 +205,19 @@ def _quality(args) -> int:
     return 0
 
 
+def _models(args) -> int:
+    from fleet.bench.models import Plan, markdown, run, write
+    from fleet.cli import _StageBars
+
+    bars = _StageBars()
+    result = run(Plan(images=args.images, rounds=args.rounds), lambda stage, done, total: bars(stage, done, total, 0.0))
+    bars.close()
+    if args.out:
+        write(result, Path(args.out))
+    print(markdown(result))
+    return 0
+
+
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks and capacity planning").add_subparsers(
         dest="bench_command", required=True
@@ -254,6 +267,15 @@ def add_parser(sub) -> None:
     quality.add_argument("--per-digit", type=int, default=50, help="images per digit and recipe (default: 50)")
     quality.add_argument("--out", help="path stem: writes .json, .md and .png")
     quality.set_defaults(func=_quality)
+    models = bench.add_parser(
+        "models",
+        help="several models and LoRA adapters on one worker: adapter effects judged, switch and swap costs, "
+        "cold start (digits model)",
+    )
+    models.add_argument("--images", type=int, default=500, help="images per judged adapter recipe (default: 500)")
+    models.add_argument("--rounds", type=int, default=12, help="interleaved rounds per timed comparison (default: 12)")
+    models.add_argument("--out", help="a directory: writes models.json and models.md")
+    models.set_defaults(func=_models)
 
     replot = bench.add_parser("plot", help="draw a sweep's latency-throughput plot again from its JSON")
     replot.add_argument("sweep", help="the .json a sweep wrote")
