@@ -118,6 +118,15 @@ def _model_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora(text: str) -> tuple[str, float]:
+    """``bold`` or ``bold=0.5``: an adapter and its scale."""
+    name, _, scale = text.partition("=")
+    try:
+        return name, float(scale) if scale else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME=SCALE, got {text!r}") from None
+
+
 def _model_lora(args: argparse.Namespace) -> int:
     import time
 
@@ -222,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--steps", type=int)
     submit.add_argument("--model", help="a model GET /v1/models lists (default: the fleet's default model)")
     submit.add_argument("--scheduler", choices=SCHEDULERS, help="the sampler (default: the model's own)")
+    submit.add_argument(
+        "--lora",
+        action="append",
+        type=_lora,
+        metavar="NAME[=SCALE]",
+        help="apply the model's LoRA adapter NAME at SCALE (default 1); repeatable",
+    )
     submit.add_argument("--seed", type=int)
     submit.add_argument("--guidance-scale", type=float)
     submit.add_argument("--negative-prompt")

@@ -148,6 +148,7 @@ class FleetClient:
         prompt: str,
         *,
         model: str | None = None,
+        loras: dict[str, float] | None = None,
         negative_prompt: str | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -173,9 +174,11 @@ class FleetClient:
         itself (``Prefer: wait``), the rest in ``wait``. ``idempotency_key``: the same
         request sent again with it (after a timeout, say) answers with the job it made
         instead of making a second. ``cancel_after``: seconds after which the API cancels
-        the job if no model call has started it."""
+        the job if no model call has started it. ``loras``: the model's LoRA adapters to
+        apply, by name, with their scales."""
         fields = {
             "model": model,
+            "loras": [{"name": name, "scale": scale} for name, scale in loras.items()] if loras else None,
             "negative_prompt": negative_prompt,
             "width": width,
             "height": height,

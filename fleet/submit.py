@@ -133,6 +133,7 @@ def _submit(client: FleetClient, args: argparse.Namespace, submission: _Submissi
     job = client.submit(
         args.prompt,
         model=args.model,
+        loras=dict(args.lora) if args.lora else None,
         negative_prompt=args.negative_prompt,
         width=args.width,
         height=args.height,

@@ -80,6 +80,10 @@ class Batching:
     batch_policy: Literal["fixed", "adaptive"]
 
 
+#: How many times more jobs a worker that swaps models holds (``Settings.task_threads``).
+SWAP_HOLD = 4
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", frozen=True)
 
@@ -247,11 +251,15 @@ class Settings(BaseSettings):
 
     @property
     def task_threads(self) -> int:
-        """Task threads per worker: enough to gather the next batch while one runs."""
+        """Task threads per worker: enough to gather the next batch while one runs; a
+        worker that swaps models (several served, a memory budget) holds
+        ``SWAP_HOLD`` times more, so that the model it loads next has jobs enough waiting
+        to pay for the swap, and the one loaded keeps getting its jobs meanwhile."""
         if self.worker_threads:
             return self.worker_threads
         largest = max([self.max_batch_images] + [p.max_batch_images or 0 for p in self.queue_policies.values()])
-        return 2 * largest
+        swaps = self.model_memory_mb > 0 and len([n for n in self.serve.split(",") if n.strip()]) > 1
+        return 2 * largest * (SWAP_HOLD if swaps else 1)
 
     @property
     def warm(self) -> tuple[WarmShape, ...]:

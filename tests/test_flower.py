@@ -54,7 +54,7 @@ def test_flower_sees_the_worker_and_a_finished_job(flower, api_url):
     assert info["routing_key"] == job["queue"]
     batch = job["batch"]
     images = f"{batch['images']} image" + "s" * (batch["images"] != 1)
-    assert info["result"] == repr(f"SUCCEEDED batch {batch['id']} ({images})")
+    assert info["result"] == repr(f"SUCCEEDED batch {batch['id']} ({images}) on {job['request']['model']}")
     assert "secretly" not in str(info), "Flower never shows a prompt"
 
 

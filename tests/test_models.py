@@ -4,6 +4,8 @@ shape with each model's state, and what happens to a model no live worker serves
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from openai import OpenAI
@@ -45,13 +47,13 @@ def fleet(fleet_env, work_dir, tiny_model):
         work_dir,
         name="models-api-reject",
     )
-    yield queueing_url, refusing_url
+    yield queueing_url, refusing_url, env
     for server in (*servers, queueing, refusing):
         server.stop()
 
 
 def test_each_job_runs_on_the_pool_of_the_model_it_names(fleet):
-    api, _ = fleet
+    api, *_ = fleet
     jobs = {model: submit(api, prompt="a fox", steps=2, seed=7, model=model) for model in ("tiny", "tiny-int8")}
     done = {model: wait_done(api, job_id) for model, job_id in jobs.items()}
     for model, job in done.items():
@@ -70,7 +72,7 @@ def test_each_job_runs_on_the_pool_of_the_model_it_names(fleet):
 def test_a_lora_adapter_changes_the_image_and_one_that_fails_to_load_fails_only_its_jobs(fleet):
     """The same seed with the noise adapter draws another image; the broken adapter's job
     fails saying why, and the worker goes on to run the next job as before."""
-    api, _ = fleet
+    api, *_ = fleet
     base, noise, broken = (
         submit(api, prompt="a fox", steps=2, seed=11, **extra)
         for extra in ({}, {"loras": [{"name": "noise", "scale": 0.8}]}, {"loras": [{"name": "broken"}]})
@@ -86,7 +88,7 @@ def test_a_lora_adapter_changes_the_image_and_one_that_fails_to_load_fails_only_
 
 
 def test_the_models_are_listed_in_openai_s_shape_with_their_state(fleet):
-    api, _ = fleet
+    api, *_ = fleet
     listed = http.get(f"{api}/v1/models", timeout=10).json()
     assert listed["object"] == "list"
     models = {m["id"]: m for m in listed["data"]}
@@ -106,7 +108,7 @@ def test_the_models_are_listed_in_openai_s_shape_with_their_state(fleet):
 
 
 def test_an_unknown_model_or_steps_outside_a_model_s_range_are_refused_naming_the_field(fleet):
-    api, _ = fleet
+    api, *_ = fleet
     for body, field in (({"model": "dall-e-3"}, "model"), ({"model": "tiny-unserved", "steps": 11}, "steps")):
         refused = http.post(f"{api}/v1/jobs", json={"prompt": "x", **body}, timeout=10)
         assert refused.status_code == 422 and refused.json()["error"]["field"] == field, refused.text
@@ -115,14 +117,14 @@ def test_an_unknown_model_or_steps_outside_a_model_s_range_are_refused_naming_th
 
 
 def test_the_openai_route_runs_the_model_it_names(fleet):
-    api, _ = fleet
+    api, *_ = fleet
     client = OpenAI(base_url=f"{api}/v1", api_key=DEV_KEY, max_retries=0, timeout=120)
     result = client.images.generate(prompt="a fox", model="tiny-int8", extra_body={"num_inference_steps": 2})
     assert result.data[0].url
 
 
 def test_a_model_no_live_worker_serves_is_queued_or_refused_as_configured(fleet):
-    queueing, refusing = fleet
+    queueing, refusing, _ = fleet
     before = [job["id"] for job in http.get(f"{refusing}/v1/jobs", timeout=10).json()["jobs"]]
     refused = http.post(f"{refusing}/v1/jobs", json={"prompt": "x", "model": "tiny-unserved"}, timeout=10)
     assert refused.status_code == 503 and refused.headers["Retry-After"]
@@ -140,3 +142,52 @@ def test_a_model_no_live_worker_serves_is_queued_or_refused_as_configured(fleet)
     }  # its pool's scaler reads this
     assert backlog["models"]["tiny-int8"]["queued"] == 0
     assert http.post(f"{queueing}/v1/jobs/{waiting.json()['id']}/cancel", timeout=10).status_code == 200
+
+
+def test_the_playground_offers_the_model_s_adapters_and_submits_the_chosen_ones(fleet):
+    """In Chromium: the tiny model's adapters are listed with a scale each; the one ticked
+    is in the job the page submits, with its scale, and the image arrives."""
+    from selenium.webdriver.common.by import By
+
+    from fleet.processes import wait_for
+    from tests.browser import chromium, text
+
+    api, *_ = fleet
+    browser = chromium()
+    try:
+        browser.get(f"{api}/playground")
+        browser.find_element(By.ID, "key").send_keys(DEV_KEY)
+        browser.find_element(By.ID, "prompt").click()
+        wait_for(lambda: browser.find_elements(By.ID, "lora-noise"), 30, "the adapters listed")
+        assert {box.get_attribute("value") for box in browser.find_elements(By.NAME, "lora")} == {"broken", "noise"}
+        browser.find_element(By.ID, "prompt").clear()
+        browser.find_element(By.ID, "prompt").send_keys("a fox")
+        steps = browser.find_element(By.ID, "steps")
+        steps.clear()
+        steps.send_keys("2")
+        browser.find_element(By.ID, "lora-noise").click()
+        scale = browser.find_element(By.ID, "lora-noise-scale")
+        scale.clear()
+        scale.send_keys("0.5")
+        browser.find_element(By.ID, "submit").click()
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#images img"), 60, "the image shown")
+        job_id = re.search(r"Job ([0-9a-f]{32})", text(browser.find_element(By.ID, "state"))).group(1)
+    finally:
+        browser.quit()
+    job = wait_done(api, job_id)
+    assert job["state"] == "SUCCEEDED" and job["request"]["loras"] == [{"name": "noise", "scale": 0.5}]
+
+
+def test_a_job_for_a_pool_scaled_to_zero_runs_once_its_first_worker_starts(fleet, work_dir):
+    """Scale from zero: the job is accepted while no worker serves its model, waits in its
+    queue, and is done by the pool's first worker, started after it (its cold start plus
+    one batch: fleet bench models measures that time)."""
+    api, _, env = fleet
+    job_id = submit(api, prompt="a fox", steps=2, seed=5, model="tiny-unserved")
+    assert http.get(f"{api}/v1/jobs/{job_id}", timeout=10).json()["state"] == "QUEUED"
+    worker = start_worker({**env, "FLEET_SERVE": "tiny-unserved"}, work_dir, "models-from-zero")
+    try:
+        job = wait_done(api, job_id)
+    finally:
+        worker.stop()
+    assert job["state"] == "SUCCEEDED" and job["worker"].startswith("models-from-zero@")

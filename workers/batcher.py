@@ -15,13 +15,15 @@ Forming a batch
 
 Models that must be loaded first (a worker serving several)
     The runner says which models the engine will have loaded (``resident``). When the
-    oldest request's model is not among them, running it means a swap; while requests of a
-    loaded model wait too, the batcher serves those first, and swaps only once the oldest
-    request of the other model has waited ``SWAP_PATIENCE`` times what loading its model
-    costs (``swap_cost``: measured at each load). So under a mixed load a swap happens at
-    most about once per ``SWAP_PATIENCE`` swap times of useful work (swaps take at most
-    ``1 / (1 + SWAP_PATIENCE)`` of the time), and the worker never alternates models batch
-    by batch; a model that is alone in waiting is loaded at once.
+    oldest request's model is not among them, running it means a swap. The batcher swaps
+    once that request has waited ``SWAP_PATIENCE`` times what loading its model costs
+    (``swap_cost``: measured at each load), or earlier once the loaded models have gone
+    quiet: nothing of theirs waiting and none arrived for one swap's time. Until then it
+    serves the loaded models' requests (or waits for them). So under a mixed load a swap
+    takes at most about ``1 / (1 + SWAP_PATIENCE)`` of the time and the worker never
+    alternates models batch by batch, even when the requests it holds are, for a moment,
+    all another model's; and a model whose turn comes while the other is idle waits one
+    swap time at most.
 
 When a batch runs (``fixed`` policy)
     - at once if it is full (no waiting request of its key fits any more);
@@ -238,6 +240,7 @@ class Batcher(Generic[P]):
         self._waiting: list[Slice[P]] = []
         self._seq = itertools.count()
         self._swap_costs: dict[str, float] = {}  # model -> seconds its last load took
+        self._last_arrival: dict[str, float] = {}  # model -> when its newest request came
 
     def observe_swap(self, model: str, seconds: float) -> None:
         """Loading ``model`` (and warming it) took ``seconds``."""
@@ -268,6 +271,8 @@ class Batcher(Generic[P]):
         ]
         self._waiting.extend(slices)
         self.arrivals.add(request.key, request.arrival, request.images)
+        model = request.key.compat.model
+        self._last_arrival[model] = max(request.arrival, self._last_arrival.get(model, request.arrival))
         return slices
 
     def requeue(self, slices: list[Slice[P]]) -> None:
@@ -306,6 +311,8 @@ class Batcher(Generic[P]):
         if not self._waiting:
             return Decision[P]()
         key, swap_at = self._choose_key(now, resident)
+        if key is None:  # only another model's requests, and not yet its turn
+            return Decision[P](wake_at=swap_at)
         policy = self.policy_of(key)
         limit = self.limit(key)
         chosen: list[Slice[P]] = []
@@ -328,18 +335,23 @@ class Batcher(Generic[P]):
             return self._take(key, chosen)
         return Decision[P](wake_at=wake_at)
 
-    def _choose_key(self, now: float, resident: Collection[str] | None) -> tuple[BatchKey, float | None]:
-        """The key of the next batch: the oldest request's, unless its model is not loaded,
-        a loaded model's requests wait too, and it has not yet waited ``SWAP_PATIENCE``
-        loads; then the oldest of a loaded model's, and when to look again."""
+    def _choose_key(self, now: float, resident: Collection[str] | None) -> tuple[BatchKey | None, float | None]:
+        """The key of the next batch: the oldest request's, unless its model is not loaded
+        and its turn has not come (``SWAP_PATIENCE``, or the loaded models quiet); then the
+        oldest of a loaded model's (None if there is none), and when to look again."""
         oldest = self._waiting[0].request
-        if resident is None or oldest.key.compat.model in resident:
+        model = oldest.key.compat.model
+        if resident is None or model in resident:
             return oldest.key, None
+        cost = self.swap_cost(model)
+        swap_at = oldest.arrival + SWAP_PATIENCE * cost
         kept = next((s.request for s in self._waiting if s.request.key.compat.model in resident), None)
-        swap_at = oldest.arrival + SWAP_PATIENCE * self.swap_cost(oldest.key.compat.model)
-        if kept is None or now >= swap_at:
+        if kept is None:  # the loaded models' turn lasts while they keep coming
+            last = max((self._last_arrival.get(m, float("-inf")) for m in resident), default=float("-inf"))
+            swap_at = min(swap_at, last + cost)
+        if now >= swap_at:
             return oldest.key, None
-        return kept.key, swap_at
+        return (kept.key if kept is not None else None), swap_at
 
     def _wake_at(self, key: BatchKey, chosen: list[Slice[P]], images: int, policy: BatchPolicy, now: float) -> float:
         oldest = min(s.arrival for s in chosen)

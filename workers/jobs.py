@@ -68,11 +68,14 @@ class JobOutcome:
     batch_images: int = 0
     reason: str | None = None  # a FAILED job's reason code
     duplicate: bool = False  # another delivery finished (or runs) the job: this one did nothing
+    model: str = ""  # the model its batch ran (its registry name)
 
     def summary(self) -> str:
         text = self.state.value if self.state is not None else "MISSING"
         if self.batch_id:
             text += f" batch {self.batch_id} ({self.batch_images} image{'s' * (self.batch_images != 1)})"
+        if self.batch_id and self.model:
+            text += f" on {self.model}"
         if self.reason:
             text += f" ({self.reason})"
         if self.duplicate:
@@ -212,7 +215,9 @@ def run_job(ctx: WorkerContext, job_id: str, worker: str, task_id: str = "", que
     if ctx.metrics and done.applied and done.state is JobState.SUCCEEDED:
         ctx.metrics.job_total.observe(total_s)
     if outcome.state is JobState.SUCCEEDED:
-        return dataclasses.replace(outcome, batch_id=result.batch_id, batch_images=result.batch_images)
+        return dataclasses.replace(
+            outcome, batch_id=result.batch_id, batch_images=result.batch_images, model=job.spec.model
+        )
     return outcome
 
 
@@ -221,7 +226,7 @@ def _recorded(job: Job, duplicate: bool = False) -> JobOutcome:
     client canceled is just CANCELED: no other delivery finished it."""
     duplicate = duplicate and job.state is not JobState.CANCELED
     batch_id, batch_images = (job.batch.id, job.batch.images) if job.batch else (None, 0)
-    return JobOutcome(job.state, batch_id, batch_images, duplicate=duplicate)
+    return JobOutcome(job.state, batch_id, batch_images, duplicate=duplicate, model=job.spec.model)
 
 
 class GaveUp(JobError):

@@ -56,6 +56,27 @@ function showModel() {
   $("width").value = model.width;
   $("height").value = model.height;
   $("scheduler").replaceChildren(new Option("the model's own", ""), ...model.schedulers.map((s) => new Option(s, s)));
+  showAdapters(model);
+}
+
+// A checkbox and a scale (-2 to 2) per LoRA adapter of the model.
+function showAdapters(model) {
+  const rows = model.loras.map((name) => {
+    const use = Object.assign(document.createElement("input"), { type: "checkbox", name: "lora", value: name, id: `lora-${name}` });
+    const scale = Object.assign(document.createElement("input"), {
+      type: "number", min: -2, max: 2, step: 0.1, value: 1, id: `lora-${name}-scale`, title: `${name}: scale`,
+    });
+    const label = document.createElement("label");
+    label.append(use, ` ${name} `, scale);
+    return label;
+  });
+  const none = Object.assign(document.createElement("p"), { textContent: "This model has none." });
+  $("adapters").replaceChildren($("adapters").querySelector("legend"), ...(rows.length ? rows : [none]));
+}
+
+function chosenAdapters() {
+  const checked = [...document.querySelectorAll('input[name="lora"]:checked')];
+  return checked.length ? checked.map((box) => ({ name: box.value, scale: Number($(`lora-${box.value}-scale`).value) })) : undefined;
 }
 
 function request() {
@@ -65,6 +86,7 @@ function request() {
     model: $("model").value || undefined,
     negative_prompt: $("negative").value || undefined,
     scheduler: $("scheduler").value || undefined,
+    loras: chosenAdapters(),
     steps: number("steps"),
     guidance_scale: number("guidance"),
     width: number("width"),

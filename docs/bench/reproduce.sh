@@ -69,3 +69,10 @@ $B bench batching --size 128 --steps 20 --jobs 96 --closed-loop --config 8:0:fix
 # $B model train digits models/digits --force
 # $B model distill digits models/digits-4step --force
 $B bench quality --per-digit 50 --out $OUT/quality
+
+# 12. Many models and adapters: the digits adapters judged, adapter switch, model swap and
+#     cold start (fleet bench models); two models on a pool each against one pool that swaps
+#     (fleet bench pools, simulated GPUs). The adapters ship; this remakes them (9 minutes).
+# $B model lora digits models/digits-loras --force
+$B bench models --out $OUT
+$B bench pools --out $OUT/pools.json

@@ -218,6 +218,15 @@ def _models(args) -> int:
     return 0
 
 
+def _pools(args) -> int:
+    from fleet.bench.pools import markdown, run
+
+    result = run(args.rate, args.jobs, args.concurrency)
+    _write(args.out, result)
+    print(markdown(result))
+    return 0
+
+
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks and capacity planning").add_subparsers(
         dest="bench_command", required=True
@@ -276,6 +285,14 @@ def add_parser(sub) -> None:
     models.add_argument("--rounds", type=int, default=12, help="interleaved rounds per timed comparison (default: 12)")
     models.add_argument("--out", help="a directory: writes models.json and models.md")
     models.set_defaults(func=_models)
+    pools = bench.add_parser(
+        "pools", help="two models on a pool each against one pool that swaps (simulated GPUs, Poisson load)"
+    )
+    pools.add_argument("--rate", type=float, default=12.0, help="open-loop jobs/s, both models (default: 12)")
+    pools.add_argument("--jobs", type=int, default=400, help="jobs per configuration (default: 400)")
+    pools.add_argument("--concurrency", type=int, default=32, help="closed-loop jobs in flight (default: 32)")
+    pools.add_argument("--out", help="write the results as JSON here")
+    pools.set_defaults(func=_pools)
 
     replot = bench.add_parser("plot", help="draw a sweep's latency-throughput plot again from its JSON")
     replot.add_argument("sweep", help="the .json a sweep wrote")

@@ -22,10 +22,11 @@ class RequestShape:
     steps: int
     num_images: int = 1
     prompt_words: tuple[int, int] = (3, 12)
+    model: str | None = None  # None: the fleet's default model
 
     def body(self, rng: random.Random, seed: int) -> dict:
         words = rng.randint(*self.prompt_words)
-        return {
+        body = {
             "prompt": " ".join(rng.choice(WORDS) for _ in range(words)),
             "width": self.width,
             "height": self.height,
@@ -33,6 +34,7 @@ class RequestShape:
             "num_images": self.num_images,
             "seed": seed,
         }
+        return body if self.model is None else {**body, "model": self.model}
 
 
 @dataclass(frozen=True)

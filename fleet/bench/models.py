@@ -110,16 +110,18 @@ def _timed(model: Any, key: CompatKey, images: list[ImageWork]) -> float:
 
 
 def adapter_switch(plan: Plan, progress: Progress) -> dict[str, Any]:
-    """Per round: two calls on bold (the second switches nothing), then two that switch
-    (mirror, then bold); the switch cost is the difference of the medians, per call."""
+    """Per round: a call with no adapter, two calls on bold (the second switches nothing),
+    then two that switch (mirror, then bold); the switch cost is the difference of the
+    medians, per call."""
     from workers.pipeline import DiffusersModel
 
     model = DiffusersModel.load(EngineConfig.one(str(SHIPPED), device="cpu", loras=ADAPTERS))
     bold, mirror = key(loras=(("bold", 1.0),)), key(loras=(("mirror", 1.0),))
     model.run(bold, work(0))
     model.run(mirror, work(0))  # both loaded before timing
-    same, switching = [], []
+    same, switching, plain = [], [], []
     for r in range(plan.rounds):
+        plain.append(_timed(model, key(), work(r * BATCH)))
         model.run(bold, work(0))
         same.append(_timed(model, bold, work(r * BATCH)))
         switching.append(_timed(model, mirror, work(r * BATCH)))
@@ -127,6 +129,7 @@ def adapter_switch(plan: Plan, progress: Progress) -> dict[str, Any]:
         progress("adapter switch", r + 1, plan.rounds)
     call, switched = statistics.median(same), statistics.median(switching)
     return {
+        "no_adapter_call_s": statistics.median(plain),
         "batch_call_s": call,
         "switching_call_s": switched,
         "switch_share": (switched - call) / call,
@@ -257,6 +260,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "| measure | result |",
         "|---|---|",
+        f"| batch-8 call, no adapter (adapters loaded, disabled) | {switch['no_adapter_call_s'] * 1000:.0f} ms |",
         f"| batch-8 call, same adapter as the last | {switch['batch_call_s'] * 1000:.0f} ms |",
         f"| batch-8 call that switches adapter | {switch['switching_call_s'] * 1000:.0f} ms |",
         f"| adapter switch, share of a batch-8 call | {switch['switch_share']:+.1%} |",

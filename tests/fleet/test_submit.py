@@ -52,6 +52,15 @@ def test_the_api_url_comes_from_the_environment_and_a_refusal_exits_1(api_url):
     assert "width" in result.stderr and "422" in result.stderr and not result.stdout
 
 
+def test_lora_flags_are_sent_as_the_request_s_loras_and_a_bad_scale_is_a_usage_error(api_url):
+    """The session's model has no adapters: the API's 422 names ``loras``, so the flag was
+    sent as that field; a scale that is not a number never leaves the command line."""
+    refused = fleet_submit("a kettle", "--lora", "noise", "--lora", "other=0.5", "--api", api_url)
+    assert refused.returncode == 1 and "loras" in refused.stderr and "422" in refused.stderr
+    usage = fleet_submit("a kettle", "--lora", "noise=strong", "--api", api_url)
+    assert usage.returncode == 2 and "NAME=SCALE" in usage.stderr
+
+
 def test_no_wait_prints_the_job_id(idle_api):
     result = fleet_submit("later", "--no-wait", "--api", idle_api)
     assert result.returncode == 0, result.stderr

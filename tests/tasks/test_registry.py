@@ -189,3 +189,6 @@ def test_the_example_registry_serves_the_models_the_repository_ships():
     assert registry.names == ("digits", "digits-int8", "digits-4step")
     for model in registry.models.values():
         assert (root / model.path / "model_index.json").exists(), model.name
+        for adapter, path in model.loras:
+            assert (root / path / "pytorch_lora_weights.safetensors").exists(), adapter
+    assert registry.get("digits").adapters == ("bold", "mirror")

@@ -281,14 +281,22 @@ def test_a_loaded_model_s_jobs_go_first_until_the_other_model_waited_its_patienc
     assert requests_of(decision) == [old_y]
 
 
-def test_a_model_alone_in_waiting_is_loaded_at_once_and_both_loaded_means_oldest_first():
+def test_a_model_alone_in_waiting_is_loaded_once_the_loaded_one_has_gone_quiet():
+    """y (1 s to load) waits while x's requests keep coming, even in a moment when none of
+    x's is waiting; once x has sent nothing for one swap time, y is loaded. Both loaded:
+    oldest first."""
     b = batcher(max_images=1, wait_s=0)
-    b.observe_swap("y", 10.0)
-    y = add(b, key=MODEL_Y, at=0.0)
-    assert requests_of(b.next_batch(0.1, resident={"x"})) == [y]
-    y, x = add(b, key=MODEL_Y, at=1.0), add(b, key=MODEL_X, at=2.0)
-    assert requests_of(b.next_batch(2.1, resident={"x", "y"})) == [y]
-    assert requests_of(b.next_batch(2.2, resident={"x", "y"})) == [x]
+    b.observe_swap("y", 1.0)
+    b.next_batch(0.0)
+    x = add(b, key=MODEL_X, at=0.0)
+    y = add(b, key=MODEL_Y, at=0.1)
+    assert requests_of(b.next_batch(0.2, resident={"x"})) == [x]
+    decision = b.next_batch(0.5, resident={"x"})
+    assert decision.batch is None and decision.wake_at == pytest.approx(1.0), "x may still come: wait a swap time"
+    assert requests_of(b.next_batch(1.0, resident={"x"})) == [y]
+    y, x = add(b, key=MODEL_Y, at=2.0), add(b, key=MODEL_X, at=2.1)
+    assert requests_of(b.next_batch(2.2, resident={"x", "y"})) == [y]
+    assert requests_of(b.next_batch(2.3, resident={"x", "y"})) == [x]
 
 
 def test_a_waiting_loaded_batch_wakes_the_dispatcher_when_the_swap_is_due():

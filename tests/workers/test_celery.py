@@ -52,7 +52,7 @@ def test_the_task_returns_its_jobs_summary_and_raises_for_a_failed_job(store, st
     try:
         generate = worker_celery.make_worker_app(settings).tasks[GENERATE_TASK]
         good = job("a private prompt")
-        assert generate.run(good) == f"SUCCEEDED batch {store.get(good).batch.id} (1 image)"
+        assert generate.run(good) == f"SUCCEEDED batch {store.get(good).batch.id} (1 image) on tiny"
         with pytest.raises(worker_celery.JobFailed, match=r"^FAILED \(pipeline_failed\)$"):
             generate.run(job("poison"))
         assert metrics.registry.get_sample_value("fleet_worker_jobs", {"queue": "unknown"}) == 0

@@ -62,9 +62,9 @@ def test_the_outcome_names_the_batch_and_never_the_prompt(context, store):
     job = submit(store, prompt="a secret prompt", num_images=2)
     first = run_job(context, job.id, worker="w1")
     record = store.get(job.id)
-    assert first.summary() == f"SUCCEEDED batch {record.batch.id} (2 images)"
+    assert first.summary() == f"SUCCEEDED batch {record.batch.id} (2 images) on tiny"
     again = run_job(context, job.id, worker="w2")
-    assert again.summary() == f"SUCCEEDED batch {record.batch.id} (2 images), duplicate delivery"
+    assert again.summary() == f"SUCCEEDED batch {record.batch.id} (2 images) on tiny, duplicate delivery"
     failed = run_job(context, submit(store, prompt="poison").id, worker="w1")
     assert failed.summary() == "FAILED (pipeline_failed)"
     assert all("prompt" not in o.summary() and "poison" not in o.summary() for o in (first, again, failed))
