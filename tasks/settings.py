@@ -251,15 +251,15 @@ class Settings(BaseSettings):
 
     @property
     def task_threads(self) -> int:
-        """Task threads per worker: enough to gather the next batch while one runs; a
-        worker that swaps models (several served, a memory budget) holds
-        ``SWAP_HOLD`` times more, so that the model it loads next has jobs enough waiting
-        to pay for the swap, and the one loaded keeps getting its jobs meanwhile."""
+        """Task threads per worker: enough to gather the next batch while one runs, for
+        each model it serves (a batch takes one model's jobs); a worker that swaps models
+        (a memory budget) holds ``SWAP_HOLD`` times more, so that the model it loads next
+        has jobs enough waiting to pay for the swap."""
         if self.worker_threads:
             return self.worker_threads
         largest = max([self.max_batch_images] + [p.max_batch_images or 0 for p in self.queue_policies.values()])
-        swaps = self.model_memory_mb > 0 and len([n for n in self.serve.split(",") if n.strip()]) > 1
-        return 2 * largest * (SWAP_HOLD if swaps else 1)
+        models = max(1, len([name for name in self.serve.split(",") if name.strip()]))
+        return 2 * largest * models * (SWAP_HOLD if models > 1 and self.model_memory_mb > 0 else 1)
 
     @property
     def warm(self) -> tuple[WarmShape, ...]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from tasks.settings import Settings, WarmShape
+from tasks.settings import SWAP_HOLD, Settings, WarmShape
 
 
 def test_warm_shapes_parse_sizes_and_batch_sizes():
@@ -46,3 +46,13 @@ def test_the_device_accepts_an_indexed_cuda_device(device, valid):
     else:
         with pytest.raises(ValidationError, match="device"):
             Settings(device=device)
+
+
+def test_a_worker_of_several_models_holds_jobs_for_each_and_more_when_it_swaps():
+    """A batch takes one model's jobs: each served model gets a batch's worth to gather;
+    a worker that swaps holds SWAP_HOLD times that, so a swap has work enough to pay for it."""
+    assert Settings(max_batch_images=8).task_threads == 16
+    assert Settings(max_batch_images=8, serve="a,b").task_threads == 32
+    assert Settings(max_batch_images=8, serve="a,b", model_memory_mb=100).task_threads == 32 * SWAP_HOLD
+    assert Settings(max_batch_images=8, serve="a", model_memory_mb=100).task_threads == 16
+    assert Settings(max_batch_images=8, serve="a,b", worker_threads=5).task_threads == 5
