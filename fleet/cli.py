@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
+from fleet.progress import StageBars
 from tasks.schedulers import SCHEDULERS
 
 
@@ -49,29 +49,6 @@ def _model_init(args: argparse.Namespace) -> int:
     return 0
 
 
-class _StageBars:
-    """A progress bar per training stage, the previous one closed when the next begins:
-    the ``on_step(stage, step, total, loss)`` of ``workers.digits`` and ``workers.distill``."""
-
-    def __init__(self) -> None:
-        self.bars: dict[str, Any] = {}
-
-    def __call__(self, stage: str, step: int, total: int, loss: float) -> None:
-        from tqdm import tqdm
-
-        bar = self.bars.get(stage)
-        if bar is None:
-            self.close()
-            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="step", dynamic_ncols=True)
-        bar.update(1)
-        if loss and (step % 25 == 0 or step == total):
-            bar.set_postfix(loss=f"{loss:.4f}")
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-
-
 def _trained_model_dir(args: argparse.Namespace, name: str) -> Path | None:
     """Where a trained model goes; None (and says so) when one is there and not --force."""
     from tasks.settings import get_settings
@@ -92,7 +69,7 @@ def _model_train(args: argparse.Namespace) -> int:
     from workers import digits  # torch: only for this command
 
     plan = digits.TrainPlan(**{k: v for k, v in vars(args).items() if k in ("vae_steps", "unet_steps") and v})
-    bars = _StageBars()
+    bars = StageBars()
     started = time.perf_counter()
     digits.write_model(directory, plan, bars)
     bars.close()
@@ -110,7 +87,7 @@ def _model_distill(args: argparse.Namespace) -> int:
     from workers.digits_data import SHIPPED
 
     plan = distill.DistillPlan(**{k: v for k, v in vars(args).items() if k in ("trajectories", "train_steps") and v})
-    bars = _StageBars()
+    bars = StageBars()
     started = time.perf_counter()
     distill.write_model(Path(args.teacher) if args.teacher else SHIPPED, directory, plan, bars)
     bars.close()
@@ -136,7 +113,7 @@ def _model_lora(args: argparse.Namespace) -> int:
 
     root = Path(args.dir) if args.dir else get_settings().tiny_model_dir.parent / f"{args.model}-loras"
     plan = lora.LoraPlan(**({"steps": args.train_steps} if args.train_steps else {}))
-    bars = _StageBars()
+    bars = StageBars()
     for name in args.adapter or lora.ADAPTERS:
         if (root / name / lora.WEIGHTS_NAME).exists() and not args.force:
             print(f"kept the existing adapter at {root / name} (--force to overwrite)")

@@ -207,9 +207,9 @@ def _quality(args) -> int:
 
 def _models(args) -> int:
     from fleet.bench.models import Plan, markdown, run, write
-    from fleet.cli import _StageBars
+    from fleet.progress import StageBars
 
-    bars = _StageBars()
+    bars = StageBars()
     result = run(Plan(images=args.images, rounds=args.rounds), lambda stage, done, total: bars(stage, done, total, 0.0))
     bars.close()
     if args.out:
