@@ -225,7 +225,8 @@ def _start_model(sender: str = "", instance: Any = None, **_: Any) -> None:
     _presence.start()
     _sweeper = Sweeper(_context.store, instance.app if instance is not None else worker_app(), settings)
     _sweeper.start()
-    log.info("worker %s: serving %s, engine pid %s", sender, served, _context.runner.engine_pid)
+    # `fleet worker`'s callers (tests/stack.py) read the worker's name from this line.
+    log.info("worker %s: model %s ready in engine pid %s", sender, served, _context.runner.engine_pid)
 
 
 def _release_waiting_jobs(**_: Any) -> None:
