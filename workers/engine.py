@@ -117,7 +117,7 @@ class EngineCore:
             return EXIT_LOAD_FAILED
         log.info("model %s ready (pid %s)", model.name, os.getpid())
         warmed = tuple(map(str, config.model.warm))
-        self._send(Ready(config.model.key, os.getpid(), loaded.load_s, loaded.warm_s, warmed, model.weight_bytes()))
+        self._send(Ready(config.model.key, os.getpid(), loaded.load_s, loaded.warm_s, warmed))
         try:
             while (batch := self._next()) is not None:
                 self._run(models, batch)

@@ -178,9 +178,7 @@ class DiffusersModel:
     def _forget_adapter(self, name: str) -> None:
         """Take a half-loaded adapter out again, so the next batch runs on a clean model."""
         try:
-            if name in self.pipe.get_list_adapters().get("unet", []) or any(
-                name in names for names in self.pipe.get_list_adapters().values()
-            ):
+            if any(name in names for names in self.pipe.get_list_adapters().values()):
                 self.pipe.delete_adapters(name)
         except Exception:
             log.exception("could not remove the adapter %s that failed to load", name)

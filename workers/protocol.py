@@ -154,8 +154,6 @@ class Ready:
     load_s: float
     warm_s: float
     warmed: tuple[str, ...] = ()
-    #: weights' bytes of the model loaded (0: the backend does not say)
-    memory_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
