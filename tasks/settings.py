@@ -31,6 +31,10 @@ ServiceClass = Literal["interactive", "batch"]
 #: How a worker stores its model's weights: as loaded, or int8 (``workers.quantize``).
 Quantization = Literal["none", "int8"]
 LogFormat = Literal["text", "json"]
+#: When a batch's images share the model: "request": a batch is one model call from its
+#: first step to its last; "step": batches join the running ones at step boundaries and
+#: leave when their own steps are done (workers.stepping).
+BatchingMode = Literal["request", "step"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class QueuePolicy(BaseModel):
     max_batch_images: int | None = Field(None, gt=0)
     max_wait_ms: float | None = Field(None, ge=0)
     batch_policy: Literal["fixed", "adaptive"] | None = None
+    batching: BatchingMode | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class Batching:
     max_batch_images: int
     max_wait_ms: float
     batch_policy: Literal["fixed", "adaptive"]
+    batching: BatchingMode = "request"
 
 
 #: How many times more jobs a worker that swaps models holds (``Settings.task_threads``).
@@ -181,8 +187,11 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(8, gt=0)
     max_wait_ms: float = Field(100.0, ge=0)
     batch_policy: Literal["fixed", "adaptive"] = "adaptive"
-    # Per-queue overrides of the three above, as JSON:
-    # {"fleet.interactive": {"max_batch_images": 2, "max_wait_ms": 0, "batch_policy": "fixed"}}
+    # "request": a batch runs as one model call; "step": jobs join the running batch at its
+    # next step boundary and leave when their own steps are done (docs/BENCHMARKS.md §13).
+    batching: BatchingMode = "request"
+    # Per-queue overrides of the four above, as JSON:
+    # {"fleet.interactive": {"max_batch_images": 2, "max_wait_ms": 0, "batch_policy": "fixed", "batching": "step"}}
     # The interactive queue takes the worker-wide settings above; the batch queue waits
     # longer to fill its batches.
     queue_policies: dict[str, QueuePolicy] = {"fleet.batch": QueuePolicy(max_wait_ms=1000, batch_policy="fixed")}
@@ -247,6 +256,7 @@ class Settings(BaseSettings):
             max_batch_images=override.max_batch_images or self.max_batch_images,
             max_wait_ms=self.max_wait_ms if override.max_wait_ms is None else override.max_wait_ms,
             batch_policy=override.batch_policy or self.batch_policy,
+            batching=override.batching or self.batching,
         )
 
     @property

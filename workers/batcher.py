@@ -45,6 +45,14 @@ When a batch runs (``adaptive`` policy)
     with nothing else coming starts at once, and waiting happens only when arrivals are
     dense compared with ``b``; never past ``max_wait_ms`` or a deadline.
 
+Step-level batching (a queue's ``batching`` is "step")
+    A batch need not wait for the running one to end: the engine admits it into the
+    running slots at the next step boundary (``workers.stepping``). So there is nothing to
+    gain by holding it back: it is taken the moment there is room for it among the images
+    that will still be running after that boundary (``running``), oldest first, with no
+    ``max_wait_ms``, adaptive wait or ``not_before``. Jobs isolated after a crash never
+    join others.
+
 While the model is busy
     The worker sends the next batch to the engine before the running one ends, so the
     device never waits for it (``workers.runner``). A batch that is not full is held until
@@ -66,6 +74,7 @@ from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
+from tasks.settings import BatchingMode
 from workers.cost import CostProfile
 from workers.work import BatchKey, CompatKey
 
@@ -119,6 +128,7 @@ class BatchPolicy:
     max_batch_images: int = 8
     max_wait_s: float = 0.05
     kind: Literal["fixed", "adaptive"] = "fixed"
+    batching: BatchingMode = "request"
 
     def __post_init__(self) -> None:
         if self.max_batch_images < 1:
@@ -254,6 +264,11 @@ class Batcher(Generic[P]):
     def policy_of(self, key: BatchKey) -> BatchPolicy:
         return self._policy_of(key.queue) if self._policy_of else self.policy
 
+    def joins(self, key: BatchKey) -> bool:
+        """Whether ``key``'s batches join the running ones at step boundaries (its queue's
+        ``batching`` is "step"); never for a job isolated after a crash."""
+        return self.policy_of(key).batching == "step" and key.alone is None
+
     def limit(self, key: BatchKey) -> int:
         policy_limit = self.policy_of(key).max_batch_images
         lowered = self._limits.get(key.compat)
@@ -303,18 +318,30 @@ class Batcher(Generic[P]):
 
     # -- decision ----------------------------------------------------------------------
     def next_batch(
-        self, now: float, not_before: float | None = None, resident: Collection[str] | None = None
+        self,
+        now: float,
+        not_before: float | None = None,
+        resident: Collection[str] | None = None,
+        running: int | None = 0,
+        calls: bool = True,
     ) -> Decision[P]:
         """``not_before``: the model is busy until about then, so a batch that is not full
         is not taken earlier (newcomers can still join it). ``resident``: the models the
-        engine has loaded (None: every model is)."""
+        engine has loaded (None: every model is). ``running``: images of step-level batches
+        that will still be running after the next step boundary: a batch that joins
+        (``joins``) takes at most the room they leave; None: none may join now. ``calls``:
+        False when no request-level batch may go now (the engine has enough queued)."""
         if not self._waiting:
             return Decision[P]()
         key, swap_at = self._choose_key(now, resident)
         if key is None:  # only another model's requests, and not yet its turn
             return Decision[P](wake_at=swap_at)
         policy = self.policy_of(key)
-        limit = self.limit(key)
+        joins = self.joins(key)
+        if (running is None) if joins else not calls:  # the runner wakes us when that changes
+            return Decision[P](wake_at=swap_at)
+        running = running or 0
+        limit = max(0, self.limit(key) - running) if joins else self.limit(key)
         chosen: list[Slice[P]] = []
         room = limit
         candidates = [s for s in self._waiting if s.request.key == key]
@@ -322,6 +349,12 @@ class Batcher(Generic[P]):
             if candidate.count <= room:
                 chosen.append(candidate)
                 room -= candidate.count
+            elif joins:  # no overtaking: the oldest joins first, when there is room for it
+                break
+        if joins:
+            # Step-level: nothing is gained by holding a batch back, since newcomers join it
+            # at any step boundary; it goes the moment it has room.
+            return self._take(key, chosen) if chosen else Decision[P](wake_at=swap_at)
         images = limit - room
         left_out = [s for s in candidates if s not in chosen]
         full = room == 0 or bool(left_out)

@@ -97,6 +97,7 @@ def batch_policy(settings: Settings, queue: str) -> BatchPolicy:
         max_batch_images=policy.max_batch_images,
         max_wait_s=policy.max_wait_ms / 1000,
         kind=policy.batch_policy,
+        batching=policy.batching,
     )
 
 

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from workers.work import CompatKey, ImageWork, StepCallback
+from workers.work import CompatKey, Images, ImageWork, Slots, StepCallback
 
 
 @dataclass(eq=False)
@@ -62,8 +62,34 @@ class Slot:
         return self.scheduler.timesteps[self.step_index]
 
 
+@dataclass(eq=False)
+class SlotBatch:
+    """The slots of one batch (one recipe): they step together, so they share a count."""
+
+    slots: list[Slot]
+
+    @property
+    def step_index(self) -> int:
+        return self.slots[0].step_index
+
+    @property
+    def steps(self) -> int:
+        return self.slots[0].steps
+
+    @property
+    def done(self) -> bool:
+        return self.slots[0].done
+
+
+def _slots(batch: Slots) -> list[Slot]:
+    if not isinstance(batch, SlotBatch):
+        raise TypeError(f"a Denoiser steps its own slots, not {type(batch).__name__}")
+    return batch.slots
+
+
 class Denoiser:
-    """Slots of one pipeline (its UNet, scheduler, text encoder and autoencoder)."""
+    """Slots of one pipeline (its UNet, scheduler, text encoder and autoencoder): the
+    ``Stepper`` of a diffusers model."""
 
     def __init__(self, pipe: Any, device: str, scheduler: Any | None = None):
         if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
@@ -76,7 +102,7 @@ class Denoiser:
         self._generator = "generator" in accepted
 
     @torch.inference_mode()
-    def admit(self, key: CompatKey, images: list[ImageWork]) -> list[Slot]:
+    def admit(self, key: CompatKey, images: list[ImageWork]) -> SlotBatch:
         """New slots for ``images`` (one recipe): prompts encoded together, latents drawn
         from each image's own generator, a scheduler each."""
         pipe, guided = self.pipe, key.guidance_scale > 1
@@ -101,13 +127,14 @@ class Denoiser:
                 Slot(work, key.guidance_scale, scheduler, generator, latents, text[i : i + 1],
                      negative[i : i + 1] if guided else None)
             )  # fmt: skip
-        return slots
+        return SlotBatch(slots)
 
     @torch.inference_mode()
-    def step(self, slots: list[Slot]) -> None:
+    def step(self, running: Sequence[Slots]) -> None:
         """One UNet call for every slot, each at its own timestep; then each slot's
         scheduler steps its latents. Rows: the guided slots' unconditional ones, then every
         slot's conditional one."""
+        slots = [slot for batch in running for slot in _slots(batch)]
         guided = [s for s in slots if s.guided]
         rows = [*(("negative", s) for s in guided), *(("text", s) for s in slots)]
         inputs = {id(s): s.scheduler.scale_model_input(torch.cat([s.latents] * (2 if s.guided else 1)), s.timestep)
@@ -131,9 +158,10 @@ class Denoiser:
             slot.step_index += 1
 
     @torch.inference_mode()
-    def decode(self, slots: list[Slot]) -> np.ndarray:
+    def decode(self, batch: Slots) -> Images:
         """The finished slots' images: ``(n, height, width, 3)`` uint8, rounded as
         diffusers' PIL output is."""
+        slots = _slots(batch)
         vae = self.pipe.vae
         latents = torch.cat([s.latents for s in slots])
         image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
@@ -141,12 +169,12 @@ class Denoiser:
         pixels = (image.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
         return pixels.contiguous().cpu().numpy()
 
-    def run(self, key: CompatKey, images: list[ImageWork], on_step: StepCallback | None = None) -> np.ndarray:
+    def run(self, key: CompatKey, images: list[ImageWork], on_step: StepCallback | None = None) -> Images:
         """Every image admitted at once and stepped to the end: a request-level batch on
         the engine's own loop. ``on_step`` as the pipeline's (True stops early)."""
-        slots = self.admit(key, images)
-        while not slots[0].done:
-            self.step(slots)
-            if on_step is not None and on_step(slots[0].step_index, slots[0].steps):
+        batch = self.admit(key, images)
+        while not batch.done:
+            self.step([batch])
+            if on_step is not None and on_step(batch.step_index, batch.steps):
                 break
-        return self.decode(slots)
+        return self.decode(batch)

@@ -15,6 +15,12 @@ The worker keeps the next batch queued here while one runs: the engine reads its
 every step boundary (so a cancel lands at the next step) and between calls, and starts
 the next batch the moment the last one returns.
 
+A batch sent with ``Join`` (a queue whose ``batching`` is "step") does not wait for the
+running one to end: the engine runs such batches step by step on the model's own denoising
+loop (``Model.stepper``, ``workers.stepping``), admits each newcomer at the next step
+boundary and lets each leave when its own steps are done. A model with no such loop for the
+batch (compiled, or a UNet the loop does not cover) runs it as a call.
+
 Images leave as one ``(n, height, width, 3)`` uint8 array per batch, written into a
 shared-memory block the worker allocated (``RunBatch.output``): no pickled PIL images.
 
@@ -48,7 +54,6 @@ from workers.protocol import (
     EngineConfig,
     Failed,
     FromEngine,
-    Images,
     LoadFailed,
     Ready,
     RunBatch,
@@ -60,7 +65,8 @@ from workers.protocol import (
     to_engine,
 )
 from workers.resident import ResidentModels
-from workers.work import Model
+from workers.stepping import Finish, StepGroup
+from workers.work import Images, Model
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +173,35 @@ class EngineCore:
 
     # -- one batch ------------------------------------------------------------------------
     def _run(self, models: ResidentModels, batch: RunBatch) -> None:
-        if batch.batch_id in self._canceled:
-            self._canceled.discard(batch.batch_id)
-            self._send(Done(batch.batch_id, 0.0, canceled=True))
+        if self._take_canceled(batch):
             return
+        model = self._model(models, batch)
+        if model is None:
+            return
+        try:
+            stepper = model.stepper(batch.key) if batch.join is not None else None
+        except DeviceLost:
+            raise
+        except Exception as exc:  # its adapters did not load, say
+            self._send(Failed(batch.batch_id, _message(exc)))
+            return
+        if stepper is None:
+            self._call(model, batch)
+        else:
+            finish: Finish = lambda done, images, seconds: self._finish(model, done, images, seconds)  # noqa: E731
+            self._run_group(StepGroup(stepper, batch.key, self._send, finish), batch)
+
+    def _take_canceled(self, batch: RunBatch) -> bool:
+        """A batch canceled before it started: it ends here, never run."""
+        if batch.batch_id not in self._canceled:
+            return False
+        self._canceled.discard(batch.batch_id)
+        self._send(Done(batch.batch_id, 0.0, canceled=True))
+        return True
+
+    def _model(self, models: ResidentModels, batch: RunBatch) -> Model | None:
+        """The batch's model, loaded (``Swapped``) if it was not; None when it cannot be
+        (the batch has failed)."""
         try:
             model, loaded = models.get(batch.key.model)
         except DeviceLost:
@@ -178,9 +209,13 @@ class EngineCore:
         except Exception as exc:
             log.exception("model %s could not be loaded", batch.key.model)
             self._send(Failed(batch.batch_id, f"model {batch.key.model} could not be loaded: {_message(exc)}"))
-            return
+            return None
         if loaded is not None:
             self._send(Swapped(batch.batch_id, loaded.model, loaded.load_s, loaded.warm_s, loaded.resident))
+        return model
+
+    def _call(self, model: Model, batch: RunBatch) -> None:
+        """Request-level: the batch as one model call of its own."""
         self._send(Started(batch.batch_id))
         canceled = False
 
@@ -204,7 +239,35 @@ class EngineCore:
             return
         finally:
             self._canceled.discard(batch.batch_id)
-        inference_s = time.perf_counter() - started
+        self._finish(model, batch, images, time.perf_counter() - started, canceled)
+
+    def _run_group(self, group: StepGroup, first: RunBatch) -> None:
+        """Step-level: ``first`` and the batches that join it at step boundaries, step by
+        step until none is left. A batch that cannot join waits, and so does every batch
+        sent after it (the order the worker sent them in is kept)."""
+        group.admit(first)
+        while group:
+            self._receive(block=False)
+            group.cancel(self._canceled)
+            self._canceled.difference_update(group.batch_ids)
+            while self._queue:
+                head = self._queue[0]
+                if not (head.batch_id in self._canceled or group.joinable(head)):
+                    break
+                self._queue.popleft()
+                if not self._take_canceled(head):
+                    group.admit(head)
+            if group:
+                group.step()
+
+    def _finish(
+        self, model: Model, batch: RunBatch, images: Images | None, inference_s: float, canceled: bool = False
+    ) -> None:
+        """The batch's ``Done``: its images delivered, or none (canceled)."""
+        self._canceled.discard(batch.batch_id)
+        if images is None:
+            self._send(Done(batch.batch_id, inference_s, canceled=True))
+            return
         memory = _memory_stats(model)
         self._send(Done(batch.batch_id, inference_s, canceled, images=_deliver(batch, images), memory=memory))
 

@@ -39,7 +39,7 @@ from workers.protocol import (
     EngineConfig,
     Failed,
     FromEngine,
-    Images,
+    Join,
     LoadFailed,
     Ready,
     RunBatch,
@@ -52,7 +52,7 @@ from workers.protocol import (
     image_bytes,
     images_view,
 )
-from workers.work import CompatKey, ImageWork, Model
+from workers.work import CompatKey, Images, ImageWork, Model
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,9 @@ class Engine(Protocol):
         Raises ``EngineStartFailed``."""
         ...
 
-    def submit(self, batch_id: int, key: CompatKey, work: list[ImageWork]) -> None: ...
+    def submit(self, batch_id: int, key: CompatKey, work: list[ImageWork], join: Join | None = None) -> None:
+        """Queue a batch: a call of its own, or (``join``) joining the running slots."""
+        ...
 
     def cancel(self, batch_id: int) -> None: ...
 
@@ -193,9 +195,9 @@ class ProcessEngine:
                 process.kill()
             raise
 
-    def submit(self, batch_id: int, key: CompatKey, work: list[ImageWork]) -> None:
+    def submit(self, batch_id: int, key: CompatKey, work: list[ImageWork], join: Join | None = None) -> None:
         block = shared_memory.SharedMemory(create=True, size=max(1, image_bytes(key, len(work))))
-        batch = RunBatch(batch_id, key, tuple(work), output=block.name)
+        batch = RunBatch(batch_id, key, tuple(work), output=block.name, join=join)
         with self._blocks_lock:
             self._blocks[batch_id] = (block, batch)
         self._send(batch)
@@ -341,8 +343,8 @@ class ThreadEngine:
             raise EngineStartFailed(f"the model did not load and warm within {timeout_s}s") from None
         return started(message)
 
-    def submit(self, batch_id: int, key: CompatKey, work: list[ImageWork]) -> None:
-        self._inbox.queue.put(RunBatch(batch_id, key, tuple(work)))
+    def submit(self, batch_id: int, key: CompatKey, work: list[ImageWork], join: Join | None = None) -> None:
+        self._inbox.queue.put(RunBatch(batch_id, key, tuple(work), join=join))
 
     def cancel(self, batch_id: int) -> None:
         self._inbox.queue.put(CancelBatch(batch_id))

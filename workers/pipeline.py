@@ -23,6 +23,8 @@ import bisect
 import gc
 import logging
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +32,13 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
-from tasks.errors import DeviceLost, ModelOutOfMemory, PipelineError
+from tasks.errors import DeviceLost, FleetError, ModelOutOfMemory, PipelineError
 from tasks.schedulers import SCHEDULERS
 from tasks.settings import WarmShape
+from workers.denoise import Denoiser, SlotBatch
 from workers.protocol import EngineConfig
 from workers.quantize import module_bytes, quantize_module
-from workers.work import CompatKey, ImageWork, StepCallback
+from workers.work import CompatKey, Images, ImageWork, Slots, StepCallback, Stepper
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,7 @@ class DiffusersModel:
         self.compiled = compiled
         self._warmed: dict[tuple[int, int], list[int]] = {}  # (width, height) -> batch sizes
         self._schedulers: dict[str | None, Any] = {None: pipe.scheduler}
+        self._denoisers: dict[str | None, Denoiser] = {}
         self._lora_paths = dict(loras)
         self._adapters: set[str] = set()  # loaded into the pipeline
         self._active: tuple[tuple[str, float], ...] | None = ()  # None: unknown (after a load)
@@ -139,6 +143,23 @@ class DiffusersModel:
         self.pipe.scheduler = self._scheduler(key.scheduler)
         self._use_adapters(key.loras)
         return generate(self.pipe, key, padded, self.device, on_step)[: len(images)]
+
+    def stepper(self, key: CompatKey) -> Stepper | None:
+        """The engine's own denoising loop (``workers.denoise``) with ``key``'s scheduler
+        and adapters. None in compiled mode: its CUDA graphs are recorded for fixed batch
+        sizes, and a step-level batch changes size at every boundary (such batches run as
+        calls); and for a UNet the loop does not cover (LCM's guidance embedding)."""
+        if self.compiled:
+            return None
+        self._use_adapters(key.loras)
+        scheduler = self._scheduler(key.scheduler)
+        if key.scheduler not in self._denoisers:
+            try:
+                self._denoisers[key.scheduler] = Denoiser(self.pipe, self.device, scheduler)
+            except NotImplementedError as exc:
+                log.warning("no step-level batching for %s: %s", self.name, exc)
+                return None
+        return GuardedStepper(self._denoisers[key.scheduler])
 
     def _use_adapters(self, loras: tuple[tuple[str, float], ...]) -> None:
         """Make ``loras`` (name, scale) the active adapters: load those never loaded, then
@@ -191,6 +212,7 @@ class DiffusersModel:
         """Drop the pipeline and hand its device memory back (the engine evicts it)."""
         self.pipe = None
         self._schedulers.clear()
+        self._denoisers.clear()
         gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -258,29 +280,57 @@ def generate(
             pipeline._interrupt = True  # diffusers skips the remaining steps
         return callback_kwargs
 
+    with model_errors(len(images)), torch.inference_mode():
+        out = pipe(
+            prompt=[w.prompt for w in images],
+            negative_prompt=[w.negative_prompt or "" for w in images],
+            width=key.width,
+            height=key.height,
+            num_inference_steps=key.steps,
+            guidance_scale=key.guidance_scale,
+            generator=generators,
+            output_type="pt",
+            callback_on_step_end=step_end if on_step is not None else None,
+            callback_on_step_end_tensor_inputs=[],
+        )
+        # (x * 255).round() in float32, as diffusers' numpy_to_pil does: the same bytes.
+        pixels = (out.images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        return pixels.contiguous().cpu().numpy()
+
+
+@contextmanager
+def model_errors(images: int) -> Iterator[None]:
+    """What the engine makes of an exception in a model call: out of memory, a lost device
+    (the engine must be replaced), or a failed call (``PipelineError``)."""
     try:
-        with torch.inference_mode():
-            out = pipe(
-                prompt=[w.prompt for w in images],
-                negative_prompt=[w.negative_prompt or "" for w in images],
-                width=key.width,
-                height=key.height,
-                num_inference_steps=key.steps,
-                guidance_scale=key.guidance_scale,
-                generator=generators,
-                output_type="pt",
-                callback_on_step_end=step_end if on_step is not None else None,
-                callback_on_step_end_tensor_inputs=[],
-            )
-            # (x * 255).round() in float32, as diffusers' numpy_to_pil does: the same bytes.
-            pixels = (out.images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-            return pixels.contiguous().cpu().numpy()
+        yield
     except torch.cuda.OutOfMemoryError as exc:
-        raise ModelOutOfMemory(f"out of device memory at {len(images)} images: {exc}") from exc
+        raise ModelOutOfMemory(f"out of device memory at {images} images: {exc}") from exc
+    except FleetError:
+        raise
     except Exception as exc:
         if _device_lost(exc):
             raise DeviceLost(f"{type(exc).__name__}: {exc}") from exc
         raise PipelineError(f"the pipeline failed: {type(exc).__name__}: {exc}") from exc
+
+
+class GuardedStepper:
+    """A ``Denoiser`` whose errors are the engine's (``model_errors``)."""
+
+    def __init__(self, denoiser: Denoiser):
+        self._denoiser = denoiser
+
+    def admit(self, key: CompatKey, images: list[ImageWork]) -> Slots:
+        with model_errors(len(images)):
+            return self._denoiser.admit(key, images)
+
+    def step(self, running: Sequence[Slots]) -> None:
+        with model_errors(sum(len(batch.slots) for batch in running if isinstance(batch, SlotBatch))):
+            self._denoiser.step(running)
+
+    def decode(self, slots: Slots) -> Images:
+        with model_errors(len(slots.slots) if isinstance(slots, SlotBatch) else 0):
+            return self._denoiser.decode(slots)
 
 
 def _device_lost(exc: Exception) -> bool:

@@ -13,6 +13,13 @@ at every step boundary, and ``Done`` or ``Failed`` out.
 ``CancelBatch`` stops a batch at its next step boundary (``Done(canceled=True)``);
 ``Stop`` lets the engine finish what it was sent and exit.
 
+Step-level batching (``RunBatch.join``, issue 26): the batch does not wait for the running
+ones to end. At the next step boundary it joins them (``Started``), each batch in the
+running group keeps its own ``Step`` count, and each ends with its own ``Done`` as soon as
+its own steps are done, while the others run on. A batch that cannot join (another model,
+size, scheduler or adapters, a request-level batch, no room) waits until the group drains,
+and so does every batch sent after it: the engine keeps the order it was sent.
+
 Each direction is a closed union, and both ends dispatch on it with ``match`` ending in
 ``assert_never``: a message added here that one end does not handle is a type error
 (``mypy --strict`` runs over this module in CI). What arrives over the pipe is only an
@@ -41,14 +48,10 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import numpy as np
-import numpy.typing as npt
 
 from tasks.errors import UnknownMessage
 from tasks.settings import CompileMode, Quantization, WarmShape
-from workers.work import CompatKey, ImageWork
-
-#: A batch of images: ``(n, height, width, 3)`` uint8.
-Images: TypeAlias = npt.NDArray[np.uint8]
+from workers.work import CompatKey, Images, ImageWork
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,13 +123,28 @@ class EngineConfig:
 
 # -- worker -> engine ---------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
+class Join:
+    """Step-level batching: the batch joins the running batches of compatible slots
+    (``CompatKey.joins``) at a step boundary, while they hold, with it, at most
+    ``max_images`` images; each leaves once its own steps are done."""
+
+    max_images: int
+
+    def __post_init__(self) -> None:
+        if self.max_images < 1:
+            raise ValueError("a step-level batch joins at most max_images >= 1 images")
+
+
+@dataclass(frozen=True, slots=True)
 class RunBatch:
-    """Run these images as one model call, after the batches sent before it."""
+    """Run these images after the batches sent before it: as one model call of their own
+    (request-level batching, ``join`` None) or joining the running slots (``Join``)."""
 
     batch_id: int
     key: CompatKey
     work: tuple[ImageWork, ...]
     output: str = ""  # shared-memory block for the images; "" sends them in ``Done``
+    join: Join | None = None
 
 
 @dataclass(frozen=True, slots=True)

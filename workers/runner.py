@@ -8,6 +8,12 @@ running one and the next. A batch that is not full is held back until just befor
 engine is predicted to be free, so jobs arriving meanwhile still join it. The engine's
 events come back on its reader thread and resolve the jobs' futures.
 
+Step-level batching (a queue whose ``batching`` is "step"): a batch goes to the engine at
+once, with ``Join``, to be admitted into the running slots at the next step boundary. The
+dispatcher sends such batches while there is room among the images that will still be
+running after that boundary (a batch reporting its second-to-last step leaves at it), so a
+job waits in the batcher, where it can still be canceled or expire, never in the engine.
+
 Why the batcher lives here and not in the engine: it is pure Python that runs on every
 job's arrival, and the engine's thread must do nothing but drive the model; the engine
 only needs the next batch in hand when the current one ends (vLLM keeps its scheduler
@@ -45,8 +51,8 @@ from tasks.cancel import NOT_STARTED_IN_TIME
 from tasks.errors import EngineCrashed, EngineStartFailed, JobCanceled, ModelOutOfMemory, PipelineError
 from workers.batcher import Batch, Batcher, Request, Slice
 from workers.engine_client import Engine
-from workers.protocol import Images, Ready, Swapped
-from workers.work import BatchKey, CompatKey, ImageWork
+from workers.protocol import Join, Ready, Swapped
+from workers.work import BatchKey, CompatKey, Images, ImageWork
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +114,22 @@ class PendingJob:
 
 @dataclass(eq=False)
 class _InFlight:
-    """A batch sent to the engine: queued there until ``started_at`` is set."""
+    """A batch sent to the engine: queued there until ``started_at`` is set. ``joins``: a
+    step-level batch (it joins the running ones at a step boundary)."""
 
     batch: Batch[PendingJob]
+    joins: bool = False
     started_at: float | None = None
     step: int = 0
+
+    @property
+    def running_on(self) -> bool:
+        """Still in the engine after the next step boundary: queued, or a step-level batch
+        with more than one step to go (a call holds the engine until it ends: its images
+        take no room from a step-level batch, which waits for it either way)."""
+        if self.started_at is None:
+            return True
+        return self.joins and self.step < self.batch.key.compat.steps - 1
 
     @property
     def job_ids(self) -> list[str]:
@@ -280,34 +297,49 @@ class ModelRunner:
                     return
                 if not isinstance(batch, _Restart):
                     batch_id = next(self._batch_ids)
-                    self._inflight[batch_id] = _InFlight(batch)  # before the engine can answer
+                    joins = self._batcher.joins(batch.key)
+                    self._inflight[batch_id] = _InFlight(batch, joins)  # before the engine can answer
+                    join = Join(self._batcher.limit(batch.key)) if joins else None
             if isinstance(batch, _Restart):
                 self._restart()
             else:
                 work = [w for s in batch.slices for w in s.request.payload.work[s.start : s.start + s.count]]
-                self._engine.submit(batch_id, batch.key.compat, work)
+                self._engine.submit(batch_id, batch.key.compat, work, join)
 
     def _next_batch(self) -> Batch[PendingJob] | _Restart | None:
-        """Under the lock: the next batch to send, a restart, or None when stopped."""
+        """Under the lock: the next batch to send, a restart, or None when stopped.
+
+        What may go: a request-level batch while fewer than ``depth`` things are in the
+        engine (the running call or step-level group counts one, each queued batch one); a
+        step-level batch while no request-level one waits in the engine, within the room
+        the step-level batches leave after the next step boundary (``Batcher.next_batch``)."""
         while True:
             if not self._engine_up:
                 if self._stopping:
                     return None
                 return _Restart.RESTART
-            if len(self._inflight) >= self._depth:
+            queued = [f for f in self._inflight.values() if f.started_at is None]
+            running = len(self._inflight) > len(queued)
+            calls = running + len(queued) < self._depth
+            joining = None if any(not f.joins for f in queued) else self._running_images()
+            if not calls and joining is None:
                 self._cond.wait()
                 continue
             if self._retries:
-                return self._retries.popleft()
+                if calls or self._batcher.joins(self._retries[0].key):
+                    return self._retries.popleft()
+                self._cond.wait()
+                continue
             if self._stopping and not len(self._batcher):
                 return None
             now = self._clock()
             if self._stopping:
-                decision = self._batcher.next_batch(float("inf"))
+                decision = self._batcher.next_batch(float("inf"), running=joining, calls=calls)
             else:
                 decision = self._batcher.next_batch(
-                    now, not_before=self._busy_until(), resident=self._expected_resident()
-                )
+                    now, not_before=self._busy_until(), resident=self._expected_resident(), running=joining,
+                    calls=calls,
+                )  # fmt: skip
             if decision.batch is not None:
                 self._report_waiting()
                 live = tuple(s for s in decision.batch.slices if self._runnable(s, now))
@@ -315,6 +347,11 @@ class ModelRunner:
                     return Batch(decision.batch.key, live)
                 continue
             self._cond.wait(None if decision.wake_at is None else max(0.0, decision.wake_at - now))
+
+    def _running_images(self) -> int:
+        """Under the lock: images of step-level batches still in the engine after the next
+        step boundary."""
+        return sum(f.batch.images for f in self._inflight.values() if f.joins and f.running_on)
 
     @staticmethod
     def _runnable(s: Slice[PendingJob], now: float) -> bool:
@@ -402,12 +439,16 @@ class ModelRunner:
             if flight is None:
                 return
             flight.started_at = self._clock()
+            self._cond.notify_all()  # it no longer waits in the engine: what it held back may go
         self._hook(self._on_batch_start, flight.job_ids)
 
     def batch_step(self, batch_id: int, step: int, total: int) -> None:
         flight = self._inflight.get(batch_id)
         if flight is not None:
             flight.step = step
+            if flight.joins and step == total - 1:  # its room opens at the next boundary
+                with self._cond:
+                    self._cond.notify_all()
             on_step = self._on_batch_step
             if on_step is not None:
                 self._hook(lambda job_ids: on_step(job_ids, step, total), flight.job_ids)
@@ -418,7 +459,9 @@ class ModelRunner:
             if flight is None:
                 return
             batch = flight.batch
-            if not canceled:  # a call stopped early says nothing of what a call costs
+            # A call stopped early says nothing of what a call costs, nor does a step-level
+            # batch's time, shared with whatever ran beside it.
+            if not canceled and not flight.joins:
                 self._batcher.cost_model.observe(batch.key.compat, batch.images, inference_s)
             self._cond.notify_all()
         self._hook(self._on_batch_end, flight.job_ids)

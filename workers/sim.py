@@ -12,6 +12,11 @@ Sleeping releases the GIL and uses no cores, like a GPU kernel. ``load_s=2`` mak
 ``mem=500`` says its weights take 500 MiB: a swap's cost and a memory budget's count, for
 a worker that serves several models. A call is cut into
 ``steps`` equal parts with the engine's step callback between them (progress, cancel).
+``steps=20`` says ``a`` and ``b`` are for a call of 20 steps: a call of 10 then takes half
+(without it, every call takes ``a*n + b`` whatever its steps).
+
+Step-level batching (``SimStepper``): a step of the running slots, ``n`` images in all,
+takes ``(a*n + b) / steps``, its host share spent as a call's is.
 
 For fault tests, a prompt containing ``[[raise]]`` makes the call raise; the others end
 the engine's process as a real model can: ``[[crash]]`` exits at once (a driver abort),
@@ -44,7 +49,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +58,7 @@ from tasks.errors import DeviceLost
 from tasks.settings import WarmShape
 from workers.cost import PROFILES, CostProfile
 from workers.protocol import ModelSpec
-from workers.work import CompatKey, ImageWork, StepCallback
+from workers.work import CompatKey, Images, ImageWork, Slots, StepCallback, Stepper
 
 RAISE_MARK = "[[raise]]"
 CRASH_MARK = "[[crash]]"
@@ -68,6 +73,9 @@ class SimProfile(CostProfile):
     host: float = 0.0  # share of a call that is GIL-holding Python (kernel launches), 0..1
     load_s: float = 0.0  # seconds loading the model takes (what a swap costs)
     mem: float = 0.0  # MiB its weights take (what a memory budget counts)
+    #: The steps ``a`` and ``b`` are for: a call of k steps then takes k/steps of it. 0: every
+    #: call takes ``a*n + b`` whatever its steps.
+    steps: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.host <= 1.0:  # also refuses NaN
@@ -77,13 +85,15 @@ class SimProfile(CostProfile):
     def weight_bytes(self) -> int:
         return int(self.mem * 2**20)
 
-    def draw(self, images: int, rng: random.Random) -> float:
-        """One call's time: the profile's, with its noise."""
-        return max(0.0, self.seconds(images) * (1 + self.noise * rng.gauss(0, 1)))
+    def draw(self, images: int, rng: random.Random, steps: int = 0) -> float:
+        """One call's time (of ``steps`` steps): the profile's, with its noise."""
+        share = steps / self.steps if self.steps and steps else 1.0
+        return max(0.0, share * self.seconds(images) * (1 + self.noise * rng.gauss(0, 1)))
 
     @classmethod
     def parse(cls, spec: str) -> SimProfile:
-        """``a=0.1,b=0.2,noise=0.05,host=0.3,load_s=2,mem=500`` or ``profile=NAME[,noise=...]...``."""
+        """``a=0.1,b=0.2,noise=0.05,host=0.3,load_s=2,mem=500,steps=20`` or
+        ``profile=NAME[,noise=...]...``."""
         fields: dict[str, str] = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, sep, value = part.partition("=")
@@ -94,7 +104,7 @@ class SimProfile(CostProfile):
         if "profile" in fields:
             data = json.loads((PROFILES / f"{fields.pop('profile')}.json").read_text())
             values.update(a=data["a"], b=data["b"])
-        unknown = set(fields) - {"a", "b", "noise", "host", "load_s", "mem"}
+        unknown = set(fields) - {"a", "b", "noise", "host", "load_s", "mem", "steps"}
         if unknown:
             raise ValueError(f"sim model: unknown field(s) {sorted(unknown)}")
         values.update({k: float(v) for k, v in fields.items()})
@@ -149,13 +159,8 @@ class SimModel:
 
     def run(self, key: CompatKey, images: list[ImageWork], on_step: StepCallback | None = None) -> np.ndarray:
         prompts = " ".join(w.prompt for w in images)
-        if CRASH_MARK in prompts:
-            os._exit(70)
-        if SEGFAULT_MARK in prompts:
-            ctypes.string_at(0)
-        if DEVICE_LOST_MARK in prompts:
-            raise DeviceLost("CUDA error: an illegal memory access was encountered (simulated)")
-        seconds = self.profile.draw(len(images), self._rng)
+        _faults(prompts)
+        seconds = self.profile.draw(len(images), self._rng, key.steps)
         steps = max(1, key.steps)
         for step in range(1, steps + 1):
             self._spend(seconds / steps)
@@ -163,9 +168,10 @@ class SimModel:
                 break
         if RAISE_MARK in prompts:
             raise RuntimeError("simulated model failure")
-        out = np.empty((len(images), key.height, key.width, 3), dtype=np.uint8)
-        out[...] = np.array([_colour(w.seed) for w in images], dtype=np.uint8)[:, None, None, :]
-        return out
+        return _draw(key, images)
+
+    def stepper(self, key: CompatKey) -> Stepper:
+        return SimStepper(self)
 
     def _spend(self, seconds: float) -> None:
         """Take ``seconds``: the host share as GIL-holding slices of CPU work, each followed
@@ -191,6 +197,72 @@ class SimModel:
                 asleep_owed -= self._clock() - started
                 busy_owed -= used
                 mark = self._cpu_clock()
+
+
+@dataclass(eq=False)
+class SimSlots:
+    key: CompatKey
+    work: list[ImageWork]
+    step_index: int = 0
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.key.steps)
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.steps
+
+
+class SimStepper:
+    """The simulated model run step by step: a step of slots holding ``n`` images takes
+    ``(a*n + b) / steps`` (the profile's ``steps``, else the longest running batch's), its
+    host share spent as a call's is. ``[[raise]]`` fails its batch's decode; the other marks
+    end the engine when their batch is admitted."""
+
+    def __init__(self, model: SimModel):
+        self._model = model
+
+    def admit(self, key: CompatKey, images: list[ImageWork]) -> Slots:
+        _faults(" ".join(w.prompt for w in images))
+        return SimSlots(key, images)
+
+    def step(self, running: Sequence[Slots]) -> None:
+        batches = [_sim_slots(s) for s in running]
+        per_call = self._model.profile.steps or max(s.steps for s in batches)
+        seconds = self._model.profile.draw(sum(len(s.work) for s in batches), self._model._rng) / per_call
+        self._model._spend(seconds)
+        for slots in batches:
+            slots.step_index += 1
+
+    def decode(self, slots: Slots) -> Images:
+        sim = _sim_slots(slots)
+        if any(RAISE_MARK in w.prompt for w in sim.work):
+            raise RuntimeError("simulated model failure")
+        return _draw(sim.key, sim.work)
+
+
+def _sim_slots(slots: Slots) -> SimSlots:
+    if not isinstance(slots, SimSlots):
+        raise TypeError(f"a sim model steps its own slots, not {type(slots).__name__}")
+    return slots
+
+
+def _faults(prompts: str) -> None:
+    """The marks that end the engine's process as a real model's faults can."""
+    if CRASH_MARK in prompts:
+        os._exit(70)
+    if SEGFAULT_MARK in prompts:
+        ctypes.string_at(0)
+    if DEVICE_LOST_MARK in prompts:
+        raise DeviceLost("CUDA error: an illegal memory access was encountered (simulated)")
+
+
+def _draw(key: CompatKey, images: list[ImageWork]) -> Images:
+    """A plain colour per image, from its seed."""
+    out = np.empty((len(images), key.height, key.width, 3), dtype=np.uint8)
+    out[...] = np.array([_colour(w.seed) for w in images], dtype=np.uint8)[:, None, None, :]
+    return out
 
 
 def _burn(mark: float, seconds: float, cpu_clock: Callable[[], float]) -> float:

@@ -3,9 +3,9 @@ engine process and every model backend."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +25,14 @@ class CompatKey:
     scheduler: str | None = None  # a diffusers scheduler class name; None: the model's own
     #: LoRA adapters and their scales, by name (``tasks.jobs.LoraChoice``); (): none
     loras: tuple[tuple[str, float], ...] = ()
+
+    def joins(self, other: CompatKey) -> bool:
+        """Whether images of ``other`` may share a UNet call with these at a step boundary
+        (step-level batching): the same model, size, scheduler and adapters; steps and
+        guidance may differ, each slot keeping its own."""
+        return (self.model, self.width, self.height, self.scheduler, self.loras) == (
+            other.model, other.width, other.height, other.scheduler, other.loras
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -55,8 +63,44 @@ class ImageWork:
 
 
 #: Called by the model at every step boundary with (step, total steps); returning True
-#: stops the call there (cancel). Later: the point where new images join a running batch.
+#: stops the call there (cancel).
 StepCallback = Callable[[int, int], bool]
+
+#: A batch of images: ``(n, height, width, 3)`` uint8.
+Images: TypeAlias = npt.NDArray[np.uint8]
+
+
+class Slots(Protocol):
+    """One batch's images in a model's step-level loop (``Stepper``): each batch keeps its
+    own step count, so batches admitted at different steps run side by side."""
+
+    @property
+    def step_index(self) -> int:
+        """Steps run so far."""
+        ...
+
+    @property
+    def steps(self) -> int: ...
+
+    @property
+    def done(self) -> bool: ...
+
+
+class Stepper(Protocol):
+    """A model's denoising loop, run one step at a time (step-level batching): batches are
+    admitted at step boundaries and leave as soon as their own steps are done."""
+
+    def admit(self, key: CompatKey, images: list[ImageWork]) -> Slots:
+        """Slots for ``images``: prompts encoded, latents drawn, nothing stepped yet."""
+        ...
+
+    def step(self, running: Sequence[Slots]) -> None:
+        """One model call for every slot of ``running``, each at its own step."""
+        ...
+
+    def decode(self, slots: Slots) -> Images:
+        """Finished slots' images: ``(n, height, width, 3)`` uint8."""
+        ...
 
 
 class Model(Protocol):
@@ -68,6 +112,11 @@ class Model(Protocol):
         self, key: CompatKey, images: list[ImageWork], on_step: StepCallback | None = None
     ) -> npt.NDArray[np.uint8]:
         """One call for all ``images``: a ``(n, height, width, 3)`` uint8 array."""
+        ...
+
+    def stepper(self, key: CompatKey) -> Stepper | None:
+        """The model's step-level loop, set up for batches that join ``key`` (its scheduler
+        and adapters); None where it has none for them: such batches run as calls."""
         ...
 
     def warm(self, shape: WarmShape) -> None: ...

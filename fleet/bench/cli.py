@@ -227,6 +227,20 @@ def _pools(args) -> int:
     return 0
 
 
+def _steps(args) -> int:
+    from fleet.bench.steps import markdown, run, write
+    from fleet.progress import StageBars
+
+    bars = StageBars()
+    setups = [name.strip() for name in args.setups.split(",") if name.strip()]
+    result = run(_ensure_model(args.model), setups, args.jobs, lambda stage, done, total: bars(stage, done, total, 0.0))
+    bars.close()
+    if args.out:
+        write(result, Path(args.out))
+    print(markdown(result))
+    return 0
+
+
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks and capacity planning").add_subparsers(
         dest="bench_command", required=True
@@ -293,6 +307,16 @@ def add_parser(sub) -> None:
     pools.add_argument("--concurrency", type=int, default=32, help="closed-loop jobs in flight (default: 32)")
     pools.add_argument("--out", help="write the results as JSON here")
     pools.set_defaults(func=_pools)
+    steps = bench.add_parser(
+        "steps",
+        help="step-level against request-level batching: saturation, Poisson loads at 30/50/80%% and mixed 10/40 "
+        "steps, each beside the queueing model's prediction",
+    )
+    steps.add_argument("--setups", default="sim,tiny64,digits", help="which setups, comma-separated (default: all)")
+    steps.add_argument("--jobs", type=int, default=200, help="jobs per row (default: 200)")
+    steps.add_argument("--model", help="the tiny model's directory (default: FLEET_MODEL, written if missing)")
+    steps.add_argument("--out", help="a directory: writes steps.json, steps.md and steps.png")
+    steps.set_defaults(func=_steps)
 
     replot = bench.add_parser("plot", help="draw a sweep's latency-throughput plot again from its JSON")
     replot.add_argument("sweep", help="the .json a sweep wrote")

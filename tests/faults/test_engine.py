@@ -72,3 +72,33 @@ def test_a_job_that_brings_down_the_engine_fails_at_the_cap_and_spares_its_neigh
     # The poison job ends FAILED when its second engine dies, before the worker has a third
     # one ready: the ledger settling says nothing of that restart, so wait for it.
     wait_for(lambda: worker.log().count(RESTARTED) == 2, 60, "the engine after the second death", worker.proc)
+
+
+def test_an_engine_killed_with_slots_at_different_steps_loses_no_job(make_fleet):
+    """Step-level batching: jobs joined the running batch at different steps. Killed, the
+    engine loses their latents; each job is retried from its first step (a crash counted,
+    run alone next), and each succeeds."""
+    fleet = make_fleet("redis", FLEET_BATCHING="step", FLEET_MODEL="sim:a=0.02,b=1.0,steps=20")
+    worker = fleet.start_worker()
+    fleet.start_api()
+
+    def steps_apart() -> bool:
+        jobs = [fleet.store.get(i) for i in fleet.ledger.accepted]
+        steps = {job.step for job in jobs if job is not None and job.state is JobState.RUNNING and job.step}
+        return len(steps) >= 2
+
+    fleet.submit(steps=40)
+    for i in range(6):
+        fleet.submit(seed=i, steps=20)
+        if steps_apart():
+            break
+        time.sleep(0.15)
+    fleet.wait_until(steps_apart, 30, "running jobs at different steps")
+    os.kill(engine_pid(worker), signal.SIGKILL)
+    wait_for(lambda: "killed by SIGKILL" in worker.log(), 10, "the worker noticing")
+    fleet.settle(timeout_s=90)
+    summary = fleet.check_ledger()
+    assert summary["succeeded"] == len(fleet.ledger.accepted)
+    crashed = [job for job in fleet.ledger.final.values() if job.crashes > 0]
+    assert len(crashed) >= 2, "every job in the killed group keeps its crash count"
+    assert all(job.attempts == 1 for job in fleet.ledger.final.values()), "nothing went back to the broker"

@@ -309,3 +309,56 @@ def test_a_waiting_loaded_batch_wakes_the_dispatcher_when_the_swap_is_due():
     decision = b.next_batch(0.2, resident={"x"})
     assert decision.batch is None and decision.wake_at == pytest.approx(SWAP_PATIENCE * 0.5)
     assert b.swap_cost("never-loaded") == 0.5, "a model never loaded is expected to cost the dearest seen"
+
+
+# -- step-level batching -------------------------------------------------------------------
+def stepwise(max_images=4, wait_s=1.0) -> Batcher:
+    return Batcher(BatchPolicy(max_batch_images=max_images, max_wait_s=wait_s, batching="step"))
+
+
+def test_a_step_level_batch_goes_at_once_however_long_its_wait_and_however_busy_the_model():
+    b = stepwise(wait_s=10)
+    job = add(b, at=0.0)
+    assert b.joins(A) and requests_of(b.next_batch(0.0, not_before=5.0)) == [job]
+
+
+def test_a_step_level_batch_takes_only_the_room_the_running_images_leave():
+    b = stepwise(max_images=4)
+    jobs = [add(b, at=0.0), add(b, images=2, at=0.1), add(b, at=0.2)]
+    assert requests_of(b.next_batch(1.0, running=1)) == jobs[:2], "3 of 4 places were free"
+    assert b.next_batch(1.0, running=4).batch is None, "no room: it waits for a slot to leave"
+    assert requests_of(b.next_batch(1.0, running=3)) == jobs[2:]
+
+
+def test_a_step_level_job_too_large_for_the_room_is_not_overtaken_by_smaller_ones():
+    b = stepwise(max_images=4)
+    large, small = add(b, images=3, at=0.0), add(b, at=0.1)
+    assert b.next_batch(1.0, running=2).batch is None
+    assert requests_of(b.next_batch(1.0, running=0)) == [large, small]
+
+
+def test_step_level_batches_wait_while_none_may_join_and_calls_while_none_may_go():
+    b = stepwise()
+    add(b, at=0.0)
+    assert b.next_batch(1.0, running=None).batch is None
+    calls = batcher(wait_s=0)
+    add(calls, at=0.0)
+    assert calls.next_batch(1.0, calls=False).batch is None and calls.next_batch(1.0).batch is not None
+
+
+def test_a_job_isolated_after_a_crash_never_joins_others():
+    b = stepwise()
+    alone = BatchKey("q", SHAPE_A, alone="job-1")
+    assert not b.joins(alone) and b.joins(A)
+
+
+def test_joining_keys_differ_only_in_steps_and_guidance():
+    base = CompatKey("m", 64, 64, 20, 7.5, "DDIMScheduler", (("bold", 1.0),))
+    assert base.joins(CompatKey("m", 64, 64, 40, 1.0, "DDIMScheduler", (("bold", 1.0),)))
+    for other in (
+        CompatKey("n", 64, 64, 20, 7.5, "DDIMScheduler", (("bold", 1.0),)),
+        CompatKey("m", 128, 64, 20, 7.5, "DDIMScheduler", (("bold", 1.0),)),
+        CompatKey("m", 64, 64, 20, 7.5, None, (("bold", 1.0),)),
+        CompatKey("m", 64, 64, 20, 7.5, "DDIMScheduler", (("bold", 0.5),)),
+    ):
+        assert not base.joins(other)

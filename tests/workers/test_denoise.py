@@ -46,12 +46,69 @@ def test_slots_at_different_steps_share_a_call_and_each_ends_as_it_would_alone(m
         "late": denoiser.run(late_key, WORK[2:]),
     }
     early = denoiser.admit(early_key, WORK[:2])
-    denoiser.step(early)
-    denoiser.step(early)
+    denoiser.step([early])
+    denoiser.step([early])
     late = denoiser.admit(late_key, WORK[2:])
-    running = early + late
+    running = [early, late]
     while running:
         denoiser.step(running)
-        running = [s for s in running if not s.done]
-    assert [s.step_index for s in early + late] == [6, 6, 4]
+        running = [batch for batch in running if not batch.done]
+    assert [s.step_index for s in early.slots + late.slots] == [6, 6, 4]
     assert close(denoiser.decode(early), alone["early"]) and close(denoiser.decode(late), alone["late"])
+
+
+class Joined:
+    """``model``, whose step-level loop puts ``later`` in the engine's inbox after its
+    second step: a batch arriving while others run."""
+
+    def __init__(self, model, inbox, later):
+        self._model, self._inbox, self._later, self._steps = model, inbox, later, 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def stepper(self, key):
+        self._stepper = self._model.stepper(key)
+        return self
+
+    def admit(self, key, images):
+        return self._stepper.admit(key, images)
+
+    def decode(self, slots):
+        return self._stepper.decode(slots)
+
+    def step(self, running):
+        self._stepper.step(running)
+        self._steps += 1
+        if self._steps == 2:
+            for message in self._later:
+                self._inbox.queue.put(message)
+
+
+def test_the_engine_s_step_level_batches_draw_the_request_level_images(model):
+    """Through the engine: a batch that joins two steps into another, with other steps and
+    guidance, and both get the images request-level calls give."""
+    from workers.engine import EngineCore
+    from workers.engine_client import _QueueInbox
+    from workers.protocol import Done, Join, RunBatch, Step, Stop
+
+    first = CompatKey(model.name, 64, 64, 5, 7.5, "EulerDiscreteScheduler")
+    second = CompatKey(model.name, 64, 64, 3, 1.0, "EulerDiscreteScheduler")
+
+    def engine(batches, later=None) -> list[object]:
+        inbox, sent = _QueueInbox(), []
+        for batch in batches:
+            inbox.queue.put(batch)
+        if later is None:
+            inbox.queue.put(Stop())
+        loaded = model if later is None else Joined(model, inbox, [later, Stop()])
+        EngineCore(EngineConfig.one(model.name), inbox, sent.append, load=lambda config: loaded).run()
+        return sent
+
+    calls = engine([RunBatch(1, first, tuple(WORK[:2])), RunBatch(2, second, tuple(WORK[2:]))])
+    late = RunBatch(2, second, tuple(WORK[2:]), join=Join(8))
+    joined = engine([RunBatch(1, first, tuple(WORK[:2]), join=Join(8))], late)
+    images = [{m.batch_id: m.images for m in sent if isinstance(m, Done)} for sent in (calls, joined)]
+    assert close(images[1][1], images[0][1]) and close(images[1][2], images[0][2])
+    steps = [(m.batch_id, m.step) for m in joined if isinstance(m, Step)]
+    assert steps.index((2, 1)) == steps.index((1, 3)) + 1, "it joined at the boundary after step 2"

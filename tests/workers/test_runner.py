@@ -124,6 +124,7 @@ class ScriptedEngine:
 
     def __init__(self, fail_restart: bool = False):
         self.sent: list[tuple[int, list[str]]] = []
+        self.joins: dict[int, object] = {}
         self.starts = 0
         self.fail_restart = fail_restart
         self.events = None
@@ -139,9 +140,10 @@ class ScriptedEngine:
         self.events = events
         return Ready("scripted", 1000 + self.starts, 0.0, 0.0)
 
-    def submit(self, batch_id, key, work):
+    def submit(self, batch_id, key, work, join=None):
         with self.sent_event:
             self.sent.append((batch_id, [w.prompt for w in work]))
+            self.joins[batch_id] = join
             self.sent_event.notify_all()
 
     def cancel(self, batch_id):
@@ -265,3 +267,55 @@ def test_a_job_canceled_in_a_shared_batch_leaves_its_neighbour_its_images():
     result = stays.result(5)
     runner.stop()
     assert model.calls == [["stays", "leaves"]] and result.batch_images == 2 and red(result) == 5
+
+
+# -- step-level batching ---------------------------------------------------------------------
+def test_step_level_batches_go_at_once_while_there_is_room_and_the_next_when_a_slot_leaves():
+    from workers.protocol import Join
+
+    engine = ScriptedEngine()
+    runner = ModelRunner(engine, Batcher(BatchPolicy(2, max_wait_s=10, batching="step")))
+    runner.start(timeout_s=5)
+    key = CompatKey("fake", 8, 8, 4, 1.0)
+    first = runner.submit(key, work("a"))
+    ((a, _),) = engine.wait_sent(1)
+    assert engine.joins[a] == Join(2), "sent at once, despite its 10 s max_wait"
+    engine.events.batch_started(a)
+    runner.submit(key, work("b"))
+    b = engine.wait_sent(2)[1][0]
+    engine.events.batch_started(b)
+    runner.submit(key, work("c"))
+    time.sleep(0.1)
+    assert len(engine.sent) == 2, "no room: a and b fill the 2 places"
+    engine.events.batch_step(a, 3, 4)
+    assert engine.wait_sent(3)[2][1] == ["c"], "a leaves at the next boundary: c is sent to take its place"
+    engine.finish(a, 1)
+    assert len(first.result(5).images) == 1
+    for batch_id in (b, engine.sent[2][0]):
+        engine.events.batch_started(batch_id)
+        engine.finish(batch_id, 1)
+    runner.stop()
+
+
+def test_a_short_job_joins_a_long_running_one_and_finishes_first():
+    from workers.sim import SimModel, SimProfile
+
+    model = SimModel(SimProfile(a=0.0, b=0.6, steps=30), "sim")
+    steps: list[int] = []
+    finished: list[str] = []
+    runner = ModelRunner(
+        fake_engine(model),
+        Batcher(BatchPolicy(8, 0, batching="step")),
+        on_batch_step=lambda job_ids, step, total: steps.append(step),
+    )
+    runner.start(timeout_s=5)
+    long = runner.submit(CompatKey("sim", 8, 8, 30, 1.0), work("long"), job_id="long")
+    long.add_done_callback(lambda _: finished.append("long"))
+    while not steps:
+        time.sleep(0.005)
+    short = runner.submit(CompatKey("sim", 8, 8, 2, 1.0), work("short", seed=3), job_id="short")
+    short.add_done_callback(lambda _: finished.append("short"))
+    short_result, long_result = short.result(10), long.result(10)
+    runner.stop()
+    assert finished == ["short", "long"], "it did not wait for the long job's call to end"
+    assert short_result.batch_id != long_result.batch_id and short_result.batch_images == 1

@@ -1,0 +1,132 @@
+"""Step-level batching in the engine: batches that join a running group at step boundaries.
+
+A request-level batch is one model call from its first step to its last; a batch that
+arrives meanwhile waits for all of it. A ``StepGroup`` instead runs the model's denoising
+loop one step at a time (``workers.work.Stepper``) over the slots of every batch admitted so
+far: a batch sent with ``Join`` is admitted at the next step boundary when its key joins the
+group's (``CompatKey.joins``: same model, size, scheduler and adapters; steps and guidance
+may differ) and the group has room, each batch counts its own steps (its own ``Step``
+messages, exact progress per job), and a batch whose steps are done leaves at once: its
+slots are decoded at that boundary, its ``Done`` sent, and the others run on.
+
+Decoding a finished batch takes one autoencoder call for its images at the boundary where
+it finishes (docs/BENCHMARKS.md measures what that costs the other slots' next step, and
+what decoding in chunks would save).
+
+Failures stay with their batch where they can: a batch whose admission fails (an adapter
+that does not load, a prompt the encoder refuses) fails alone; a step that raises fails
+every batch in the group, since they shared the call (the runner splits and retries them
+as it does a failed request-level call); a device error ends the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tasks.errors import DeviceLost, FleetError, ModelOutOfMemory
+from workers.protocol import Failed, FromEngine, RunBatch, Started, Step
+from workers.work import CompatKey, Images, Slots, Stepper
+
+log = logging.getLogger(__name__)
+
+#: How a finished (or canceled: images None) batch leaves: (batch, images, seconds since admitted).
+Finish = Callable[[RunBatch, Images | None, float], None]
+
+
+@dataclass(eq=False)
+class _Running:
+    batch: RunBatch
+    slots: Slots
+    admitted: float
+
+
+class StepGroup:
+    """The batches running step by step together, on one model's ``Stepper``."""
+
+    def __init__(
+        self,
+        stepper: Stepper,
+        key: CompatKey,
+        send: Callable[[FromEngine], None],
+        finish: Finish,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self._stepper = stepper
+        self.key = key
+        self._send = send
+        self._finish = finish
+        self._clock = clock
+        self._running: list[_Running] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._running)
+
+    @property
+    def images(self) -> int:
+        return sum(len(r.batch.work) for r in self._running)
+
+    @property
+    def batch_ids(self) -> list[int]:
+        return [r.batch.batch_id for r in self._running]
+
+    def joinable(self, batch: RunBatch) -> bool:
+        """Whether ``batch`` may join at this boundary."""
+        return (
+            batch.join is not None
+            and self.key.joins(batch.key)
+            and self.images + len(batch.work) <= max(batch.join.max_images, len(batch.work))
+        )
+
+    def admit(self, batch: RunBatch) -> None:
+        """Its slots join the group (``Started``), or it fails alone (``Failed``)."""
+        try:
+            slots = self._stepper.admit(batch.key, list(batch.work))
+        except DeviceLost:
+            raise
+        except Exception as exc:
+            log.exception("batch %s could not join the running batches", batch.batch_id)
+            self._send(_failed(batch.batch_id, exc))
+            return
+        self._running.append(_Running(batch, slots, self._clock()))
+        self._send(Started(batch.batch_id))
+
+    def cancel(self, batch_ids: set[int]) -> None:
+        """Canceled batches leave now, their images undrawn."""
+        for running in [r for r in self._running if r.batch.batch_id in batch_ids]:
+            self._running.remove(running)
+            self._finish(running.batch, None, self._clock() - running.admitted)
+
+    def step(self) -> None:
+        """One model call for every slot; a ``Step`` for each batch; the batches whose
+        steps are done are decoded and leave."""
+        try:
+            self._stepper.step([r.slots for r in self._running])
+        except DeviceLost:
+            raise
+        except Exception as exc:
+            failed, self._running = self._running, []
+            log.exception("a step of %d batch(es) failed", len(failed))
+            for running in failed:
+                self._send(_failed(running.batch.batch_id, exc))
+            return
+        for running in self._running:
+            self._send(Step(running.batch.batch_id, running.slots.step_index, running.slots.steps))
+        for running in [r for r in self._running if r.slots.done]:
+            self._running.remove(running)
+            try:
+                images = self._stepper.decode(running.slots)
+            except DeviceLost:
+                raise
+            except Exception as exc:
+                log.exception("batch %s could not be decoded", running.batch.batch_id)
+                self._send(_failed(running.batch.batch_id, exc))
+                continue
+            self._finish(running.batch, images, self._clock() - running.admitted)
+
+
+def _failed(batch_id: int, exc: Exception) -> Failed:
+    message = exc.message if isinstance(exc, FleetError) else f"{type(exc).__name__}: {exc}"
+    return Failed(batch_id, message, out_of_memory=isinstance(exc, ModelOutOfMemory))
