@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -102,32 +104,39 @@ class Denoiser:
         self._generator = "generator" in accepted
 
     @torch.inference_mode()
-    def admit(self, key: CompatKey, images: list[ImageWork]) -> SlotBatch:
-        """New slots for ``images`` (one recipe): prompts encoded together, latents drawn
-        from each image's own generator, a scheduler each."""
-        pipe, guided = self.pipe, key.guidance_scale > 1
-        text, negative = pipe.encode_prompt(
-            [w.prompt for w in images],
-            self.device,
-            1,
-            guided,
-            [w.negative_prompt or "" for w in images],
-        )
+    def admit(self, batches: Sequence[tuple[CompatKey, list[ImageWork]]]) -> list[SlotBatch]:
+        """New slots for each batch (its key, its images): the prompts of every guided batch
+        encoded in one call and those of every unguided one in another, latents drawn from
+        each image's own generator, a scheduler each."""
+        pipe = self.pipe
+        encoded: dict[bool, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for guided in {key.guidance_scale > 1 for key, _ in batches}:
+            images = [w for key, work in batches if (key.guidance_scale > 1) == guided for w in work]
+            encoded[guided] = pipe.encode_prompt(
+                [w.prompt for w in images], self.device, 1, guided, [w.negative_prompt or "" for w in images]
+            )
         generator_device = "cpu" if self.device == "mps" else self.device
         factor = pipe.vae_scale_factor
-        shape = (1, pipe.unet.config.in_channels, key.height // factor, key.width // factor)
-        slots = []
-        for i, work in enumerate(images):
-            generator = torch.Generator(device=generator_device).manual_seed(work.seed)
-            scheduler = copy.deepcopy(self.scheduler)
-            scheduler.set_timesteps(key.steps, device=self.device)
-            latents = randn_tensor(shape, generator=[generator], device=torch.device(self.device), dtype=text.dtype)
-            latents = latents * scheduler.init_noise_sigma
-            slots.append(
-                Slot(work, key.guidance_scale, scheduler, generator, latents, text[i : i + 1],
-                     negative[i : i + 1] if guided else None)
-            )  # fmt: skip
-        return SlotBatch(slots)
+        rows = dict.fromkeys(encoded, 0)  # the next row of each encoding
+        admitted = []
+        for key, work in batches:
+            guided = key.guidance_scale > 1
+            text, negative = encoded[guided]
+            shape = (1, pipe.unet.config.in_channels, key.height // factor, key.width // factor)
+            slots = []
+            for image in work:
+                row, rows[guided] = rows[guided], rows[guided] + 1
+                generator = torch.Generator(device=generator_device).manual_seed(image.seed)
+                scheduler = copy.deepcopy(self.scheduler)
+                scheduler.set_timesteps(key.steps, device=self.device)
+                latents = randn_tensor(shape, generator=[generator], device=torch.device(self.device), dtype=text.dtype)
+                latents = latents * scheduler.init_noise_sigma
+                unconditional = negative[row : row + 1] if guided and negative is not None else None
+                slots.append(
+                    Slot(image, key.guidance_scale, scheduler, generator, latents, text[row : row + 1], unconditional)
+                )
+            admitted.append(SlotBatch(slots))
+        return admitted
 
     @torch.inference_mode()
     def step(self, running: Sequence[Slots]) -> None:
@@ -158,23 +167,24 @@ class Denoiser:
             slot.step_index += 1
 
     @torch.inference_mode()
-    def decode(self, batch: Slots) -> Images:
-        """The finished slots' images: ``(n, height, width, 3)`` uint8, rounded as
-        diffusers' PIL output is."""
-        slots = _slots(batch)
+    def decode(self, finished: Sequence[Slots]) -> list[Images]:
+        """The finished batches' images, in one autoencoder call (they share a size): a
+        ``(n, height, width, 3)`` uint8 array each, rounded as diffusers' PIL output is."""
+        slots = [slot for batch in finished for slot in _slots(batch)]
         vae = self.pipe.vae
         latents = torch.cat([s.latents for s in slots])
         image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
         image = self.pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True] * len(slots))
-        pixels = (image.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-        return pixels.contiguous().cpu().numpy()
+        pixels = (image.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        bounds = np.cumsum([0, *(len(_slots(batch)) for batch in finished)])
+        return [pixels[start:end] for start, end in itertools.pairwise(bounds)]
 
     def run(self, key: CompatKey, images: list[ImageWork], on_step: StepCallback | None = None) -> Images:
         """Every image admitted at once and stepped to the end: a request-level batch on
         the engine's own loop. ``on_step`` as the pipeline's (True stops early)."""
-        batch = self.admit(key, images)
+        (batch,) = self.admit([(key, images)])
         while not batch.done:
             self.step([batch])
             if on_step is not None and on_step(batch.step_index, batch.steps):
                 break
-        return self.decode(batch)
+        return self.decode([batch])[0]

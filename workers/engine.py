@@ -245,18 +245,21 @@ class EngineCore:
         """Step-level: ``first`` and the batches that join it at step boundaries, step by
         step until none is left. A batch that cannot join waits, and so does every batch
         sent after it (the order the worker sent them in is kept)."""
-        group.admit(first)
+        group.admit([first])
         while group:
             self._receive(block=False)
             group.cancel(self._canceled)
             self._canceled.difference_update(group.batch_ids)
+            joining: list[RunBatch] = []
             while self._queue:
                 head = self._queue[0]
-                if not (head.batch_id in self._canceled or group.joinable(head)):
+                if not (head.batch_id in self._canceled or group.joinable(head, joining)):
                     break
                 self._queue.popleft()
                 if not self._take_canceled(head):
-                    group.admit(head)
+                    joining.append(head)
+            if joining:
+                group.admit(joining)
             if group:
                 group.step()
 

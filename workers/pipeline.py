@@ -320,17 +320,21 @@ class GuardedStepper:
     def __init__(self, denoiser: Denoiser):
         self._denoiser = denoiser
 
-    def admit(self, key: CompatKey, images: list[ImageWork]) -> Slots:
-        with model_errors(len(images)):
-            return self._denoiser.admit(key, images)
+    def admit(self, batches: Sequence[tuple[CompatKey, list[ImageWork]]]) -> list[Slots]:
+        with model_errors(sum(len(images) for _, images in batches)):
+            return list(self._denoiser.admit(batches))
 
     def step(self, running: Sequence[Slots]) -> None:
-        with model_errors(sum(len(batch.slots) for batch in running if isinstance(batch, SlotBatch))):
+        with model_errors(_images(running)):
             self._denoiser.step(running)
 
-    def decode(self, slots: Slots) -> Images:
-        with model_errors(len(slots.slots) if isinstance(slots, SlotBatch) else 0):
-            return self._denoiser.decode(slots)
+    def decode(self, finished: Sequence[Slots]) -> list[Images]:
+        with model_errors(_images(finished)):
+            return self._denoiser.decode(finished)
+
+
+def _images(batches: Sequence[Slots]) -> int:
+    return sum(len(batch.slots) for batch in batches if isinstance(batch, SlotBatch))
 
 
 def _device_lost(exc: Exception) -> bool:

@@ -217,15 +217,15 @@ class SimSlots:
 class SimStepper:
     """The simulated model run step by step: a step of slots holding ``n`` images takes
     ``(a*n + b) / steps`` (the profile's ``steps``, else the longest running batch's), its
-    host share spent as a call's is. ``[[raise]]`` fails its batch's decode; the other marks
-    end the engine when their batch is admitted."""
+    host share spent as a call's is. ``[[raise]]`` fails the decode of the batches that
+    finish with it; the other marks end the engine when their batch is admitted."""
 
     def __init__(self, model: SimModel):
         self._model = model
 
-    def admit(self, key: CompatKey, images: list[ImageWork]) -> Slots:
-        _faults(" ".join(w.prompt for w in images))
-        return SimSlots(key, images)
+    def admit(self, batches: Sequence[tuple[CompatKey, list[ImageWork]]]) -> list[Slots]:
+        _faults(" ".join(w.prompt for _, images in batches for w in images))
+        return [SimSlots(key, images) for key, images in batches]
 
     def step(self, running: Sequence[Slots]) -> None:
         batches = [_sim_slots(s) for s in running]
@@ -235,11 +235,11 @@ class SimStepper:
         for slots in batches:
             slots.step_index += 1
 
-    def decode(self, slots: Slots) -> Images:
-        sim = _sim_slots(slots)
-        if any(RAISE_MARK in w.prompt for w in sim.work):
+    def decode(self, finished: Sequence[Slots]) -> list[Images]:
+        batches = [_sim_slots(slots) for slots in finished]
+        if any(RAISE_MARK in w.prompt for sim in batches for w in sim.work):
             raise RuntimeError("simulated model failure")
-        return _draw(sim.key, sim.work)
+        return [_draw(sim.key, sim.work) for sim in batches]
 
 
 def _sim_slots(slots: Slots) -> SimSlots:

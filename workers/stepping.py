@@ -9,12 +9,14 @@ may differ) and the group has room, each batch counts its own steps (its own ``S
 messages, exact progress per job), and a batch whose steps are done leaves at once: its
 slots are decoded at that boundary, its ``Done`` sent, and the others run on.
 
-Decoding a finished batch takes one autoencoder call for its images at the boundary where
-it finishes (docs/BENCHMARKS.md measures what that costs the other slots' next step, and
-what decoding in chunks would save).
+The batches admitted at one boundary have their prompts encoded in one call, and the
+batches that finish at one boundary are decoded in one autoencoder call: at saturation
+jobs join and leave in waves, and one call of 8 costs far less than 8 calls of 1
+(docs/BENCHMARKS.md, section 13, measures it, and what decoding in chunks would cost).
 
 Failures stay with their batch where they can: a batch whose admission fails (an adapter
-that does not load, a prompt the encoder refuses) fails alone; a step that raises fails
+that does not load, a prompt the encoder refuses) fails alone, the others admitted with it
+being admitted again one by one, and so does a batch whose decoding fails; a step that raises fails
 every batch in the group, since they shared the call (the runner splits and retries them
 as it does a failed request-level call); a device error ends the engine.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tasks.errors import DeviceLost, FleetError, ModelOutOfMemory
@@ -72,26 +74,35 @@ class StepGroup:
     def batch_ids(self) -> list[int]:
         return [r.batch.batch_id for r in self._running]
 
-    def joinable(self, batch: RunBatch) -> bool:
-        """Whether ``batch`` may join at this boundary."""
+    def joinable(self, batch: RunBatch, joining: Sequence[RunBatch] = ()) -> bool:
+        """Whether ``batch`` may join at this boundary, beside those already ``joining``."""
+        images = self.images + sum(len(b.work) for b in joining) + len(batch.work)
         return (
             batch.join is not None
             and self.key.joins(batch.key)
-            and self.images + len(batch.work) <= max(batch.join.max_images, len(batch.work))
+            and images <= max(batch.join.max_images, len(batch.work))
         )
 
-    def admit(self, batch: RunBatch) -> None:
-        """Its slots join the group (``Started``), or it fails alone (``Failed``)."""
+    def admit(self, batches: list[RunBatch]) -> None:
+        """The batches join the group (``Started``), admitted together: their prompts are
+        encoded in one call. If that fails, each is admitted alone, so only the batch at
+        fault fails (``Failed``)."""
         try:
-            slots = self._stepper.admit(batch.key, list(batch.work))
+            admitted = self._stepper.admit([(b.key, list(b.work)) for b in batches])
         except DeviceLost:
             raise
         except Exception as exc:
-            log.exception("batch %s could not join the running batches", batch.batch_id)
-            self._send(_failed(batch.batch_id, exc))
+            if len(batches) > 1:
+                for batch in batches:
+                    self.admit([batch])
+                return
+            log.exception("batch %s could not join the running batches", batches[0].batch_id)
+            self._send(_failed(batches[0].batch_id, exc))
             return
-        self._running.append(_Running(batch, slots, self._clock()))
-        self._send(Started(batch.batch_id))
+        now = self._clock()
+        for batch, slots in zip(batches, admitted, strict=True):
+            self._running.append(_Running(batch, slots, now))
+            self._send(Started(batch.batch_id))
 
     def cancel(self, batch_ids: set[int]) -> None:
         """Canceled batches leave now, their images undrawn."""
@@ -114,17 +125,29 @@ class StepGroup:
             return
         for running in self._running:
             self._send(Step(running.batch.batch_id, running.slots.step_index, running.slots.steps))
-        for running in [r for r in self._running if r.slots.done]:
-            self._running.remove(running)
-            try:
-                images = self._stepper.decode(running.slots)
-            except DeviceLost:
-                raise
-            except Exception as exc:
-                log.exception("batch %s could not be decoded", running.batch.batch_id)
-                self._send(_failed(running.batch.batch_id, exc))
-                continue
-            self._finish(running.batch, images, self._clock() - running.admitted)
+        finished = [r for r in self._running if r.slots.done]
+        if finished:
+            self._running = [r for r in self._running if not r.slots.done]
+            self._leave(finished)
+
+    def _leave(self, finished: list[_Running]) -> None:
+        """Decode the finished batches in one call and deliver each; if that fails, each
+        is decoded alone, so only a batch at fault fails."""
+        try:
+            images = self._stepper.decode([r.slots for r in finished])
+        except DeviceLost:
+            raise
+        except Exception as exc:
+            if len(finished) > 1:
+                for running in finished:
+                    self._leave([running])
+                return
+            log.exception("batch %s could not be decoded", finished[0].batch.batch_id)
+            self._send(_failed(finished[0].batch.batch_id, exc))
+            return
+        now = self._clock()
+        for running, batch_images in zip(finished, images, strict=True):
+            self._finish(running.batch, batch_images, now - running.admitted)
 
 
 def _failed(batch_id: int, exc: Exception) -> Failed:

@@ -90,16 +90,18 @@ class Stepper(Protocol):
     """A model's denoising loop, run one step at a time (step-level batching): batches are
     admitted at step boundaries and leave as soon as their own steps are done."""
 
-    def admit(self, key: CompatKey, images: list[ImageWork]) -> Slots:
-        """Slots for ``images``: prompts encoded, latents drawn, nothing stepped yet."""
+    def admit(self, batches: Sequence[tuple[CompatKey, list[ImageWork]]]) -> list[Slots]:
+        """Slots for each batch (its key, its images), admitted at one step boundary:
+        prompts encoded, latents drawn, nothing stepped yet."""
         ...
 
     def step(self, running: Sequence[Slots]) -> None:
         """One model call for every slot of ``running``, each at its own step."""
         ...
 
-    def decode(self, slots: Slots) -> Images:
-        """Finished slots' images: ``(n, height, width, 3)`` uint8."""
+    def decode(self, finished: Sequence[Slots]) -> list[Images]:
+        """The images of batches that finished at one step boundary (they share a size):
+        ``(n, height, width, 3)`` uint8 each."""
         ...
 
 

@@ -312,7 +312,9 @@ def add_parser(sub) -> None:
         help="step-level against request-level batching: saturation, Poisson loads at 30/50/80%% and mixed 10/40 "
         "steps, each beside the queueing model's prediction",
     )
-    steps.add_argument("--setups", default="sim,tiny64,digits", help="which setups, comma-separated (default: all)")
+    steps.add_argument(
+        "--setups", default="sim,tiny64,reference,digits", help="which setups, comma-separated (default: all)"
+    )
     steps.add_argument("--jobs", type=int, default=200, help="jobs per row (default: 200)")
     steps.add_argument("--model", help="the tiny model's directory (default: FLEET_MODEL, written if missing)")
     steps.add_argument("--out", help="a directory: writes steps.json, steps.md and steps.png")

@@ -45,16 +45,16 @@ def test_slots_at_different_steps_share_a_call_and_each_ends_as_it_would_alone(m
         "early": denoiser.run(early_key, WORK[:2]),
         "late": denoiser.run(late_key, WORK[2:]),
     }
-    early = denoiser.admit(early_key, WORK[:2])
+    (early,) = denoiser.admit([(early_key, WORK[:2])])
     denoiser.step([early])
     denoiser.step([early])
-    late = denoiser.admit(late_key, WORK[2:])
+    (late,) = denoiser.admit([(late_key, WORK[2:])])
     running = [early, late]
     while running:
         denoiser.step(running)
         running = [batch for batch in running if not batch.done]
     assert [s.step_index for s in early.slots + late.slots] == [6, 6, 4]
-    assert close(denoiser.decode(early), alone["early"]) and close(denoiser.decode(late), alone["late"])
+    assert close(denoiser.decode([early])[0], alone["early"]) and close(denoiser.decode([late])[0], alone["late"])
 
 
 class Joined:
@@ -71,11 +71,11 @@ class Joined:
         self._stepper = self._model.stepper(key)
         return self
 
-    def admit(self, key, images):
-        return self._stepper.admit(key, images)
+    def admit(self, batches):
+        return self._stepper.admit(batches)
 
-    def decode(self, slots):
-        return self._stepper.decode(slots)
+    def decode(self, finished):
+        return self._stepper.decode(finished)
 
     def step(self, running):
         self._stepper.step(running)

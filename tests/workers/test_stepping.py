@@ -45,6 +45,8 @@ class Stepping:
         self.has_stepper = steps
         self.steps_run: list[list[int]] = []
         self.calls: list[int] = []
+        self.admissions: list[list[int]] = []
+        self.decodes: list[list[int]] = []
 
     def memory_stats(self):
         return None
@@ -68,10 +70,11 @@ class Stepping:
     def stepper(self, key):
         return self if self.has_stepper else None
 
-    def admit(self, key, images):
-        if any(w.prompt == "bad" for w in images):
+    def admit(self, batches):
+        self.admissions.append([len(images) for _, images in batches])
+        if any(w.prompt == "bad" for _, images in batches for w in images):
             raise ValueError("the encoder refused the prompt")
-        return Counted(key, len(images))
+        return [Counted(key, len(images)) for key, images in batches]
 
     def step(self, running):
         self.steps_run.append([s.images for s in running])
@@ -82,8 +85,9 @@ class Stepping:
         for slots in running:
             slots.step_index += 1
 
-    def decode(self, slots):
-        return np.full((slots.images, slots.key.height, slots.key.width, 3), slots.key.steps, np.uint8)
+    def decode(self, finished):
+        self.decodes.append([slots.images for slots in finished])
+        return [np.full((s.images, s.key.height, s.key.width, 3), s.key.steps, np.uint8) for s in finished]
 
 
 def joining(batch_id: int, images: int = 1, key: CompatKey = KEY, limit: int = 8, prompt: str = "p") -> RunBatch:
@@ -156,12 +160,20 @@ def test_a_canceled_batch_leaves_at_the_next_step_and_the_others_run_on():
     assert done[1].canceled and done[1].images is None and not done[2].canceled
 
 
+def test_batches_joining_at_one_boundary_are_admitted_together_and_those_finishing_together_decoded_together():
+    model = Stepping()
+    sent = run_engine(model, [joining(1, 2)], later={1: [joining(2), joining(3, 3)]})
+    assert model.admissions == [[2], [1, 3]] and model.decodes == [[2], [1, 3]]
+    assert events(sent, Done) == [1, 2, 3]
+
+
 def test_a_batch_that_cannot_be_admitted_fails_alone():
     model = Stepping()
-    sent = run_engine(model, [joining(1), joining(2, prompt="bad"), joining(3)])
+    sent = run_engine(model, [joining(1)], later={1: [joining(2), joining(3, prompt="bad"), joining(4)]})
     failed = [m for m in sent if isinstance(m, Failed)]
-    assert [f.batch_id for f in failed] == [2] and "refused" in failed[0].error
-    assert events(sent, Done) == [1, 3]
+    assert [f.batch_id for f in failed] == [3] and "refused" in failed[0].error
+    assert model.admissions == [[1], [1, 1, 1], [1], [1], [1]], "together first, then one by one"
+    assert events(sent, Done) == [1, 2, 4]
 
 
 def test_a_failed_step_fails_every_batch_that_shared_it():
