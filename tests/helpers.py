@@ -109,7 +109,27 @@ def download(job: dict) -> list[bytes]:
     return blobs
 
 
-class FakeModel:
+class ModelStub:
+    """What a fake model has of the ``Model`` protocol beyond its calls: no device memory,
+    no weights, nothing to release or warm, no step-level loop."""
+
+    def memory_stats(self):
+        return None
+
+    def weight_bytes(self):
+        return 0
+
+    def release(self):
+        pass
+
+    def warm(self, shape):
+        pass
+
+    def stepper(self, key):
+        return None
+
+
+class FakeModel(ModelStub):
     """Sleeps a little per call; fails on a poison prompt or above a memory limit."""
 
     name = "fake"
@@ -121,15 +141,6 @@ class FakeModel:
         self.memory_images = memory_images
         self.call_s = call_s
         self.steps_run = 0
-
-    def memory_stats(self):
-        return None
-
-    def weight_bytes(self):
-        return 0
-
-    def release(self):
-        pass
 
     def warm(self, shape):
         self.threads.add(threading.get_ident())

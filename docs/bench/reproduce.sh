@@ -76,3 +76,7 @@ $B bench quality --per-digit 50 --out $OUT/quality
 # $B model lora digits models/digits-loras --force
 $B bench models --out $OUT
 $B bench pools --out $OUT/pools.json
+
+# 13. Step-level against request-level batching: saturation, Poisson loads at 30/50/80% and
+#     mixed 10/40 steps, each beside the queueing model, on four setups (about 25 minutes).
+$B bench steps --out $OUT/steps

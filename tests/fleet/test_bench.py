@@ -122,3 +122,13 @@ def test_the_steady_rate_counts_whole_calls_after_the_ramp():
     done = [job("ramp-a", 0.5), job("ramp-b", 1.07)]
     done += [job(f"c{n}", 2.0 + n + i * 0.01) for n in range(6) for i in range(8)]
     assert _steady_rate(done) == pytest.approx(8.0, rel=0.02)
+
+
+def test_the_queueing_model_lets_a_job_join_a_running_batch_only_step_by_step():
+    from fleet.bench.steps import predict
+
+    jobs = [(0.0, 20), (0.52, 20), (0.61, 10)]  # a call takes 1 s at any size (a=0, b=1): a step 50 ms
+    request = predict("request", 0.0, 1.0, 20, jobs)
+    step = predict("step", 0.0, 1.0, 20, jobs)
+    assert request == pytest.approx([1.0, 1.48, 1.89]), "each waits for the call before it; 10 steps take half"
+    assert step == pytest.approx([1.0, 1.03, 0.54]), "each joins at the next 50 ms boundary and runs its own steps"

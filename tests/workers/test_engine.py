@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tasks.errors import DeviceLost
+from tests.helpers import ModelStub
 from workers.engine import EXIT_DEVICE_LOST, EXIT_LOAD_FAILED, EngineCore
 from workers.engine_client import ProcessEngine, _QueueInbox
 from workers.protocol import CancelBatch, Done, EngineConfig, LoadFailed, Ready, RunBatch, Started, Step, Stop
@@ -22,7 +23,7 @@ from workers.work import CompatKey, ImageWork
 KEY = CompatKey("fake", 8, 8, 4, 7.5)
 
 
-class StepModel:
+class StepModel(ModelStub):
     """Calls the step callback at each step; a test can act between steps."""
 
     name = "steps"
@@ -31,18 +32,6 @@ class StepModel:
         self.on_step_2 = on_step_2
         self.fail = fail
         self.steps_run: list[int] = []
-
-    def memory_stats(self):
-        return None
-
-    def weight_bytes(self):
-        return 0
-
-    def release(self):
-        pass
-
-    def warm(self, shape):
-        pass
 
     def run(self, key, images, on_step=None):
         if self.fail:

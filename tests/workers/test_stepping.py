@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tasks.errors import DeviceLost
+from tests.helpers import ModelStub
 from workers.engine import EXIT_DEVICE_LOST, EngineCore
 from workers.engine_client import _QueueInbox
 from workers.protocol import CancelBatch, Done, EngineConfig, Failed, Join, RunBatch, Started, Step, Stop
@@ -33,7 +34,7 @@ class Counted:
         return self.step_index >= self.steps
 
 
-class Stepping:
+class Stepping(ModelStub):
     """A model with a step-level loop: records the batch sizes of each step; ``during``
     maps a step number (counted over the engine's life) to what to do inside it."""
 
@@ -47,18 +48,6 @@ class Stepping:
         self.calls: list[int] = []
         self.admissions: list[list[int]] = []
         self.decodes: list[list[int]] = []
-
-    def memory_stats(self):
-        return None
-
-    def weight_bytes(self):
-        return 0
-
-    def release(self):
-        pass
-
-    def warm(self, shape):
-        pass
 
     def run(self, key, images, on_step=None):
         self.calls.append(len(images))
