@@ -24,7 +24,9 @@ class ImageLink(BaseModel):
 
 
 class BatchView(BaseModel):
-    """The model call the job's (last) images ran in."""
+    """The model call the job's (last) images ran in. With step-level batching (a queue's
+    ``batching`` is "step") ``id`` names the batch the job joined the running ones with,
+    and ``images`` is the mean images of the model calls its steps ran in, rounded."""
 
     id: str
     images: int

@@ -51,6 +51,7 @@ def test_a_short_job_joins_a_long_one_at_a_step_boundary_and_gets_the_request_le
     short_job, long_job = wait_done(stepping, short), wait_done(stepping, long)
     assert short_job["state"] == long_job["state"] == "SUCCEEDED"
     assert short_job["finished_at"] < long_job["finished_at"], "it did not wait for the long job's call"
-    assert short_job["batch"]["id"] != long_job["batch"]["id"] and short_job["batch"]["images"] == 1
+    assert short_job["batch"]["id"] != long_job["batch"]["id"]
+    assert short_job["batch"]["images"] == 2, "each of its steps was a call of 2 images, its own and the long job's"
     alone = wait_done(api_url, submit(api_url, **{**request, "seed": 6}, steps=4))
     assert int(np.abs(pixels(short_job) - pixels(alone)).max()) <= 1, "the request-level image, within a level"

@@ -188,7 +188,9 @@ class EngineCore:
         if stepper is None:
             self._call(model, batch)
         else:
-            finish: Finish = lambda done, images, seconds: self._finish(model, done, images, seconds)  # noqa: E731
+            finish: Finish = lambda done, images, seconds, shared: self._finish(  # noqa: E731
+                model, done, images, seconds, shared_images=shared
+            )
             self._run_group(StepGroup(stepper, batch.key, self._send, finish), batch)
 
     def _take_canceled(self, batch: RunBatch) -> bool:
@@ -264,15 +266,22 @@ class EngineCore:
                 group.step()
 
     def _finish(
-        self, model: Model, batch: RunBatch, images: Images | None, inference_s: float, canceled: bool = False
+        self,
+        model: Model,
+        batch: RunBatch,
+        images: Images | None,
+        inference_s: float,
+        canceled: bool = False,
+        shared_images: float = 0.0,
     ) -> None:
         """The batch's ``Done``: its images delivered, or none (canceled)."""
         self._canceled.discard(batch.batch_id)
         if images is None:
-            self._send(Done(batch.batch_id, inference_s, canceled=True))
+            self._send(Done(batch.batch_id, inference_s, canceled=True, shared_images=shared_images))
             return
         memory = _memory_stats(model)
-        self._send(Done(batch.batch_id, inference_s, canceled, images=_deliver(batch, images), memory=memory))
+        delivered = _deliver(batch, images)
+        self._send(Done(batch.batch_id, inference_s, canceled, delivered, memory, shared_images))
 
 
 def _message(exc: Exception) -> str:

@@ -64,7 +64,9 @@ class EngineEvents(Protocol):
 
     def batch_step(self, batch_id: int, step: int, total: int) -> None: ...
 
-    def batch_done(self, batch_id: int, images: Images | None, inference_s: float, canceled: bool) -> None:
+    def batch_done(
+        self, batch_id: int, images: Images | None, inference_s: float, canceled: bool, shared_images: float = 0.0
+    ) -> None:
         """``images`` is None when the call was canceled (or its images are gone)."""
 
     def batch_failed(self, batch_id: int, error: str, out_of_memory: bool) -> None: ...
@@ -120,7 +122,7 @@ def dispatch(message: FromEngine, events: EngineEvents, images: Images | None = 
         case Done(batch_id=batch_id, inference_s=inference_s, canceled=canceled, memory=memory):
             if memory is not None:
                 events.device_memory(*memory)
-            events.batch_done(batch_id, images, inference_s, canceled)
+            events.batch_done(batch_id, images, inference_s, canceled, message.shared_images)
         case Failed(batch_id=batch_id, error=error, out_of_memory=out_of_memory):
             events.batch_failed(batch_id, error, out_of_memory)
         case Ready() | LoadFailed():

@@ -220,6 +220,9 @@ class Done:
     images: Images | None = field(default=None, repr=False)  # only when not in shared memory
     #: GPU bytes (allocated, reserved, peak during the call) when the model reports them.
     memory: tuple[int, int, int] | None = None
+    #: Step-level: the mean images of the model calls its steps ran in (its own and its
+    #: neighbours'); 0: it ran as a call of its own.
+    shared_images: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -453,7 +453,12 @@ class ModelRunner:
             if on_step is not None:
                 self._hook(lambda job_ids: on_step(job_ids, step, total), flight.job_ids)
 
-    def batch_done(self, batch_id: int, images: Images | None, inference_s: float, canceled: bool) -> None:
+    def batch_done(
+        self, batch_id: int, images: Images | None, inference_s: float, canceled: bool, shared_images: float = 0.0
+    ) -> None:
+        """``shared_images``: a step-level batch's mean images per model call (its own and
+        its neighbours'): what its jobs' ``batch_images`` and the batch metrics report, as a
+        request-level batch reports the images of its call."""
         with self._cond:
             flight = self._inflight.pop(batch_id, None)
             if flight is None:
@@ -467,16 +472,18 @@ class ModelRunner:
         self._hook(self._on_batch_end, flight.job_ids)
         started = flight.started_at if flight.started_at is not None else self._clock()
         canceled = canceled or images is None
+        call_images = max(1, round(shared_images)) if shared_images else batch.images
         if self._observer:
             self._observer.batch_done(
-                batch.images, started - batch.oldest_arrival, inference_s, canceled, batch.key.compat.model
+                call_images, started - batch.oldest_arrival, inference_s, canceled, batch.key.compat.model
             )
         label = f"{self.engine_pid}-{batch_id}"
+        shared = f", its steps shared with {shared_images:.1f} images on average" if shared_images else ""
         log.info(
-            "batch %s: %d image(s) of %d job(s) on %s%s, waited %.3fs, model %.3fs", label, batch.images,
+            "batch %s: %d image(s) of %d job(s) on %s%s, waited %.3fs, model %.3fs%s", label, batch.images,
             len(batch.slices), _recipe(batch.key.compat), " canceled" * canceled, started - batch.oldest_arrival,
-            inference_s,
-            extra={"batch_id": label, "batch_images": batch.images, "job_ids": flight.job_ids,
+            inference_s, shared,
+            extra={"batch_id": label, "batch_images": call_images, "job_ids": flight.job_ids,
                    "batch_wait_s": started - batch.oldest_arrival, "inference_s": inference_s,
                    "model": batch.key.compat.model},
         )  # fmt: skip
@@ -487,7 +494,7 @@ class ModelRunner:
             return
         offset = 0
         for s in batch.slices:
-            self._deliver(s, images[offset : offset + s.count], started, inference_s, label, batch.images)
+            self._deliver(s, images[offset : offset + s.count], started, inference_s, label, call_images)
             offset += s.count
 
     def batch_failed(self, batch_id: int, error: str, out_of_memory: bool) -> None:

@@ -34,8 +34,9 @@ from workers.work import CompatKey, Images, Slots, Stepper
 
 log = logging.getLogger(__name__)
 
-#: How a finished (or canceled: images None) batch leaves: (batch, images, seconds since admitted).
-Finish = Callable[[RunBatch, Images | None, float], None]
+#: How a finished (or canceled: images None) batch leaves: (batch, images, seconds since
+#: admitted, the mean images of the steps it ran in).
+Finish = Callable[[RunBatch, Images | None, float, float], None]
 
 
 @dataclass(eq=False)
@@ -43,6 +44,11 @@ class _Running:
     batch: RunBatch
     slots: Slots
     admitted: float
+    stepped_images: int = 0  # the images of every step it ran in, summed
+
+    @property
+    def shared_images(self) -> float:
+        return self.stepped_images / max(1, self.slots.step_index)
 
 
 class StepGroup:
@@ -108,7 +114,7 @@ class StepGroup:
         """Canceled batches leave now, their images undrawn."""
         for running in [r for r in self._running if r.batch.batch_id in batch_ids]:
             self._running.remove(running)
-            self._finish(running.batch, None, self._clock() - running.admitted)
+            self._finish(running.batch, None, self._clock() - running.admitted, running.shared_images)
 
     def step(self) -> None:
         """One model call for every slot; a ``Step`` for each batch; the batches whose
@@ -123,7 +129,9 @@ class StepGroup:
             for running in failed:
                 self._send(_failed(running.batch.batch_id, exc))
             return
+        images = self.images
         for running in self._running:
+            running.stepped_images += images
             self._send(Step(running.batch.batch_id, running.slots.step_index, running.slots.steps))
         finished = [r for r in self._running if r.slots.done]
         if finished:
@@ -147,7 +155,7 @@ class StepGroup:
             return
         now = self._clock()
         for running, batch_images in zip(finished, images, strict=True):
-            self._finish(running.batch, batch_images, now - running.admitted)
+            self._finish(running.batch, batch_images, now - running.admitted, running.shared_images)
 
 
 def _failed(batch_id: int, exc: Exception) -> Failed:

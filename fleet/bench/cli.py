@@ -228,12 +228,15 @@ def _pools(args) -> int:
 
 
 def _steps(args) -> int:
-    from fleet.bench.steps import markdown, run, write
+    from fleet.bench.steps import Setup, markdown, run, write
     from fleet.progress import StageBars
 
     bars = StageBars()
     setups = [name.strip() for name in args.setups.split(",") if name.strip()]
-    result = run(_ensure_model(args.model), setups, args.jobs, lambda stage, done, total: bars(stage, done, total, 0.0))
+    model = _ensure_model(args.model)
+    custom = Setup(f"{model}, {args.size}x{args.size}, {args.steps} steps, on {args.device}", model, args.size,
+                   args.steps, 7.5, args.device)  # fmt: skip
+    result = run(model, setups, args.jobs, lambda stage, done, total: bars(stage, done, total, 0.0), custom)
     bars.close()
     if args.out:
         write(result, Path(args.out))
@@ -313,10 +316,18 @@ def add_parser(sub) -> None:
         "steps, each beside the queueing model's prediction",
     )
     steps.add_argument(
-        "--setups", default="sim,tiny64,reference,digits", help="which setups, comma-separated (default: all)"
+        "--setups",
+        default="sim,tiny64,reference,digits",
+        help="which setups, comma-separated: sim, tiny64, reference, digits, and model (--model at --size on "
+        "--device: the GPU rows) (default: the first four)",
     )
     steps.add_argument("--jobs", type=int, default=200, help="jobs per row (default: 200)")
-    steps.add_argument("--model", help="the tiny model's directory (default: FLEET_MODEL, written if missing)")
+    steps.add_argument(
+        "--model", help="the tiny model's directory, and the 'model' setup's (default: FLEET_MODEL, written if missing)"
+    )
+    steps.add_argument("--size", type=int, default=512, help="the 'model' setup's image side (default: 512)")
+    steps.add_argument("--steps", type=int, default=20, help="the 'model' setup's steps (default: 20)")
+    steps.add_argument("--device", default="auto", help="the 'model' setup's device (default: auto)")
     steps.add_argument("--out", help="a directory: writes steps.json, steps.md and steps.png")
     steps.set_defaults(func=_steps)
 

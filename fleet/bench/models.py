@@ -208,7 +208,9 @@ class _Collect:
 
     def batch_step(self, batch_id: int, step: int, total: int) -> None: ...
 
-    def batch_done(self, batch_id: int, images: Any, inference_s: float, canceled: bool) -> None:
+    def batch_done(
+        self, batch_id: int, images: Any, inference_s: float, canceled: bool, shared_images: float = 0.0
+    ) -> None:
         self.done.set()
 
     def batch_failed(self, batch_id: int, error: str, out_of_memory: bool) -> None:

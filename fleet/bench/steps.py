@@ -65,6 +65,7 @@ class Setup:
     side: int
     steps: int
     guidance: float
+    device: str = "cpu"
 
     def key(self, steps: int | None = None) -> CompatKey:
         return CompatKey(self.model, self.side, self.side, steps or self.steps, self.guidance)
@@ -141,7 +142,7 @@ class Bench:
 
         self.setup = setup
         warm = (WarmShape(setup.side, setup.side, (1, MAX_IMAGES)),)
-        engine = ProcessEngine(EngineConfig.one(setup.model, device="cpu", warm=warm))
+        engine = ProcessEngine(EngineConfig.one(setup.model, device=setup.device, warm=warm))
         policy = BatchPolicy(MAX_IMAGES, max_wait_s=0.1, kind="adaptive", batching=mode)
         self.runner = ModelRunner(engine, Batcher(policy))
         self.runner.start(timeout_s=600)
@@ -271,14 +272,15 @@ def run_setup(setup: Setup, jobs: int, progress: Progress) -> dict[str, Any]:
     }
 
 
-def decode_cost(tiny_model: str, side: int = 64, steps: int = 20) -> dict[str, float]:
-    """On the tiny model: a step of 8 running images, and decoding 1 or 8 finished ones,
-    in seconds (medians of 10): what a batch leaving costs the others' next step, decoded
-    at once or one image per step boundary."""
+def decode_cost(setup: Setup) -> dict[str, float]:
+    """On ``setup``'s model, size and device: a step of 8 running images, and decoding
+    finished ones (1, 8 at once, 8 batches of one at once), in seconds (medians of 10):
+    what a batch leaving costs the others' next step, decoded at once or one image per
+    step boundary."""
     from workers.pipeline import DiffusersModel
 
-    model = DiffusersModel.load(EngineConfig.one(tiny_model, device="cpu"))
-    key = CompatKey(model.name, side, side, steps, 7.5)
+    model = DiffusersModel.load(EngineConfig.one(setup.model, device=setup.device))
+    key = CompatKey(model.name, setup.side, setup.side, setup.steps, setup.guidance)
     stepper = model.stepper(key)
     assert stepper is not None
     images = [ImageWork("a picture", None, seed) for seed in range(MAX_IMAGES)]
@@ -301,12 +303,20 @@ def decode_cost(tiny_model: str, side: int = 64, steps: int = 20) -> dict[str, f
     }
 
 
-def run(tiny_model: str, names: list[str], jobs: int, progress: Progress) -> dict[str, Any]:
+def run(
+    tiny_model: str, names: list[str], jobs: int, progress: Progress, custom: Setup | None = None
+) -> dict[str, Any]:
+    """The named setups; ``model`` is ``custom`` (a model directory on a device of its own:
+    the GPU rows)."""
     chosen = setups(tiny_model)
+    if custom is not None:
+        chosen["model"] = custom
+    decoded = "model" if "model" in names else "tiny64"
     return {
         "plan": {"jobs_per_row": jobs, "max_batch_images": MAX_IMAGES, "loads": LOADS, "mixed_steps": MIXED_STEPS},
         "setups": {name: run_setup(chosen[name], jobs, progress) for name in names},
-        "decode": decode_cost(tiny_model),
+        "decode_setup": decoded,
+        "decode": decode_cost(chosen[decoded]),
     }
 
 
@@ -348,7 +358,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     decode = result["decode"]
     lines.append(
-        f"Decode on the tiny model at 64x64: a step of 8 running images {_ms(decode['step_8_s'])} ms; "
+        f"Decode ({result.get('decode_setup', 'tiny64')}): a step of 8 running images {_ms(decode['step_8_s'])} ms; "
         f"decoding 8 finished images at once {_ms(decode['decode_8_s'])} ms, one {_ms(decode['decode_1_s'])} ms "
         f"(8 one at a time: {_ms(8 * decode['decode_1_s'])} ms)."
     )

@@ -110,7 +110,7 @@ class Events:
     def batch_step(self, batch_id, step, total):
         pass
 
-    def batch_done(self, batch_id, images, inference_s, canceled):
+    def batch_done(self, batch_id, images, inference_s, canceled, shared_images=0.0):
         with self.changed:
             self.done[batch_id] = images
             self.changed.notify_all()

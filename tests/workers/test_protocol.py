@@ -71,7 +71,7 @@ class Events:
     def batch_step(self, batch_id, step, total):
         pass
 
-    def batch_done(self, batch_id, images, inference_s, canceled):
+    def batch_done(self, batch_id, images, inference_s, canceled, shared_images=0.0):
         self.done.append(batch_id)
 
     def batch_failed(self, batch_id, error, out_of_memory):

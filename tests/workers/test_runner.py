@@ -318,4 +318,31 @@ def test_a_short_job_joins_a_long_running_one_and_finishes_first():
     short_result, long_result = short.result(10), long.result(10)
     runner.stop()
     assert finished == ["short", "long"], "it did not wait for the long job's call to end"
-    assert short_result.batch_id != long_result.batch_id and short_result.batch_images == 1
+    assert short_result.batch_id != long_result.batch_id
+    assert short_result.batch_images == 2, "its steps ran beside the long job's: 2 images a call"
+
+
+def test_a_step_level_job_canceled_mid_run_leaves_at_the_next_step_and_its_neighbour_runs_on():
+    from workers.sim import SimModel, SimProfile
+
+    model = SimModel(SimProfile(a=0.0, b=0.6, steps=30), "sim")
+    steps: dict[str, int] = {}
+    runner = ModelRunner(
+        fake_engine(model),
+        Batcher(BatchPolicy(8, 0, batching="step")),
+        on_batch_step=lambda job_ids, step, total: steps.update(dict.fromkeys(job_ids, step)),
+    )
+    runner.start(timeout_s=5)
+    key = CompatKey("sim", 8, 8, 30, 1.0)
+    stays = runner.submit(key, work("stays", seed=1), job_id="stays")
+    while "stays" not in steps:  # running: the next job is a batch of its own, joining it
+        time.sleep(0.005)
+    leaves = runner.submit(key, work("leaves", seed=2), job_id="leaves")
+    while steps.get("leaves", 0) < 3:
+        time.sleep(0.005)
+    assert runner.cancel("leaves", "canceled by its client")
+    with pytest.raises(JobCanceled):
+        leaves.result(5)
+    assert len(stays.result(10).images) == 1
+    runner.stop()
+    assert steps["stays"] == 30 and steps["leaves"] < 30, "the canceled job's steps stopped, its neighbour's did not"

@@ -117,6 +117,7 @@ def test_a_batch_joins_at_the_next_step_boundary_and_each_leaves_after_its_own_s
     assert events(sent, Done) == [1, 2] and events(sent, Started) == [1, 2]
     done = {m.batch_id: m for m in sent if isinstance(m, Done)}
     assert done[1].images.shape == (2, 8, 8, 3) and int(done[2].images[0, 0, 0, 0]) == 3
+    assert done[1].shared_images == (2 + 2 + 3 + 3) / 4 and done[2].shared_images == (3 + 3 + 1) / 3
     assert sent.index(next(m for m in sent if isinstance(m, Started) and m.batch_id == 2)) < sent.index(done[1])
 
 
