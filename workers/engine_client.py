@@ -69,7 +69,7 @@ class EngineEvents(Protocol):
     ) -> None:
         """``images`` is None when the call was canceled (or its images are gone)."""
 
-    def batch_failed(self, batch_id: int, error: str, out_of_memory: bool) -> None: ...
+    def batch_failed(self, batch_id: int, error: str, out_of_memory: bool, call_images: int = 0) -> None: ...
 
     def engine_died(self, reason: str) -> None: ...
 
@@ -124,7 +124,7 @@ def dispatch(message: FromEngine, events: EngineEvents, images: Images | None = 
                 events.device_memory(*memory)
             events.batch_done(batch_id, images, inference_s, canceled, message.shared_images)
         case Failed(batch_id=batch_id, error=error, out_of_memory=out_of_memory):
-            events.batch_failed(batch_id, error, out_of_memory)
+            events.batch_failed(batch_id, error, out_of_memory, message.call_images)
         case Ready() | LoadFailed():
             raise UnknownMessage(f"the engine sent {type(message).__name__} after it had started")
         case _:

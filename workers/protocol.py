@@ -232,6 +232,9 @@ class Failed:
     batch_id: int
     error: str
     out_of_memory: bool = False
+    #: Step-level: the images of the model call that failed, its neighbours' included;
+    #: 0: a call of the batch's own.
+    call_images: int = 0
 
 
 FromEngine: TypeAlias = Ready | LoadFailed | Swapped | Started | Step | Done | Failed

@@ -497,12 +497,14 @@ class ModelRunner:
             self._deliver(s, images[offset : offset + s.count], started, inference_s, label, call_images)
             offset += s.count
 
-    def batch_failed(self, batch_id: int, error: str, out_of_memory: bool) -> None:
+    def batch_failed(self, batch_id: int, error: str, out_of_memory: bool, call_images: int = 0) -> None:
+        """``call_images``: a step-level batch failed in a model call it shared with others,
+        of that many images."""
         with self._cond:
             flight = self._inflight.pop(batch_id, None)
             if flight is None:
                 return
-            retry = self._split(flight.batch, error, out_of_memory)
+            retry = self._split(flight.batch, error, out_of_memory, call_images)
             self._retries.extendleft(reversed(retry))
             self._cond.notify_all()
         self._hook(self._on_batch_end, flight.job_ids)
@@ -541,9 +543,21 @@ class ModelRunner:
             self._observer.device_memory_used(allocated, reserved, peak)
 
     # -- helpers --------------------------------------------------------------------------
-    def _split(self, batch: Batch[PendingJob], error: str, out_of_memory: bool) -> list[Batch[PendingJob]]:
-        """Under the lock: the halves to retry; fails the job when it is alone."""
+    def _split(
+        self, batch: Batch[PendingJob], error: str, out_of_memory: bool, call_images: int = 0
+    ) -> list[Batch[PendingJob]]:
+        """Under the lock: the halves to retry; fails the job when it is alone. A batch that
+        failed in a call it shared (step-level) is retried whole, as a call of its own: the
+        fault may be a neighbour's, or the call's size."""
         slices = list(batch.slices)
+        if call_images > batch.images:
+            if out_of_memory:
+                self._batcher.lower_limit(batch.key, call_images // 2)
+                log.warning("out of memory at %d images: step-level groups of this shape now hold at most %d",
+                            call_images, call_images // 2)  # fmt: skip
+            first = next((s.request.payload.job_id for s in slices if s.request.payload.job_id), None)
+            alone = BatchKey(batch.key.queue, batch.key.compat, alone=first or f"batch-{id(batch)}")
+            return [Batch(alone, tuple(slices))]
         if out_of_memory and batch.images > 1:
             self._batcher.lower_limit(batch.key, batch.images // 2)
             log.warning("out of memory at %d images: batches of this shape now hold at most %d", batch.images,

@@ -17,8 +17,9 @@ jobs join and leave in waves, and one call of 8 costs far less than 8 calls of 1
 Failures stay with their batch where they can: a batch whose admission fails (an adapter
 that does not load, a prompt the encoder refuses) fails alone, the others admitted with it
 being admitted again one by one, and so does a batch whose decoding fails; a step that raises fails
-every batch in the group, since they shared the call (the runner splits and retries them
-as it does a failed request-level call); a device error ends the engine.
+every batch in the group, since they shared the call, and says how many images it held
+(``Failed.call_images``): the runner retries each batch alone, as a call of its own, so the
+one at fault fails by itself; a device error ends the engine.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tasks.errors import DeviceLost, FleetError, ModelOutOfMemory
 from workers.protocol import Failed, FromEngine, RunBatch, Started, Step
@@ -124,10 +125,11 @@ class StepGroup:
         except DeviceLost:
             raise
         except Exception as exc:
+            images = self.images
             failed, self._running = self._running, []
             log.exception("a step of %d batch(es) failed", len(failed))
             for running in failed:
-                self._send(_failed(running.batch.batch_id, exc))
+                self._send(replace(_failed(running.batch.batch_id, exc), call_images=images))
             return
         images = self.images
         for running in self._running:

@@ -213,7 +213,7 @@ class _Collect:
     ) -> None:
         self.done.set()
 
-    def batch_failed(self, batch_id: int, error: str, out_of_memory: bool) -> None:
+    def batch_failed(self, batch_id: int, error: str, out_of_memory: bool, call_images: int = 0) -> None:
         raise RuntimeError(error)
 
     def engine_died(self, reason: str) -> None:

@@ -115,7 +115,7 @@ class Events:
             self.done[batch_id] = images
             self.changed.notify_all()
 
-    def batch_failed(self, batch_id, error, out_of_memory):
+    def batch_failed(self, batch_id, error, out_of_memory, call_images=0):
         pass
 
     def engine_died(self, reason):

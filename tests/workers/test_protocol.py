@@ -74,7 +74,7 @@ class Events:
     def batch_done(self, batch_id, images, inference_s, canceled, shared_images=0.0):
         self.done.append(batch_id)
 
-    def batch_failed(self, batch_id, error, out_of_memory):
+    def batch_failed(self, batch_id, error, out_of_memory, call_images=0):
         self.failed.append((batch_id, error))
 
     def engine_died(self, reason):

@@ -18,7 +18,7 @@ from workers.batcher import Batcher, BatchPolicy
 from workers.engine_client import ThreadEngine
 from workers.protocol import EngineConfig
 from workers.runner import ModelRunner
-from workers.work import CompatKey, ImageWork
+from workers.work import BatchKey, CompatKey, ImageWork
 
 KEY = CompatKey("fake", 8, 8, 1, 1.0)
 
@@ -346,3 +346,29 @@ def test_a_step_level_job_canceled_mid_run_leaves_at_the_next_step_and_its_neigh
     assert len(stays.result(10).images) == 1
     runner.stop()
     assert steps["stays"] == 30 and steps["leaves"] < 30, "the canceled job's steps stopped, its neighbour's did not"
+
+
+def test_step_level_batches_that_failed_in_a_shared_call_are_retried_each_as_a_call_of_its_own():
+    engine = ScriptedEngine()
+    runner = ModelRunner(engine, Batcher(BatchPolicy(8, 0, batching="step")))
+    runner.start(timeout_s=5)
+    key = CompatKey("fake", 8, 8, 4, 1.0)
+    first = runner.submit(key, work("a"), job_id="a")
+    a = engine.wait_sent(1)[0][0]
+    engine.events.batch_started(a)
+    second = runner.submit(key, work("b"), job_id="b")
+    b = engine.wait_sent(2)[1][0]
+    engine.events.batch_started(b)
+    for batch_id in (a, b):
+        engine.events.batch_failed(batch_id, "out of memory", True, 2)
+    retried = engine.wait_sent(3)[2][0]
+    assert engine.joins[retried] is None, "a call of its own, joining nothing"
+    engine.events.batch_started(retried)
+    engine.finish(retried, 1)
+    retried = engine.wait_sent(4)[3][0]
+    assert engine.joins[retried] is None
+    engine.events.batch_started(retried)
+    engine.finish(retried, 1)
+    assert len(first.result(5).images) == len(second.result(5).images) == 1, "neither failed for the shared call"
+    assert runner._batcher.limit(BatchKey("", key)) == 1, "out of memory at 2 images: groups of this shape hold 1"
+    runner.stop()

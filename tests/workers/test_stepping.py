@@ -170,6 +170,7 @@ def test_a_failed_step_fails_every_batch_that_shared_it():
     model = Stepping(fail_step=2)
     sent = run_engine(model, [joining(1), joining(2)])
     assert events(sent, Failed) == [1, 2] and not events(sent, Done)
+    assert {m.call_images for m in sent if isinstance(m, Failed)} == {2}, "each says the call held 2 images"
 
 
 def test_a_device_error_in_a_step_ends_the_engine():
