@@ -338,7 +338,8 @@ class Batcher(Generic[P]):
             return Decision[P](wake_at=swap_at)
         policy = self.policy_of(key)
         joins = self.joins(key)
-        if (running is None) if joins else not calls:  # the runner wakes us when that changes
+        may_go = running is not None if joins else calls
+        if not may_go:  # the runner wakes us when that changes
             return Decision[P](wake_at=swap_at)
         running = running or 0
         limit = max(0, self.limit(key) - running) if joins else self.limit(key)

@@ -250,8 +250,7 @@ class EngineCore:
         group.admit([first])
         while group:
             self._receive(block=False)
-            group.cancel(self._canceled)
-            self._canceled.difference_update(group.batch_ids)
+            group.cancel(self._canceled)  # each leaves through _finish, which forgets its cancel
             joining: list[RunBatch] = []
             while self._queue:
                 head = self._queue[0]

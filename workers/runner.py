@@ -550,18 +550,15 @@ class ModelRunner:
         failed in a call it shared (step-level) is retried whole, as a call of its own: the
         fault may be a neighbour's, or the call's size."""
         slices = list(batch.slices)
+        ran_out_at = max(batch.images, call_images)  # the images of the call that failed
+        if out_of_memory and ran_out_at > 1:
+            self._batcher.lower_limit(batch.key, ran_out_at // 2)
+            log.warning("out of memory at %d images: batches of this shape now hold at most %d", ran_out_at,
+                        ran_out_at // 2)  # fmt: skip
         if call_images > batch.images:
-            if out_of_memory:
-                self._batcher.lower_limit(batch.key, call_images // 2)
-                log.warning("out of memory at %d images: step-level groups of this shape now hold at most %d",
-                            call_images, call_images // 2)  # fmt: skip
             first = next((s.request.payload.job_id for s in slices if s.request.payload.job_id), None)
             alone = BatchKey(batch.key.queue, batch.key.compat, alone=first or f"batch-{id(batch)}")
             return [Batch(alone, tuple(slices))]
-        if out_of_memory and batch.images > 1:
-            self._batcher.lower_limit(batch.key, batch.images // 2)
-            log.warning("out of memory at %d images: batches of this shape now hold at most %d", batch.images,
-                        batch.images // 2)  # fmt: skip
         if len(slices) == 1 and (not out_of_memory or slices[0].count == 1):
             future = slices[0].request.payload.future
             if not future.done():

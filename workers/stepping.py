@@ -77,10 +77,6 @@ class StepGroup:
     def images(self) -> int:
         return sum(len(r.batch.work) for r in self._running)
 
-    @property
-    def batch_ids(self) -> list[int]:
-        return [r.batch.batch_id for r in self._running]
-
     def joinable(self, batch: RunBatch, joining: Sequence[RunBatch] = ()) -> bool:
         """Whether ``batch`` may join at this boundary, beside those already ``joining``."""
         images = self.images + sum(len(b.work) for b in joining) + len(batch.work)
