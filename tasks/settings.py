@@ -35,6 +35,10 @@ LogFormat = Literal["text", "json"]
 #: first step to its last; "step": batches join the running ones at step boundaries and
 #: leave when their own steps are done (workers.stepping).
 BatchingMode = Literal["request", "step"]
+#: A queue's batching: one of the modes, or "auto": the mode its model runs best, which
+#: the engine reports (``Model.batching``): "step" on a GPU running eagerly, where a step
+#: of a few images costs about what one image's does (docs/BENCHMARKS.md §13).
+BatchingSetting = Literal["auto", "request", "step"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ class QueuePolicy(BaseModel):
     max_batch_images: int | None = Field(None, gt=0)
     max_wait_ms: float | None = Field(None, ge=0)
     batch_policy: Literal["fixed", "adaptive"] | None = None
-    batching: BatchingMode | None = None
+    batching: BatchingSetting | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ class Batching:
     max_batch_images: int
     max_wait_ms: float
     batch_policy: Literal["fixed", "adaptive"]
-    batching: BatchingMode = "request"
+    batching: BatchingSetting = "auto"
 
 
 #: How many times more jobs a worker that swaps models holds (``Settings.task_threads``).
@@ -188,8 +192,9 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(100.0, ge=0)
     batch_policy: Literal["fixed", "adaptive"] = "adaptive"
     # "request": a batch runs as one model call; "step": jobs join the running batch at its
-    # next step boundary and leave when their own steps are done (docs/BENCHMARKS.md §13).
-    batching: BatchingMode = "request"
+    # next step boundary and leave when their own steps are done; "auto": step-level for a
+    # model running eagerly on a GPU, request-level elsewhere (docs/BENCHMARKS.md §13).
+    batching: BatchingSetting = "auto"
     # Per-queue overrides of the four above, as JSON:
     # {"fleet.interactive": {"max_batch_images": 2, "max_wait_ms": 0, "batch_policy": "fixed", "batching": "step"}}
     # The interactive queue takes the worker-wide settings above; the batch queue waits

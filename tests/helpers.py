@@ -113,6 +113,8 @@ class ModelStub:
     """What a fake model has of the ``Model`` protocol beyond its calls: no device memory,
     no weights, nothing to release or warm, no step-level loop."""
 
+    batching = "request"
+
     def memory_stats(self):
         return None
 

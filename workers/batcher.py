@@ -74,7 +74,7 @@ from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
-from tasks.settings import BatchingMode
+from tasks.settings import BatchingMode, BatchingSetting
 from workers.cost import CostProfile
 from workers.work import BatchKey, CompatKey
 
@@ -128,7 +128,7 @@ class BatchPolicy:
     max_batch_images: int = 8
     max_wait_s: float = 0.05
     kind: Literal["fixed", "adaptive"] = "fixed"
-    batching: BatchingMode = "request"
+    batching: BatchingSetting = "request"
 
     def __post_init__(self) -> None:
         if self.max_batch_images < 1:
@@ -250,11 +250,14 @@ class Batcher(Generic[P]):
         self._waiting: list[Slice[P]] = []
         self._seq = itertools.count()
         self._swap_costs: dict[str, float] = {}  # model -> seconds its last load took
+        self._batching: dict[str, BatchingMode] = {}  # model -> what "auto" runs it with
         self._last_arrival: dict[str, float] = {}  # model -> when its newest request came
 
-    def observe_swap(self, model: str, seconds: float) -> None:
-        """Loading ``model`` (and warming it) took ``seconds``."""
+    def model_loaded(self, model: str, seconds: float, batching: BatchingMode = "request") -> None:
+        """Loading ``model`` (and warming it) took ``seconds``; the engine runs it best
+        with ``batching`` (``Model.batching``), what an "auto" queue's batches of it take."""
         self._swap_costs[model] = seconds
+        self._batching[model] = batching
 
     def swap_cost(self, model: str) -> float:
         """What loading ``model`` is expected to cost: its last load, else the dearest seen."""
@@ -265,9 +268,13 @@ class Batcher(Generic[P]):
         return self._policy_of(key.queue) if self._policy_of else self.policy
 
     def joins(self, key: BatchKey) -> bool:
-        """Whether ``key``'s batches join the running ones at step boundaries (its queue's
-        ``batching`` is "step"); never for a job isolated after a crash."""
-        return self.policy_of(key).batching == "step" and key.alone is None
+        """Whether ``key``'s batches join the running ones at step boundaries: its queue's
+        ``batching`` is "step", or "auto" and its model runs best so (request-level until
+        the engine has said, once the model is loaded); never for a job isolated after a crash."""
+        batching = self.policy_of(key).batching
+        if batching == "auto":
+            batching = self._batching.get(key.compat.model, "request")
+        return batching == "step" and key.alone is None
 
     def limit(self, key: BatchKey) -> int:
         policy_limit = self.policy_of(key).max_batch_images

@@ -14,8 +14,9 @@ What it replicates of ``StableDiffusionPipeline.__call__`` (diffusers 0.42): ``e
 with classifier-free guidance when the scale is above 1, ``prepare_latents``' draw per image,
 ``scale_model_input`` and ``step`` with ``eta`` 0 and the image's generator where the
 scheduler takes them, guidance ``uncond + g * (text - uncond)``, and the autoencoder's decode
-and postprocessing. Models it does not cover (a UNet with a guidance embedding, LCM's
-``time_cond_proj_dim``) are refused with ``NotImplementedError``: the pipeline runs them.
+and postprocessing. Pipelines it does not cover (another family's, such as SDXL's with its
+second text encoder and added conditions; a UNet with a guidance embedding, LCM's
+``time_cond_proj_dim``) are refused (``not_covered``): the pipeline call runs them.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import inspect
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from workers.work import CompatKey, Images, ImageWork, Slots, StepCallback
@@ -89,13 +91,23 @@ def _slots(batch: Slots) -> list[Slot]:
     return batch.slots
 
 
+def not_covered(pipe: Any) -> str | None:
+    """Why the loop cannot run ``pipe``'s images; None where it can."""
+    if not isinstance(pipe, StableDiffusionPipeline):
+        return f"{type(pipe).__name__} is not a StableDiffusionPipeline"
+    if getattr(cast(Any, pipe).unet.config, "time_cond_proj_dim", None) is not None:
+        return "a UNet with a guidance embedding (LCM)"
+    return None
+
+
 class Denoiser:
     """Slots of one pipeline (its UNet, scheduler, text encoder and autoencoder): the
     ``Stepper`` of a diffusers model."""
 
     def __init__(self, pipe: Any, device: str, scheduler: Any | None = None):
-        if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
-            raise NotImplementedError("a UNet with a guidance embedding (LCM): run it through the pipeline")
+        reason = not_covered(pipe)
+        if reason is not None:
+            raise NotImplementedError(f"{reason}: run it through the pipeline")
         self.pipe = pipe
         self.device = device
         self.scheduler = scheduler if scheduler is not None else pipe.scheduler

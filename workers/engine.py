@@ -123,7 +123,7 @@ class EngineCore:
             return EXIT_LOAD_FAILED
         log.info("model %s ready (pid %s)", model.name, os.getpid())
         warmed = tuple(map(str, config.model.warm))
-        self._send(Ready(config.model.key, os.getpid(), loaded.load_s, loaded.warm_s, warmed))
+        self._send(Ready(config.model.key, os.getpid(), loaded.load_s, loaded.warm_s, warmed, loaded.batching))
         try:
             while (batch := self._next()) is not None:
                 self._run(models, batch)
@@ -213,7 +213,9 @@ class EngineCore:
             self._send(Failed(batch.batch_id, f"model {batch.key.model} could not be loaded: {_message(exc)}"))
             return None
         if loaded is not None:
-            self._send(Swapped(batch.batch_id, loaded.model, loaded.load_s, loaded.warm_s, loaded.resident))
+            self._send(
+                Swapped(batch.batch_id, loaded.model, loaded.load_s, loaded.warm_s, loaded.resident, loaded.batching)
+            )
         return model
 
     def _call(self, model: Model, batch: RunBatch) -> None:

@@ -34,8 +34,8 @@ from diffusers import DiffusionPipeline
 
 from tasks.errors import DeviceLost, FleetError, ModelOutOfMemory, PipelineError
 from tasks.schedulers import SCHEDULERS
-from tasks.settings import WarmShape
-from workers.denoise import Denoiser, SlotBatch
+from tasks.settings import BatchingMode, WarmShape
+from workers.denoise import Denoiser, SlotBatch, not_covered
 from workers.protocol import EngineConfig
 from workers.quantize import module_bytes, quantize_module
 from workers.work import CompatKey, Images, ImageWork, Slots, StepCallback, Stepper
@@ -143,6 +143,15 @@ class DiffusersModel:
         self.pipe.scheduler = self._scheduler(key.scheduler)
         self._use_adapters(key.loras)
         return generate(self.pipe, key, padded, self.device, on_step)[: len(images)]
+
+    @property
+    def batching(self) -> BatchingMode:
+        """Step-level on a GPU running eagerly, where the loop covers the pipeline: there a
+        step of a few images costs about what one image's does (DESIGN.md "Measured on a
+        GPU"). Not on a CPU (compute-bound: each image adds its share to every step, and
+        step-level batches measured no reliable win, BENCHMARKS.md §13), nor compiled."""
+        eager_gpu = self.device.startswith("cuda") and not self.compiled
+        return "step" if eager_gpu and not_covered(self.pipe) is None else "request"
 
     def stepper(self, key: CompatKey) -> Stepper | None:
         """The engine's own denoising loop (``workers.denoise``) with ``key``'s scheduler

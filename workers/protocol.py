@@ -50,7 +50,7 @@ from typing import Any, TypeAlias
 import numpy as np
 
 from tasks.errors import UnknownMessage
-from tasks.settings import CompileMode, Quantization, WarmShape
+from tasks.settings import BatchingMode, CompileMode, Quantization, WarmShape
 from workers.work import CompatKey, Images, ImageWork
 
 
@@ -172,6 +172,7 @@ class Ready:
     load_s: float
     warm_s: float
     warmed: tuple[str, ...] = ()
+    batching: BatchingMode = "request"  # what FLEET_BATCHING=auto runs the model's batches with
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,7 @@ class Swapped:
     load_s: float
     warm_s: float
     resident: tuple[str, ...]
+    batching: BatchingMode = "request"  # as Ready's, for this model
 
 
 @dataclass(frozen=True, slots=True)

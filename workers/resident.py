@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import PipelineError
+from tasks.settings import BatchingMode
 from workers.protocol import ModelSpec
 from workers.work import Model
 
@@ -39,6 +40,7 @@ class Load:
     load_s: float
     warm_s: float
     resident: tuple[str, ...]
+    batching: BatchingMode = "request"  # the model's own (``Model.batching``)
 
 
 class ResidentModels:
@@ -79,7 +81,7 @@ class ResidentModels:
             "model %s loaded in %.2fs, warm in %.2fs (%d MiB); loaded: %s",
             name, loaded - started, warm_s, self._sizes[name] >> 20, ", ".join(self._loaded),
         )  # fmt: skip
-        return model, Load(name, loaded - started, warm_s, self.resident)
+        return model, Load(name, loaded - started, warm_s, self.resident, model.batching)
 
     def _make_room(self, name: str, incoming: int) -> None:
         """Evict the least recently used models (never ``name``) until ``incoming`` more

@@ -194,6 +194,7 @@ class ModelRunner:
             raise RuntimeError(exc.message) from exc
         self.model_name, self.engine_pid = ready.model_name, ready.pid
         self._ready(ready)
+        log.info("model %s ready; FLEET_BATCHING=auto runs it %s-level", ready.model_name, ready.batching)
         self._engine_up = True
         self._dispatcher.start()
 
@@ -385,7 +386,7 @@ class ModelRunner:
         """An engine (re)started with its first model loaded."""
         with self._cond:
             self._resident = (ready.model_name,)
-            self._batcher.observe_swap(ready.model_name, ready.load_s + ready.warm_s)
+            self._batcher.model_loaded(ready.model_name, ready.load_s + ready.warm_s, ready.batching)
         if self._observer:
             self._observer.engine_ready(ready.load_s, ready.warm_s)
             self._observer.model_loaded(ready.model_name, ready.load_s, ready.warm_s)
@@ -423,7 +424,7 @@ class ModelRunner:
     def model_swapped(self, swapped: Swapped) -> None:
         with self._cond:
             self._resident = swapped.resident
-            self._batcher.observe_swap(swapped.model, swapped.load_s + swapped.warm_s)
+            self._batcher.model_loaded(swapped.model, swapped.load_s + swapped.warm_s, swapped.batching)
             self._cond.notify_all()
         if self._observer:
             self._observer.model_loaded(swapped.model, swapped.load_s, swapped.warm_s)

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tasks.errors import DeviceLost
-from tasks.settings import WarmShape
+from tasks.settings import BatchingMode, WarmShape
 from workers.cost import PROFILES, CostProfile
 from workers.protocol import ModelSpec
 from workers.work import CompatKey, Images, ImageWork, Slots, StepCallback, Stepper
@@ -116,6 +116,10 @@ class SimProfile(CostProfile):
 class SimModel:
     """``sleep``, ``clock`` (wall) and ``cpu_clock`` (this thread's CPU time) are the real
     ones unless a test passes fakes."""
+
+    #: A simulation stands for whatever device its profile was measured on, so it does
+    #: not guess: ``FLEET_BATCHING=step`` runs it step-level.
+    batching: BatchingMode = "request"
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ from typing import Protocol, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from tasks.settings import WarmShape
+from tasks.settings import BatchingMode, WarmShape
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,14 @@ class Model(Protocol):
     """A model backend, driven only from the engine's one thread."""
 
     name: str
+
+    @property
+    def batching(self) -> BatchingMode:
+        """The batching ``FLEET_BATCHING=auto`` runs this model's batches with: "step" where
+        a step of a few images costs about what one image's does (an eager pipeline on a
+        GPU: launch-bound), so that a job joining the running ones costs them little;
+        "request" where each image adds its share (a CPU), or the model has no step loop."""
+        ...
 
     def run(
         self, key: CompatKey, images: list[ImageWork], on_step: StepCallback | None = None

@@ -270,7 +270,7 @@ def test_a_loaded_model_s_jobs_go_first_until_the_other_model_waited_its_patienc
     """Loading y costs 1 s: its job, older than x's, waits while x's run, until it has
     waited SWAP_PATIENCE loads; then y's turn comes even though x's keep arriving."""
     b = batcher(max_images=1, wait_s=0)
-    b.observe_swap("y", 1.0)
+    b.model_loaded("y", 1.0)
     old_y = add(b, key=MODEL_Y, at=0.0)
     x_jobs = [add(b, key=MODEL_X, at=0.1 + i) for i in range(8)]
     decision = b.next_batch(0.2, resident={"x"})
@@ -286,7 +286,7 @@ def test_a_model_alone_in_waiting_is_loaded_once_the_loaded_one_has_gone_quiet()
     x's is waiting; once x has sent nothing for one swap time, y is loaded. Both loaded:
     oldest first."""
     b = batcher(max_images=1, wait_s=0)
-    b.observe_swap("y", 1.0)
+    b.model_loaded("y", 1.0)
     b.next_batch(0.0)
     x = add(b, key=MODEL_X, at=0.0)
     y = add(b, key=MODEL_Y, at=0.1)
@@ -303,7 +303,7 @@ def test_a_waiting_loaded_batch_wakes_the_dispatcher_when_the_swap_is_due():
     """x's batch waits to fill (max_wait 5 s); the dispatcher is woken when y's patience
     runs out, not later."""
     b = batcher(max_images=4, wait_s=5.0)
-    b.observe_swap("y", 0.5)
+    b.model_loaded("y", 0.5)
     add(b, key=MODEL_Y, at=0.0)
     add(b, key=MODEL_X, at=0.1)
     decision = b.next_batch(0.2, resident={"x"})
@@ -344,6 +344,24 @@ def test_step_level_batches_wait_while_none_may_join_and_calls_while_none_may_go
     calls = batcher(wait_s=0)
     add(calls, at=0.0)
     assert calls.next_batch(1.0, calls=False).batch is None and calls.next_batch(1.0).batch is not None
+
+
+def test_auto_batching_joins_as_the_engine_says_each_loaded_model_runs_best():
+    from tasks.settings import QueuePolicy, Settings
+    from workers.celery import batch_policy
+
+    settings = Settings(queue_policies={"q": QueuePolicy(batching="request")})
+    assert batch_policy(settings, "fleet.interactive").batching == "auto", "the default"
+    assert batch_policy(settings, "q").batching == "request", "a queue's own"
+    b = Batcher(BatchPolicy(batching="auto"))
+    assert not b.joins(A), "request-level until the engine has loaded the model and said"
+    b.model_loaded("m", 1.0, "step")
+    b.model_loaded("n", 1.0, "request")
+    assert b.joins(A) and not b.joins(BatchKey("q", CompatKey("n", 64, 64, 20, 7.5)))
+    assert not b.joins(BatchKey("q", SHAPE_A, alone="job-1"))
+    fixed = Batcher(BatchPolicy(batching="request"))
+    fixed.model_loaded("m", 1.0, "step")
+    assert not fixed.joins(A), "a queue set to request-level stays so"
 
 
 def test_a_job_isolated_after_a_crash_never_joins_others():

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from tasks.schedulers import SCHEDULERS
-from workers.denoise import Denoiser
+from workers.denoise import Denoiser, not_covered
 from workers.pipeline import DiffusersModel, generate
 from workers.protocol import EngineConfig
 from workers.work import CompatKey, ImageWork
@@ -112,3 +113,29 @@ def test_the_engine_s_step_level_batches_draw_the_request_level_images(model):
     assert close(images[1][1], images[0][1]) and close(images[1][2], images[0][2])
     steps = [(m.batch_id, m.step) for m in joined if isinstance(m, Step)]
     assert steps.index((2, 1)) == steps.index((1, 3)) + 1, "it joined at the boundary after step 2"
+
+
+@pytest.mark.parametrize("scheduler", [None, "DPMSolverMultistepScheduler"])
+def test_the_loop_draws_the_pipeline_s_images_in_half_precision(tiny_model, scheduler):
+    """A GPU runs the model in float16 (``select_dtype``); bfloat16, which the CPU runs,
+    takes the same paths through the loop: latents in the embeddings' dtype, and a
+    scheduler that computes in float32 (DPM-Solver) and hands back half precision."""
+    half = DiffusersModel.load(EngineConfig.one(str(tiny_model), device="cpu", dtype="bfloat16"))
+    key = CompatKey(half.name, 64, 64, 4, 7.5, scheduler)
+    half.pipe.scheduler = half._scheduler(scheduler)
+    expected = generate(half.pipe, key, WORK, "cpu")
+    assert half.pipe.unet.dtype == torch.bfloat16
+    assert close(Denoiser(half.pipe, "cpu", half._scheduler(scheduler)).run(key, WORK), expected)
+
+
+def test_auto_batching_is_step_level_for_an_eager_gpu_pipeline_the_loop_covers(model):
+    """``Model.batching``, what FLEET_BATCHING=auto runs: read from the device, the
+    compile mode and the pipeline's class (nothing here runs on the device)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    assert model.batching == "request", "a CPU is compute-bound"
+    assert DiffusersModel(model.pipe, "cuda", model.name).batching == "step"
+    assert DiffusersModel(model.pipe, "cuda:1", model.name, compiled=True).batching == "request"
+    other = DiffusersModel(StableDiffusionImg2ImgPipeline(**model.pipe.components), "cuda", model.name)
+    assert not_covered(other.pipe) == "StableDiffusionImg2ImgPipeline is not a StableDiffusionPipeline"
+    assert other.batching == "request" and other.stepper(CompatKey(model.name, 64, 64, 4, 7.5)) is None

@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 
 from tasks.errors import PipelineError
+from tests.helpers import ModelStub
 from workers.protocol import ModelSpec
 from workers.resident import ResidentModels, expected_bytes
 
 MIB = 2**20
 
 
-class Weights:
+class Weights(ModelStub):
     def __init__(self, spec: ModelSpec, log: list[str]):
         self.name, self.spec, self.log = spec.key, spec, log
         self.warmed = []

@@ -322,6 +322,39 @@ def test_a_short_job_joins_a_long_running_one_and_finishes_first():
     assert short_result.batch_images == 2, "its steps ran beside the long job's: 2 images a call"
 
 
+def test_auto_batching_runs_step_level_where_the_engine_says_the_model_runs_best_so():
+    """The engine's Ready carries ``Model.batching``: a model that runs best step-level (an
+    eager GPU pipeline; here a simulation told so) has a short job join a long one."""
+    from workers.sim import SimModel, SimProfile
+
+    class LaunchBound(SimModel):
+        batching = "step"
+
+    steps: list[int] = []
+    results = {}
+    for model in (
+        LaunchBound(SimProfile(a=0.0, b=0.3, steps=30), "sim"),
+        SimModel(SimProfile(a=0.0, b=0.3, steps=30), "sim"),
+    ):
+        steps.clear()
+        runner = ModelRunner(
+            fake_engine(model),
+            Batcher(BatchPolicy(8, 0, batching="auto")),
+            on_batch_step=lambda job_ids, step, total: steps.append(step),
+        )
+        runner.start(timeout_s=5)
+        long = runner.submit(CompatKey("sim", 8, 8, 30, 1.0), work("long"), job_id="long")
+        while not steps:
+            time.sleep(0.005)
+        short = runner.submit(CompatKey("sim", 8, 8, 2, 1.0), work("short", seed=3), job_id="short")
+        results[model.batching] = (short.result(10), long.result(10))
+        runner.stop()
+    short_result, long_result = results["step"]
+    assert short_result.batch_id != long_result.batch_id and short_result.batch_images == 2, "joined the long job"
+    short_result, long_result = results["request"]
+    assert short_result.batch_images == 1 and long_result.batch_images == 1, "waited for the long job's call"
+
+
 def test_a_step_level_job_canceled_mid_run_leaves_at_the_next_step_and_its_neighbour_runs_on():
     from workers.sim import SimModel, SimProfile
 
