@@ -164,7 +164,7 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(24 * 3600, gt=0)  # how long an Idempotency-Key is remembered
     # How long POST /v1/images/generations holds a request for its job (docs/OPENAI.md); a
     # job no worker started by then is canceled (its Cancel-After), a running one goes on.
-    openai_timeout_s: float = Field(300.0, ge=1)
+    openai_timeout_s: float = Field(300.0, gt=0)
 
     # -- reliability (docs/RELIABILITY.md says why each default) -------------------------
     job_ttl_s: int = Field(WEEK_S, gt=0)

@@ -116,9 +116,10 @@ IDLE_QUEUES = {"FLEET_QUEUE": "fleet.idle", "FLEET_BATCH_QUEUE": "fleet.idle-bat
 @pytest.fixture(scope="session")
 def idle_api_server(fleet_env, work_dir) -> str:
     """An API whose queue no worker consumes: its jobs stay QUEUED until canceled."""
-    # The OpenAI route holds a request until its job ends: here, 1 s and a 504 (the fuzzing
-    # in test_openapi sends it hundreds; tests/app/test_openai.py starts its own for longer).
-    env = {**fleet_env, **IDLE_QUEUES, "FLEET_OPENAI_TIMEOUT_S": "1", "FLEET_API_PORT": str(free_port())}
+    # The OpenAI route holds a request until its job ends: here, 0.2 s and a 504 (the fuzzing
+    # in test_openapi sends it hundreds, and at 1 s they took half its two minutes;
+    # tests/app/test_openai.py starts its own for longer).
+    env = {**fleet_env, **IDLE_QUEUES, "FLEET_OPENAI_TIMEOUT_S": "0.2", "FLEET_API_PORT": str(free_port())}
     server, url = start_api(env, work_dir, name="idle-api")
     yield url
     server.stop()

@@ -176,7 +176,7 @@ PHASES = "examples,coverage,fuzzing,stateful"
 EXAMPLES_PER_OPERATION = 15
 MIN_CASES = 500
 #: Auth as the document declares it (so the coverage phase can leave it out and expect a
-#: 401); the OpenAI route's 504 is what the idle queue (1 s hold, no worker) gives a valid
+#: 401); the OpenAI route's 504 is what the idle queue (0.2 s hold, no worker) gives a valid
 #: request: documented, and the only 5xx allowed.
 ST_CONFIG = f"""
 [auth.openapi.apiKey]
