@@ -297,62 +297,52 @@ def test_step_level_batches_go_at_once_while_there_is_room_and_the_next_when_a_s
     runner.stop()
 
 
-def test_a_short_job_joins_a_long_running_one_and_finishes_first():
-    from workers.sim import SimModel, SimProfile
-
-    model = SimModel(SimProfile(a=0.0, b=0.6, steps=30), "sim")
+def long_then_short(model, batching: str):
+    """A 30-step job, then, once it runs, a 2-step one: their results, in the order they ended."""
     steps: list[int] = []
-    finished: list[str] = []
+    finished: dict[str, object] = {}
     runner = ModelRunner(
         fake_engine(model),
-        Batcher(BatchPolicy(8, 0, batching="step")),
+        Batcher(BatchPolicy(8, 0, batching=batching)),
         on_batch_step=lambda job_ids, step, total: steps.append(step),
     )
     runner.start(timeout_s=5)
     long = runner.submit(CompatKey("sim", 8, 8, 30, 1.0), work("long"), job_id="long")
-    long.add_done_callback(lambda _: finished.append("long"))
+    long.add_done_callback(lambda future: finished.setdefault("long", future.result()))
     while not steps:
         time.sleep(0.005)
     short = runner.submit(CompatKey("sim", 8, 8, 2, 1.0), work("short", seed=3), job_id="short")
-    short.add_done_callback(lambda _: finished.append("short"))
-    short_result, long_result = short.result(10), long.result(10)
+    short.add_done_callback(lambda future: finished.setdefault("short", future.result()))
+    for future in (short, long):
+        future.result(10)
     runner.stop()
-    assert finished == ["short", "long"], "it did not wait for the long job's call to end"
-    assert short_result.batch_id != long_result.batch_id
-    assert short_result.batch_images == 2, "its steps ran beside the long job's: 2 images a call"
+    return finished
+
+
+def test_a_short_job_joins_a_long_running_one_and_finishes_first():
+    from workers.sim import SimModel, SimProfile
+
+    finished = long_then_short(SimModel(SimProfile(a=0.0, b=0.6, steps=30), "sim"), "step")
+    assert list(finished) == ["short", "long"], "it did not wait for the long job's call to end"
+    short, long = finished["short"], finished["long"]
+    assert short.batch_id != long.batch_id
+    assert short.batch_images == 2, "its steps ran beside the long job's: 2 images a call"
 
 
 def test_auto_batching_runs_step_level_where_the_engine_says_the_model_runs_best_so():
     """The engine's Ready carries ``Model.batching``: a model that runs best step-level (an
-    eager GPU pipeline; here a simulation told so) has a short job join a long one."""
+    eager GPU pipeline; here a simulation told so) has a short job join a long one; one
+    that runs best request-level has it wait for the long job's call."""
     from workers.sim import SimModel, SimProfile
 
     class LaunchBound(SimModel):
         batching = "step"
 
-    steps: list[int] = []
-    results = {}
-    for model in (
-        LaunchBound(SimProfile(a=0.0, b=0.3, steps=30), "sim"),
-        SimModel(SimProfile(a=0.0, b=0.3, steps=30), "sim"),
-    ):
-        steps.clear()
-        runner = ModelRunner(
-            fake_engine(model),
-            Batcher(BatchPolicy(8, 0, batching="auto")),
-            on_batch_step=lambda job_ids, step, total: steps.append(step),
-        )
-        runner.start(timeout_s=5)
-        long = runner.submit(CompatKey("sim", 8, 8, 30, 1.0), work("long"), job_id="long")
-        while not steps:
-            time.sleep(0.005)
-        short = runner.submit(CompatKey("sim", 8, 8, 2, 1.0), work("short", seed=3), job_id="short")
-        results[model.batching] = (short.result(10), long.result(10))
-        runner.stop()
-    short_result, long_result = results["step"]
-    assert short_result.batch_id != long_result.batch_id and short_result.batch_images == 2, "joined the long job"
-    short_result, long_result = results["request"]
-    assert short_result.batch_images == 1 and long_result.batch_images == 1, "waited for the long job's call"
+    profile = SimProfile(a=0.0, b=0.3, steps=30)
+    joined = long_then_short(LaunchBound(profile, "sim"), "auto")
+    assert list(joined) == ["short", "long"] and joined["short"].batch_images == 2
+    waited = long_then_short(SimModel(profile, "sim"), "auto")
+    assert list(waited) == ["long", "short"] and waited["short"].batch_images == 1
 
 
 def test_a_step_level_job_canceled_mid_run_leaves_at_the_next_step_and_its_neighbour_runs_on():
