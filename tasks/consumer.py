@@ -13,6 +13,10 @@ ride out partitions (measured in tests/partitions, docs/RELIABILITY.md):
   same broker (its event dispatcher's, the app's connection and producer pools) is dropped
   too, without a word to the broker: after a partition they are as dead as the consumer's,
   and the restart's first broadcast (mingle) waited on them.
+- It never mingles. At every connection, the first and each after a reconnect, Celery's
+  Mingle step broadcasts to the other workers and waits a second for their revoked task
+  ids and logical clocks. The fleet revokes nothing (a cancel lives in the job store), so
+  that second bought nothing: it was a second of every worker start and every heal.
 - A warm shutdown first checks, in one round trip bounded by ``FLEET_PUBLISH_TIMEOUT_S``,
   that the broker still answers. If it does not, every broker socket is bounded to
   ``DEAD_SOCKET_TIMEOUT_S`` before the shutdown cancels consumers and closes channels, one
@@ -42,6 +46,11 @@ DEAD_SOCKET_TIMEOUT_S = 0.1
 
 
 class Consumer(CeleryConsumer):
+    def __init__(self, on_task_request: Any, worker_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        # What ``celery worker --without-mingle`` sets, whatever the command line says.
+        options = {**(worker_options or {}), "without_mingle": True}
+        super().__init__(on_task_request, worker_options=options, **kwargs)
+
     def ensure_connected(self, conn: Any) -> Any:
         # Celery calls ``conn.ensure_connection`` with kombu's default intervals; this
         # connection object is the consumer's own, made for this one call.

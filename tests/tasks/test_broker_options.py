@@ -4,6 +4,7 @@ them): each bound derives from FLEET_BROKER_HEARTBEAT_S or FLEET_PUBLISH_TIMEOUT
 from __future__ import annotations
 
 import socket
+from unittest import mock
 
 from celery.worker.consumer import Consumer as CeleryConsumer
 
@@ -37,3 +38,13 @@ def test_every_worker_reconnects_often_and_keeps_no_exclusive_control_queue():
     assert app.conf.broker_heartbeat == 7
     assert app.conf.control_queue_exclusive is False
     assert issubclass(Consumer, CeleryConsumer) and RECONNECT_MAX_S <= 5
+
+
+def test_a_worker_never_waits_to_mingle():
+    """Celery's Mingle step asks the other workers for revoked task ids at every connection
+    and waits a second for answers; the fleet revokes nothing, so its consumer skips it,
+    whatever the worker's command line."""
+    app = make_celery(Settings())
+    consumer = Consumer(lambda *args: None, app=app, hostname="w@h", timer=mock.Mock(), controller=mock.Mock())
+    steps = {type(step).__name__: step.enabled for step in consumer.blueprint.steps.values()}
+    assert steps["Mingle"] is False and steps["Tasks"] is True
